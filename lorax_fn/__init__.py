@@ -1,0 +1,43 @@
+"""lorax_fn: LoRA as a functional transformation for JAX and Flax.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lorax_fn
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> base, lt = lorax_fn.split(params, lorax_fn.LoraSpec("w", rank=2), key=jax.random.key(0))
+    >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
+"""
+
+from lorax_fn.accounting import ParamCount, count_params, summary
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout, LoraFactors, delta
+from lorax_fn.merge import check_fits, merge, unmerge
+from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
+from lorax_fn.spec import LoraSpec
+from lorax_fn.split import LoraTree, default_layout, split
+from lorax_fn.transform import lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "LoraError",
+    "LoraFactors",
+    "LoraSpec",
+    "LoraTree",
+    "ParamCount",
+    "PathFilter",
+    "__version__",
+    "check_fits",
+    "count_params",
+    "default_layout",
+    "delta",
+    "describe",
+    "leaves_with_paths",
+    "lora",
+    "merge",
+    "path_str",
+    "split",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,90 @@
+"""Parameter accounting: what PEFT's ``print_trainable_parameters`` says, per module."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from lorax_fn.factors import LoraFactors
+from lorax_fn.paths import leaves_with_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Trainable and total parameter counts and bytes.
+
+    ``total`` counts the base plus the factors (the trainable leaves are already in
+    the base), as PEFT does.
+    """
+
+    trainable: int
+    total: int
+    trainable_bytes: int
+    total_bytes: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.percent:.4f}")
+
+
+def _size(x: Any) -> tuple[int, int]:
+    n = math.prod(np.shape(x))
+    return n, n * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+
+
+def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
+    """Count trainable vs total parameters (and bytes) of a base and its LoRA tree.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, split
+        >>> base, lora = split({"w": jnp.ones((64, 32))}, LoraSpec("w", rank=4),
+        ...                    key=jax.random.key(0))
+        >>> count_params(base, lora).trainable  # r·(fan_in + fan_out)
+        384
+    """
+    base_n, base_b = map(sum, zip(*(_size(x) for x in jax.tree_util.tree_leaves(base)),
+                                  strict=True)) if jax.tree_util.tree_leaves(base) else (0, 0)
+    train_n = train_b = factor_n = factor_b = 0
+    for entry in lora.values():
+        for x in jax.tree_util.tree_leaves(entry):
+            n, b = _size(x)
+            train_n, train_b = train_n + n, train_b + b
+            if isinstance(entry, LoraFactors):
+                factor_n, factor_b = factor_n + n, factor_b + b
+    return ParamCount(train_n, base_n + factor_n, train_b, base_b + factor_b)
+
+
+def summary(base: Any, lora: dict[str, Any]) -> str:
+    """A per-target table (shape, rank, scale, factor shapes, parameters) and the totals.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, split
+        >>> base, lora = split({"w": jnp.ones((64, 32))}, LoraSpec("w", rank=4),
+        ...                    key=jax.random.key(0))
+        >>> print(summary(base, lora).splitlines()[-1])
+        trainable params: 384 || all params: 2,432 || trainable%: 15.7895
+    """
+    shapes = {p: tuple(np.shape(x)) for p, x in leaves_with_paths(base)}
+    rows = [("path", "weight", "kind", "rank", "scale", "A", "B", "params")]
+    for path, entry in lora.items():
+        if isinstance(entry, LoraFactors):
+            n = math.prod(entry.a.shape) + math.prod(entry.b.shape)
+            rows.append((path, str(shapes.get(path)), "lora", str(entry.rank),
+                         f"{entry.scale:g}", str(tuple(entry.a.shape)), str(tuple(entry.b.shape)),
+                         f"{n:,}"))
+        else:
+            rows.append((path, str(shapes.get(path)), "full", "", "", "", "",
+                         f"{math.prod(np.shape(entry)):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([*lines, str(count_params(base, lora))])

@@ -1,0 +1,138 @@
+"""The low-rank factors of one adapted weight and how their axes map onto it.
+
+A weight ``W`` has each axis in exactly one role: *batch* (one adapter per
+index, e.g. the layer axis of an ``nn.scan`` stack), *in* (contracted with
+the input, the fan-in) or *out* (the fan-out). The factors are
+
+    A: (*batch, *in, r)      B: (*batch, r, *out)
+
+with each group in the weight's own axis order, and ``W = W0 + scale·A·B``
+transposed back to the weight's layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_fn.errors import LoraError
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of a weight are batch (stacked), fan-in and fan-out.
+
+    Example:
+        >>> Layout(in_axes=(0,), out_axes=(1, 2))  # MHA query kernel (d, heads, head_dim)
+        Layout(in_axes=(0,), out_axes=(1, 2), batch_axes=())
+    """
+
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    batch_axes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("in_axes", "out_axes", "batch_axes"):
+            object.__setattr__(self, name, tuple(int(a) for a in getattr(self, name)))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.in_axes) + len(self.out_axes) + len(self.batch_axes)
+
+    def check(self, path: str, shape: Sequence[int]) -> None:
+        """Raise :class:`LoraError` unless the axes partition ``range(len(shape))``."""
+        axes = sorted(self.batch_axes + self.in_axes + self.out_axes)
+        if axes != list(range(len(shape))) or not self.in_axes or not self.out_axes:
+            raise LoraError(
+                f"{path}: layout {self} does not split the axes of shape {tuple(shape)} into "
+                "non-empty in/out groups (and optional batch axes), each axis exactly once"
+            )
+
+    def shapes(self, shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B for a weight of ``shape`` at ``rank``.
+
+        Example:
+            >>> Layout((1,), (2,), (0,)).shapes((4, 16, 32), 8)
+            ((4, 16, 8), (4, 8, 32))
+        """
+        batch = tuple(shape[a] for a in self.batch_axes)
+        fan_in = tuple(shape[a] for a in self.in_axes)
+        fan_out = tuple(shape[a] for a in self.out_axes)
+        return batch + fan_in + (rank,), batch + (rank,) + fan_out
+
+    def fan_in(self, shape: Sequence[int]) -> int:
+        return math.prod(shape[a] for a in self.in_axes)
+
+    def fan_out(self, shape: Sequence[int]) -> int:
+        return math.prod(shape[a] for a in self.out_axes)
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"in_axes": list(self.in_axes), "out_axes": list(self.out_axes),
+                "batch_axes": list(self.batch_axes)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """The trainable A and B of one adapted weight; ``scale`` and ``layout`` are static.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 0.5, Layout((0,), (1,)))
+        >>> f.rank, f.weight_shape, delta(f).shape
+        (2, (4, 3), (4, 3))
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata={"static": True})
+    layout: Layout = dataclasses.field(metadata={"static": True})
+    dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
+
+    def __repr__(self) -> str:
+        return (f"LoraFactors(a={_brief(self.a)}, b={_brief(self.b)}, scale={self.scale:g}, "
+                f"layout={self.layout}" + (f", dropout={self.dropout:g})" if self.dropout else ")"))
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        nb, ni = len(self.layout.batch_axes), len(self.layout.in_axes)
+        by_axis = dict(zip(self.layout.batch_axes, self.a.shape[:nb], strict=True))
+        by_axis |= dict(zip(self.layout.in_axes, self.a.shape[nb : nb + ni], strict=True))
+        by_axis |= dict(zip(self.layout.out_axes, self.b.shape[nb + 1 :], strict=True))
+        return tuple(by_axis[i] for i in range(self.layout.ndim))
+
+
+def _brief(x: object) -> str:
+    return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}"
+
+
+def delta(factors: LoraFactors, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """``scale · A·B`` laid out like the weight, accumulated in float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = LoraFactors(jnp.ones((3, 1)), jnp.ones((1, 2)), 2.0, Layout((1,), (0,)))
+        >>> delta(f).shape  # the weight is (out=2, in=3)
+        (2, 3)
+    """
+    layout = factors.layout
+    nb = len(layout.batch_axes)
+    batch = factors.a.shape[:nb]
+    fan_in = factors.a.shape[nb:-1]
+    fan_out = factors.b.shape[nb + 1 :]
+    r = factors.rank
+    a = factors.a.reshape(batch + (math.prod(fan_in), r)).astype(jnp.float32)
+    b = factors.b.reshape(batch + (r, math.prod(fan_out))).astype(jnp.float32)
+    d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * factors.scale
+    d = d.reshape(batch + fan_in + fan_out)
+    order = layout.batch_axes + layout.in_axes + layout.out_axes
+    return jnp.transpose(d, np.argsort(order)).astype(dtype)

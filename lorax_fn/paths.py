@@ -1,0 +1,168 @@
+"""Key paths as `/`-joined strings, and the filters that select them.
+
+A linen ``{"params": ...}`` dict and an ``nnx.State`` from ``nnx.split`` read
+the same: ``params/Dense_0/kernel`` and ``Dense_0/kernel`` (NNX's trailing
+``.value`` attribute is dropped, because it names the Variable box, not a
+parameter).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeAlias
+
+import jax
+import numpy as np
+
+PathFilter: TypeAlias = str | re.Pattern[str] | Callable[[str, Any], bool]
+"""A glob (``*`` one level, ``**`` any depth), ``re:``-prefixed or compiled
+regular expression (full match), or a callable ``(path, leaf) -> bool``."""
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+    """Return the `/`-joined name of a JAX key path.
+
+    Example:
+        >>> import jax
+        >>> [(k, _)] = jax.tree_util.tree_flatten_with_path({"a": {"b": 1}})[0]
+        >>> path_str(k)
+        'a/b'
+    """
+    keys = list(key_path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_name(k) for k in keys)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """Flatten ``tree`` into ``(path, leaf)`` pairs in JAX's leaf order.
+
+    Example:
+        >>> leaves_with_paths({"w": 1.0, "b": {"c": 2.0}})
+        [('b/c', 2.0), ('w', 1.0)]
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(k), leaf) for k, leaf in flat]
+
+
+def describe(tree: Any) -> str:
+    """A table of every leaf's path, shape and dtype — what filters match against.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> print(describe({"Dense_0": {"kernel": jnp.zeros((2, 3))}}))
+        path            shape   dtype
+        Dense_0/kernel  (2, 3)  float32
+    """
+    rows = [("path", "shape", "dtype")]
+    for path, leaf in leaves_with_paths(tree):
+        rows.append((path, str(tuple(np.shape(leaf))), str(getattr(leaf, "dtype", type(leaf)))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _segment_regex(segment: str) -> str:
+    out = []
+    i = 0
+    while i < len(segment):
+        c = segment[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in segment[i + 1 :]:
+            j = segment.index("]", i + 1)
+            body = segment[i + 1 : j]
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+    segments = pattern.split("/")
+    if segments == ["**"]:
+        return re.compile(".*")
+    regex = ""
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "**" and last:
+            # A trailing `**` matches the prefix itself and anything below it.
+            regex = regex.removesuffix("/") + "(?:/[^/]+)*"
+        elif segment == "**":
+            regex += "(?:[^/]+/)*"
+        else:
+            regex += _segment_regex(segment) + ("" if last else "/")
+    return re.compile(regex)
+
+
+def compile_filter(pattern: PathFilter) -> Callable[[str, Any], bool]:
+    """Turn a glob, regex or callable into a predicate ``(path, leaf) -> bool``.
+
+    Example:
+        >>> match = compile_filter("**/query/kernel")
+        >>> match("params/layer_0/attn/query/kernel", None), match("params/query/bias", None)
+        (True, False)
+    """
+    if callable(pattern) and not isinstance(pattern, re.Pattern):
+        return pattern
+    if isinstance(pattern, re.Pattern):
+        regex = pattern
+    elif isinstance(pattern, str) and pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+    elif isinstance(pattern, str):
+        regex = _glob_to_regex(pattern)
+    else:
+        raise TypeError(f"a path filter must be a str, re.Pattern or callable, got {pattern!r}")
+    return lambda path, leaf: regex.fullmatch(path) is not None
+
+
+def filter_name(pattern: PathFilter) -> str:
+    """A readable name for a filter, for error messages and metadata.
+
+    Example:
+        >>> filter_name("**/kernel")
+        '**/kernel'
+    """
+    if isinstance(pattern, re.Pattern):
+        return f"re:{pattern.pattern}"
+    if isinstance(pattern, str):
+        return pattern
+    return getattr(pattern, "__qualname__", repr(pattern))
+
+
+def nearest_paths(pattern: PathFilter, paths: Iterable[str], n: int = 5) -> list[str]:
+    """The existing paths that look most like ``pattern``, for 'did you mean' errors.
+
+    Example:
+        >>> nearest_paths("**/qurey/kernel", ["a/query/kernel", "a/value/kernel", "a/bias"], n=1)
+        ['a/query/kernel']
+    """
+    paths = list(paths)
+    name = filter_name(pattern).replace("**/", "").replace("re:", "")
+    scored = sorted(
+        paths,
+        key=lambda p: -max(
+            difflib.SequenceMatcher(None, name, p[-len(name) - 8 :]).ratio(),
+            difflib.SequenceMatcher(None, name, p).ratio(),
+        ),
+    )
+    return scored[:n]

@@ -1,0 +1,207 @@
+"""`LoraSpec`: which leaves to adapt, at which rank and scale, initialised how."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout
+from lorax_fn.paths import PathFilter, compile_filter, filter_name
+
+INITS = ("gaussian", "kaiming_uniform", "pissa")
+SCALINGS = ("standard", "rslora")
+
+Filters = str | re.Pattern[str] | Sequence[PathFilter]
+
+
+def _as_filters(value: Any) -> tuple[PathFilter, ...]:
+    if isinstance(value, str | re.Pattern) or callable(value):
+        return (value,)
+    return tuple(value)
+
+
+def _as_pattern_map(value: Any, name: str) -> tuple[tuple[PathFilter, Any], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    out = tuple((k, v) for k, v in items)
+    for k, _ in out:
+        compile_filter(k)
+    return out
+
+
+def _first_match(pairs: Sequence[tuple[PathFilter, Any]], path: str, leaf: Any) -> Any:
+    for pattern, value in pairs:
+        if compile_filter(pattern)(path, leaf):
+            return value
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how — the JAX counterpart of PEFT's ``LoraConfig``.
+
+    Args:
+      targets: path filters of the weights to adapt with low-rank factors: globs over
+        ``/``-joined key paths (``*`` one level, ``**`` any depth), regular expressions
+        (``"re:..."`` or a compiled pattern, full match) or callables ``(path, leaf)``.
+      rank: the default rank ``r``.
+      alpha: the default ``alpha``; ``None`` means ``alpha = rank``.
+      exclude: filters removed from both ``targets`` and ``trainable``.
+      rank_pattern, alpha_pattern: per-path overrides, ``{filter: value}``; the first
+        matching filter wins (PEFT's ``rank_pattern`` / ``alpha_pattern``).
+      scaling: ``"standard"`` (``alpha / r``, the paper) or ``"rslora"`` (``alpha / √r``).
+      init: how A is drawn; B starts at zero so the model starts equal to the base.
+        ``"gaussian"`` (the paper; std ``init_std``, default ``1/r`` as in PEFT),
+        ``"kaiming_uniform"`` (PEFT's default: U(±1/√fan_in)), or ``"pissa"``: A and B
+        take the top-``r`` singular directions of ``W0`` and :func:`lorax_fn.split`
+        returns the *residual* ``W0 - scale·A·B`` as the base, so the model is unchanged
+        at init but the base is rewritten.
+      factor_dtype: dtype of A and B (float32 even for a bfloat16 base, by default).
+      trainable: filters of leaves trained in full (heads, norms, biases). BitFit is
+        ``LoraSpec(trainable=["**/bias"])`` with no targets.
+      layouts: ``{filter: Layout}``: which axes of a matched weight are fan-in, fan-out
+        and stacked (batch), for weights whose shape alone does not say.
+      dropout: LoRA dropout rate on the input of the low-rank path (training only).
+
+    Example:
+        >>> spec = LoraSpec(targets=["**/query/kernel", "**/value/kernel"], rank=8,
+        ...                 rank_pattern={"**/layer_0/**": 16}, trainable=["**/head/**"])
+        >>> spec.rank_for("params/layer_0/query/kernel"), spec.scale_for("params/x/kernel")
+        (16, 1.0)
+    """
+
+    targets: Filters = ()
+    rank: int = 8
+    alpha: float | None = None
+    exclude: Filters = ()
+    rank_pattern: Mapping[PathFilter, int] | Sequence[tuple[PathFilter, int]] = ()
+    alpha_pattern: Mapping[PathFilter, float] | Sequence[tuple[PathFilter, float]] = ()
+    scaling: Literal["standard", "rslora"] = "standard"
+    init: Literal["gaussian", "kaiming_uniform", "pissa"] = "gaussian"
+    init_std: float | None = None
+    factor_dtype: Any = jnp.float32
+    trainable: Filters = ()
+    layouts: Mapping[PathFilter, Layout] | Sequence[tuple[PathFilter, Layout]] = ()
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("targets", _as_filters(self.targets))
+        set_("exclude", _as_filters(self.exclude))
+        set_("trainable", _as_filters(self.trainable))
+        set_("rank_pattern", _as_pattern_map(self.rank_pattern, "rank_pattern"))
+        set_("alpha_pattern", _as_pattern_map(self.alpha_pattern, "alpha_pattern"))
+        set_("layouts", _as_pattern_map(self.layouts, "layouts"))
+        for f in self.targets + self.exclude + self.trainable:
+            compile_filter(f)
+        _check_rank("rank", self.rank)
+        if self.alpha is not None:
+            _check_alpha("alpha", self.alpha)
+        for pattern, r in self.rank_pattern:
+            _check_rank(f"rank_pattern[{filter_name(pattern)!r}]", r)
+        for pattern, a in self.alpha_pattern:
+            _check_alpha(f"alpha_pattern[{filter_name(pattern)!r}]", a)
+        for pattern, layout in self.layouts:
+            if not isinstance(layout, Layout):
+                raise LoraError(
+                    f"layouts[{filter_name(pattern)!r}] must be a lorax_fn.Layout, got {layout!r}"
+                )
+        if self.scaling not in SCALINGS:
+            raise LoraError(f"unknown scaling {self.scaling!r}; expected one of {SCALINGS}")
+        if self.init not in INITS:
+            raise LoraError(f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise LoraError(f"init_std must be > 0, got {self.init_std!r}")
+        if not jnp.issubdtype(jnp.dtype(self.factor_dtype), jnp.floating):
+            raise LoraError(f"factor_dtype must be a floating dtype, got {self.factor_dtype!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def rank_for(self, path: str, leaf: Any = None) -> int:
+        """The rank of the weight at ``path`` (first matching ``rank_pattern``, else ``rank``)."""
+        r = _first_match(self.rank_pattern, path, leaf)
+        return self.rank if r is None else int(r)
+
+    def alpha_for(self, path: str, leaf: Any = None) -> float:
+        """The alpha at ``path`` (first matching ``alpha_pattern``, else ``alpha`` or rank)."""
+        a = _first_match(self.alpha_pattern, path, leaf)
+        if a is not None:
+            return float(a)
+        return float(self.rank_for(path, leaf) if self.alpha is None else self.alpha)
+
+    def scale_for(self, path: str, leaf: Any = None) -> float:
+        """``alpha / r`` (or ``alpha / √r`` for rsLoRA) at ``path``."""
+        r = self.rank_for(path, leaf)
+        denominator = math.sqrt(r) if self.scaling == "rslora" else r
+        return self.alpha_for(path, leaf) / denominator
+
+    def layout_for(self, path: str, leaf: Any = None) -> Layout | None:
+        """The spec's explicit layout for ``path``, if one of ``layouts`` matches."""
+        return _first_match(self.layouts, path, leaf)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able description (string filters only), for checkpoint metadata.
+
+        Example:
+            >>> LoraSpec(targets="**/kernel", rank=4).to_json()["targets"]
+            ['**/kernel']
+        """
+
+        def names(filters: Sequence[PathFilter]) -> list[str]:
+            out = []
+            for f in filters:
+                if not isinstance(f, str | re.Pattern):
+                    raise LoraError(f"cannot serialise the callable filter {filter_name(f)!r}")
+                out.append(filter_name(f))
+            return out
+
+        def pairs(items: Sequence[tuple[PathFilter, Any]], encode: Any = lambda v: v) -> list:
+            return [[n, encode(v)] for n, (_, v) in zip(names([k for k, _ in items]), items,
+                                                        strict=True)]
+
+        return {
+            "targets": names(self.targets),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "exclude": names(self.exclude),
+            "rank_pattern": pairs(self.rank_pattern),
+            "alpha_pattern": pairs(self.alpha_pattern),
+            "scaling": self.scaling,
+            "init": self.init,
+            "init_std": self.init_std,
+            "factor_dtype": jnp.dtype(self.factor_dtype).name,
+            "trainable": names(self.trainable),
+            "layouts": pairs(self.layouts, Layout.to_json),
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LoraSpec:
+        """Inverse of :meth:`to_json`.
+
+        Example:
+            >>> spec = LoraSpec(targets=["re:.*kernel"], rank=4, rank_pattern={"a/*": 2})
+            >>> LoraSpec.from_json(spec.to_json()) == spec
+            True
+        """
+        data = dict(data)
+        data["factor_dtype"] = jnp.dtype(data["factor_dtype"]).type
+        data["layouts"] = [(k, Layout(**v)) for k, v in data["layouts"]]
+        for key in ("rank_pattern", "alpha_pattern"):
+            data[key] = [tuple(p) for p in data[key]]
+        return cls(**data)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LoraError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise LoraError(f"{name} must be > 0, got {value!r}")

@@ -1,0 +1,183 @@
+"""`split`: a parameter tree and a spec in, the frozen base and the LoRA tree out."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout, LoraFactors, delta
+from lorax_fn.paths import compile_filter, filter_name, leaves_with_paths, nearest_paths
+from lorax_fn.spec import LoraSpec
+
+LoraTree = dict[str, Any]
+"""``{path: LoraFactors | array}``: factors per adapted weight, arrays for leaves
+trained in full. A plain dict, so it is a pytree for optax, orbax and sharding."""
+
+_QKV = ("query", "key", "value")
+
+
+def default_layout(path: str, shape: tuple[int, ...]) -> Layout | None:
+    """The documented convention for weights whose layout the caller did not give.
+
+    - 2-D ``(in, out)`` weights: Dense kernels, Einsum ``"...i,io->...o"`` kernels,
+      and ``Embed`` tables ``(vocab, features)`` (the vocabulary axis is gathered,
+      so it plays the fan-in role).
+    - Flax attention (linen ``MultiHeadDotProductAttention``, ``nnx.MultiHeadAttention``):
+      a 3-D kernel under ``query``/``key``/``value`` is ``(d, heads, head_dim)`` with
+      fan-in ``d``; under ``out`` it is ``(heads, head_dim, d)`` with fan-out ``d``.
+
+    Anything else (convolutions, other ``DenseGeneral`` kernels, ``nn.scan`` stacks)
+    is ambiguous from the shape and gets ``None``: pass ``layouts=`` from
+    :func:`lorax_fn.infer_layouts`, or give ``LoraSpec(layouts=...)``.
+
+    Example:
+        >>> default_layout("params/attn/out/kernel", (4, 8, 32))
+        Layout(in_axes=(0, 1), out_axes=(2,), batch_axes=())
+    """
+    parts = path.split("/")
+    parent = parts[-2] if len(parts) >= 2 else ""
+    if len(shape) == 2:
+        return Layout((0,), (1,))
+    if len(shape) == 3 and parts[-1] == "kernel" and parent in _QKV:
+        return Layout((0,), (1, 2))
+    if len(shape) == 3 and parts[-1] == "kernel" and parent == "out":
+        return Layout((0, 1), (2,))
+    return None
+
+
+def _matches(filters, paths_leaves, what: str) -> dict[str, set[str]]:
+    """For each filter, the set of paths it matches; a filter matching nothing is an error."""
+    out = {}
+    all_paths = [p for p, _ in paths_leaves]
+    for f in filters:
+        predicate = compile_filter(f)
+        hit = {p for p, leaf in paths_leaves if predicate(p, leaf)}
+        if not hit:
+            near = "\n  ".join(nearest_paths(f, all_paths))
+            raise LoraError(
+                f"{what} filter {filter_name(f)!r} matches no parameter. Nearest paths:\n  {near}"
+                "\n(lorax_fn.describe(params) lists them all)"
+            )
+        out[filter_name(f)] = hit
+    return out
+
+
+def _check_overrides_match(spec: LoraSpec, targeted: list[tuple[str, Any]]) -> None:
+    for name, items in (("rank_pattern", spec.rank_pattern), ("alpha_pattern", spec.alpha_pattern),
+                        ("layouts", spec.layouts)):
+        if items and targeted:
+            _matches([k for k, _ in items], targeted, f"{name}")
+
+
+def _path_key(key: jax.Array, path: str) -> jax.Array:
+    # Keyed by the path's hash, so adding a target never changes another target's init.
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _init_factors(path: str, w: jax.Array, layout: Layout, rank: int, scale: float,
+                  spec: LoraSpec, key: jax.Array) -> tuple[LoraFactors, jax.Array]:
+    a_shape, b_shape = layout.shapes(w.shape, rank)
+    dtype = spec.factor_dtype
+    fan_in = layout.fan_in(w.shape)
+    if spec.init == "gaussian":
+        std = spec.init_std if spec.init_std is not None else 1.0 / rank
+        a = std * jax.random.normal(key, a_shape, jnp.float32)
+        return LoraFactors(a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout,
+                           spec.dropout), w
+    if spec.init == "kaiming_uniform":
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+        return LoraFactors(a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout,
+                           spec.dropout), w
+    # PiSSA: the principal r singular directions become the adapter, the rest stays frozen.
+    nb = len(layout.batch_axes)
+    batch = a_shape[:nb]
+    order = layout.batch_axes + layout.in_axes + layout.out_axes
+    mat = jnp.transpose(w.astype(jnp.float32), order).reshape(batch + (fan_in, -1))
+    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    a = (u[..., :, :rank] * root[..., None, :]).reshape(a_shape)
+    b = (root[..., :, None] * vh[..., :rank, :]).reshape(b_shape)
+    factors = LoraFactors(a.astype(dtype), b.astype(dtype), scale, layout, spec.dropout)
+    residual = (w.astype(jnp.float32) - delta(factors)).astype(w.dtype)
+    return factors, residual
+
+
+def split(params: Any, spec: LoraSpec, *, key: jax.Array,
+          layouts: Mapping[str, Layout] | None = None) -> tuple[Any, LoraTree]:
+    """Split ``params`` into the frozen base and the trainable LoRA tree.
+
+    ``params`` is exactly what the function you will wrap with :func:`lorax_fn.lora`
+    takes as its first argument: for linen that is the whole ``variables`` dict
+    (``{"params": ..., "batch_stats": ...}``, so paths start with ``params/``), for NNX
+    the ``nnx.State`` from ``nnx.split``. The base is ``params`` itself — the same
+    arrays, untouched — except with ``init="pissa"``, where targeted weights are
+    replaced by their residual ``W0 - scale·A·B``.
+
+    Factor shapes follow how each weight is contracted: from ``layouts`` (e.g. from
+    :func:`lorax_fn.infer_layouts`), else the spec's ``layouts``, else
+    :func:`default_layout`; a weight none of them can place is an error, never a
+    silently different factorisation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((16, 32)), "bias": jnp.ones(32)}}}
+        >>> base, lora = split(params, LoraSpec(targets="**/kernel", rank=4),
+        ...                    key=jax.random.key(0))
+        >>> lora["params/Dense_0/kernel"].a.shape, lora["params/Dense_0/kernel"].b.shape
+        ((16, 4), (4, 32))
+    """
+    paths_leaves = leaves_with_paths(params)
+    layouts = dict(layouts or {})
+    excluded = set().union(*_matches(spec.exclude, paths_leaves, "exclude").values())
+    targeted = set().union(*_matches(spec.targets, paths_leaves, "target").values()) - excluded
+    trainable = set().union(*_matches(spec.trainable, paths_leaves, "trainable").values())
+    trainable -= excluded
+    if both := sorted(targeted & trainable):
+        raise LoraError(f"paths both targeted and trainable: {both}")
+    if spec.targets and not targeted:
+        raise LoraError("every target was excluded; nothing is left to adapt")
+    _check_overrides_match(spec, [(p, x) for p, x in paths_leaves if p in targeted])
+
+    lora: LoraTree = {}
+    new_leaves = []
+    for path, leaf in paths_leaves:
+        if path in trainable:
+            lora[path] = leaf
+        if path not in targeted:
+            new_leaves.append(leaf)
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise LoraError(f"{path}: cannot adapt a non-floating leaf (dtype {dtype})")
+        shape = tuple(np.shape(leaf))
+        layout = layouts.get(path) or spec.layout_for(path, leaf) or default_layout(path, shape)
+        if layout is None:
+            raise LoraError(
+                f"{path}: cannot tell the fan-in axes of shape {shape} from the shape alone. "
+                "Pass layouts=lorax_fn.infer_layouts(apply_fn, params, *example_args) or "
+                "LoraSpec(layouts={pattern: lorax_fn.Layout(in_axes=..., out_axes=..., "
+                "batch_axes=...)})"
+            )
+        layout.check(path, shape)
+        rank = spec.rank_for(path, leaf)
+        fan_in, fan_out = layout.fan_in(shape), layout.fan_out(shape)
+        if rank > min(fan_in, fan_out):
+            raise LoraError(
+                f"{path}: rank {rank} > min(fan_in, fan_out) = min({fan_in}, {fan_out}) "
+                f"for shape {shape} with {layout}"
+            )
+        factors, base_leaf = _init_factors(path, leaf, layout, rank, spec.scale_for(path, leaf),
+                                           spec, _path_key(key, path))
+        lora[path] = factors
+        new_leaves.append(base_leaf)
+    treedef = jax.tree_util.tree_structure(params)
+    base = jax.tree_util.tree_unflatten(treedef, new_leaves) if spec.init == "pissa" else params
+    return base, lora
