@@ -11,8 +11,12 @@ Example:
 from lorax_fn.accounting import ParamCount, count_params, summary
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
+from lorax_fn.layouts import infer_layouts
 from lorax_fn.merge import check_fits, merge, unmerge
+from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
+from lorax_fn.parallel import replicate, shard_batch, unreplicate
 from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
+from lorax_fn.sharding import fsdp_shardings, lora_shardings, put_batch
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import LoraTree, default_layout, split
 from lorax_fn.transform import lora
@@ -33,11 +37,21 @@ __all__ = [
     "default_layout",
     "delta",
     "describe",
+    "fsdp_shardings",
+    "infer_layouts",
     "leaves_with_paths",
     "lora",
+    "lora_labels",
+    "lora_shardings",
     "merge",
+    "optimizer",
     "path_str",
+    "put_batch",
+    "replicate",
+    "shard_batch",
     "split",
     "summary",
     "unmerge",
+    "unreplicate",
+    "weight_decay_mask",
 ]

@@ -51,7 +51,8 @@ class LoraSpec:
         (``"re:..."`` or a compiled pattern, full match) or callables ``(path, leaf)``.
       rank: the default rank ``r``.
       alpha: the default ``alpha``; ``None`` means ``alpha = rank``.
-      exclude: filters removed from both ``targets`` and ``trainable``.
+      exclude: filters of paths never adapted even when a target matches them (they can
+        still be listed in ``trainable``).
       rank_pattern, alpha_pattern: per-path overrides, ``{filter: value}``; the first
         matching filter wins (PEFT's ``rank_pattern`` / ``alpha_pattern``).
       scaling: ``"standard"`` (``alpha / r``, the paper) or ``"rslora"`` (``alpha / √r``).

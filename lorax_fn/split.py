@@ -139,7 +139,6 @@ def split(params: Any, spec: LoraSpec, *, key: jax.Array,
     excluded = set().union(*_matches(spec.exclude, paths_leaves, "exclude").values())
     targeted = set().union(*_matches(spec.targets, paths_leaves, "target").values()) - excluded
     trainable = set().union(*_matches(spec.trainable, paths_leaves, "trainable").values())
-    trainable -= excluded
     if both := sorted(targeted & trainable):
         raise LoraError(f"paths both targeted and trainable: {both}")
     if spec.targets and not targeted:

@@ -1,32 +1,425 @@
-"""`lora(fn)`: run a function of params with (base, LoRA tree) instead."""
+"""`lora(fn)`: run a function of params on (base, LoRA tree), factorized.
+
+``fn`` is traced once per input signature with ``jax.make_jaxpr``; the jaxpr is
+then evaluated with every adapted weight held as ``W0 + scale·A·B``
+(:class:`~lorax_fn.symbolic.SymbolicWeight`). Layout operations on a weight stay
+symbolic, supported consumers (``dot_general``, ``conv_general_dilated``,
+embedding ``gather``) compute ``x·W0 + scale·(x·A)·B``, higher-order primitives
+are evaluated recursively, and anything else materializes that one weight and
+reports it. The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and
+``pmap`` compose with it, and the gradient never holds a full-size weight.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from lorax_fn.merge import merge
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core
+
+from lorax_fn import symbolic
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import LoraFactors
+from lorax_fn.merge import check_fits, merge
+from lorax_fn.paths import leaves_with_paths
+from lorax_fn.symbolic import SymbolicWeight
+
+FallbackMode = Literal["warn", "error", "ignore"]
+
+
+class _Context:
+    """Per-call state: how to report fallbacks, and the dropout key."""
+
+    def __init__(self, on_fallback: FallbackMode, reported: set, key: jax.Array | None):
+        self.on_fallback = on_fallback
+        self.reported = reported
+        self.key = key
+        self.consumers = 0
+
+    def next_key(self) -> jax.Array | None:
+        self.consumers += 1
+        return None if self.key is None else jax.random.fold_in(self.key, self.consumers)
+
+    def with_key(self, key: jax.Array | None) -> _Context:
+        ctx = _Context(self.on_fallback, self.reported, key)
+        ctx.consumers = self.consumers
+        return ctx
+
+    def fallback(self, w: SymbolicWeight, primitive: str) -> jax.Array:
+        if (w.path, primitive) not in self.reported:
+            self.reported.add((w.path, primitive))
+            message = (f"lorax_fn: {w.path} is consumed by `{primitive}`, which has no "
+                       "factorized rule; the full weight W0 + scale·A·B is formed there")
+            if self.on_fallback == "error":
+                raise LoraError(message)
+            if self.on_fallback == "warn":
+                warnings.warn(message, stacklevel=4)
+        return w.materialize()
+
+
+def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
+    return ctx.fallback(value, primitive) if isinstance(value, SymbolicWeight) else value
+
+
+# --------------------------------------------------------------- evaluation
+
+
+def _eval_jaxpr(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
+                ctx: _Context) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, SymbolicWeight) for x in invals):
+            outvals = _eval_symbolic(eqn, invals, ctx)
+        else:
+            outvals = _bind_plain(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outvals = [outvals]
+        for v, x in zip(eqn.outvars, outvals, strict=True):
+            if not isinstance(v, core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_closed(closed: core.ClosedJaxpr, args: Sequence[Any], ctx: _Context) -> list[Any]:
+    return _eval_jaxpr(closed.jaxpr, closed.consts, args, ctx)
+
+
+def _bind_plain(eqn: core.JaxprEqn, invals: Sequence[Any]) -> Any:
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def _eval_symbolic(eqn: core.JaxprEqn, invals: list[Any], ctx: _Context) -> Any:
+    name = eqn.primitive.name
+    rule = _RULES.get(name)
+    result = rule(eqn, invals, ctx) if rule else None
+    if result is not None:
+        return result
+    return _bind_plain(eqn, [_concrete(x, ctx, name) for x in invals])
+
+
+# ------------------------------------------------------------ layout rules
+
+
+def _transpose(eqn, invals, ctx):
+    return symbolic.transpose(invals[0], eqn.params["permutation"])
+
+
+def _convert(eqn, invals, ctx):
+    w = invals[0]
+    return w.replace(w0=_bind_plain(eqn, [w.w0]))
+
+
+def _reshape(eqn, invals, ctx):
+    w = invals[0]
+    if eqn.params.get("dimensions") is not None or len(invals) > 1:
+        return None
+    return symbolic.reshape(w, eqn.params["new_sizes"])
+
+
+def _squeeze(eqn, invals, ctx):
+    w = invals[0]
+    return symbolic.reshape(w, eqn.outvars[0].aval.shape)
+
+
+def _broadcast_in_dim(eqn, invals, ctx):
+    w, shape = invals[0], eqn.params["shape"]
+    # Only inserting unit axes keeps the factorization; real broadcasting materializes.
+    if len(invals) > 1 or [d for d in shape if d != 1] != [d for d in w.w0.shape if d != 1]:
+        return None
+    if [shape[d] for d in eqn.params["broadcast_dimensions"]] != list(w.w0.shape):
+        return None
+    return symbolic.reshape(w, shape)
+
+
+def _slice(eqn, invals, ctx):
+    w = invals[0]
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(start)
+
+    def slicer(x, axes):
+        return lax.slice(x, [start[k] for k in axes] + [0],
+                         [limit[k] for k in axes] + [x.shape[-1]],
+                         [strides[k] for k in axes] + [1])
+
+    return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0]))
+
+
+def _dynamic_slice(eqn, invals, ctx):
+    w, starts = invals[0], invals[1:]
+    if any(isinstance(s, SymbolicWeight) for s in starts):
+        return None
+    sizes = eqn.params["slice_sizes"]
+
+    def slicer(x, axes):
+        return lax.dynamic_slice(x, [starts[k] for k in axes] + [0],
+                                 [sizes[k] for k in axes] + [x.shape[-1]])
+
+    return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0, *starts]))
+
+
+def _dot_general(eqn, invals, ctx):
+    lhs, rhs = invals
+    if isinstance(lhs, SymbolicWeight) and isinstance(rhs, SymbolicWeight):
+        return None
+    weight_is_lhs = isinstance(lhs, SymbolicWeight)
+    w, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
+    base_out = _bind_plain(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
+    return symbolic.dot_general(
+        x, w, weight_is_lhs=weight_is_lhs, dimension_numbers=eqn.params["dimension_numbers"],
+        precision=eqn.params["precision"],
+        preferred_element_type=eqn.params["preferred_element_type"], base_out=base_out,
+        key=ctx.next_key())
+
+
+def _conv(eqn, invals, ctx):
+    x, w = invals
+    if isinstance(x, SymbolicWeight) or not isinstance(w, SymbolicWeight):
+        return None
+    base_out = _bind_plain(eqn, [x, w.w0])
+    return symbolic.conv(x, w, eqn.params, base_out, ctx.next_key())
+
+
+def _gather(eqn, invals, ctx):
+    w, indices = invals
+    if isinstance(indices, SymbolicWeight):
+        return None
+    base_out = _bind_plain(eqn, [w.w0, indices])
+    return symbolic.gather(w, indices, eqn.params, base_out, ctx.next_key())
+
+
+# ------------------------------------------------------- higher-order rules
+
+
+def _inline(param: str) -> Callable:
+    def rule(eqn, invals, ctx):
+        sub = eqn.params[param]
+        if isinstance(sub, core.ClosedJaxpr):
+            return _eval_closed(sub, invals, ctx)
+        return _eval_jaxpr(sub, (), invals, ctx)
+
+    return rule
+
+
+def _remat(eqn, invals, ctx):
+    jaxpr = eqn.params["jaxpr"]
+
+    @functools.partial(jax.checkpoint, prevent_cse=eqn.params["prevent_cse"],
+                       policy=eqn.params["policy"])
+    def body(*args):
+        return _eval_jaxpr(jaxpr, (), args, ctx)
+
+    return body(*invals)
+
+
+def _scan(eqn, invals, ctx):
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts = invals[:n_consts]
+    carry = [_concrete(x, ctx, "scan carry") for x in invals[n_consts:n_consts + n_carry]]
+    xs = invals[n_consts + n_carry:]
+    # A weight scanned over its leading axis: slice W0, and each factor holding that axis.
+    sliced = []
+    for x in xs:
+        if isinstance(x, SymbolicWeight):
+            sliced.append((x.w0, x.a if x.kinds[0] in "bi" else None,
+                           x.b if x.kinds[0] in "bo" else None))
+        else:
+            sliced.append(x)
+    key = ctx.key
+    xs_in = (sliced, jnp.arange(p["length"]) if key is not None else None)
+
+    def body(carry_vals, xs_vals):
+        per_step, step = xs_vals
+        step_ctx = ctx.with_key(None if key is None else jax.random.fold_in(key, step))
+        args = []
+        for orig, x in zip(xs, per_step, strict=True):
+            if isinstance(orig, SymbolicWeight):
+                w0, a, b = x
+                args.append(orig.replace(w0=w0, a=orig.a if a is None else a,
+                                         b=orig.b if b is None else b, kinds=orig.kinds[1:]))
+            else:
+                args.append(x)
+        out = _eval_jaxpr(p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry_vals, *args],
+                          step_ctx)
+        out = [_concrete(o, step_ctx, "scan output") for o in out]
+        return out[:n_carry], out[n_carry:]
+
+    carry_out, ys = lax.scan(body, carry, xs_in, length=p["length"], reverse=p["reverse"],
+                             unroll=p["unroll"])
+    return [*carry_out, *ys]
+
+
+def _cond(eqn, invals, ctx):
+    index, operands = invals[0], invals[1:]
+    branches = [functools.partial(lambda br, *ops: [
+        _concrete(o, ctx, "cond output") for o in _eval_closed(br, ops, ctx)], br)
+        for br in eqn.params["branches"]]
+    return lax.switch(_concrete(index, ctx, "cond"), branches, *operands)
+
+
+def _while(eqn, invals, ctx):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+    init = [_concrete(x, ctx, "while carry") for x in invals[nc + nb:]]
+
+    def cond_fn(carry):
+        (out,) = _eval_closed(p["cond_jaxpr"], [*cond_consts, *carry], ctx)
+        return out
+
+    def body_fn(carry):
+        out = _eval_closed(p["body_jaxpr"], [*body_consts, *carry], ctx)
+        return [_concrete(o, ctx, "while carry") for o in out]
+
+    return lax.while_loop(cond_fn, body_fn, init)
+
+
+_RULES: dict[str, Callable] = {
+    "transpose": _transpose,
+    "convert_element_type": _convert,
+    "reshape": _reshape,
+    "squeeze": _squeeze,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "slice": _slice,
+    "dynamic_slice": _dynamic_slice,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "jit": _inline("jaxpr"),
+    "pjit": _inline("jaxpr"),
+    "closed_call": _inline("call_jaxpr"),
+    "core_call": _inline("call_jaxpr"),
+    # A weight flowing into a custom-derivative function itself: its primal definition
+    # is exact, and differentiating it is what merge-then-call does to the merged W.
+    "custom_jvp_call": _inline("call_jaxpr"),
+    "custom_vjp_call": _inline("call_jaxpr"),
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "scan": _scan,
+    "cond": _cond,
+    "while": _while,
+}
+
+
+# ------------------------------------------------------------ the transform
+
+
+def _split_static(tree: Any) -> tuple[list[Any], list[Any], Any]:
+    """Array leaves are traced inputs; everything else (bools, strings, …) is static."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [isinstance(x, jax.Array | jnp.ndarray) or hasattr(x, "__jax_array__")
+                for x in leaves]
+    dynamic = [x for x, a in zip(leaves, is_array, strict=True) if a]
+    static = [None if a else x for x, a in zip(leaves, is_array, strict=True)]
+    return dynamic, static, treedef
+
+
+def _aval_key(x: Any) -> tuple:
+    return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
 def lora(fn: Callable[..., Any], *, factorized: bool = True,
-         on_fallback: Literal["warn", "error", "ignore"] = "warn") -> Callable[..., Any]:
-    """Turn ``fn(params, *args, **kw)`` into ``g(base, lora_tree, *args, **kw)``.
+         on_fallback: FallbackMode = "warn") -> Callable[..., Any]:
+    """Turn ``fn(params, *args, **kw)`` into ``g(base, lora_tree, *args, lora_key=None, **kw)``.
 
-    ``g`` returns exactly ``fn(merge(base, lora_tree), *args, **kw)``.
+    ``g`` returns exactly ``fn(merge(base, lora_tree), *args, **kw)`` but computes every
+    adapted weight's products as ``x·W0 + scale·(x·A)·B``: neither the forward nor the
+    backward pass forms ``W0 + scale·A·B`` or a full-size weight gradient when the weight
+    is consumed by ``dot_general`` (any dimension numbers, either side, batched),
+    ``conv_general_dilated`` (ungrouped) or an embedding ``gather``. Transposes, dtype
+    casts, grouping reshapes, unit broadcasts and slices of a weight stay factorized,
+    as do weights passed through ``jit``, ``scan`` (stacked layers), ``remat``,
+    ``cond``, ``while`` and custom-derivative functions.
+
+    Any other consumer materializes that one weight (always correct) and is reported
+    once per (path, primitive) by ``on_fallback``: ``"warn"``, ``"error"`` (raise
+    :class:`LoraError`) or ``"ignore"``. ``factorized=False`` is plain merge-then-call
+    (the reference, and a baseline for benchmarks).
+
+    ``lora_key``, when given, applies each adapter's LoRA dropout
+    (``LoraSpec(dropout=...)``) to the input of its low-rank path; leave it ``None`` for
+    evaluation. ``fn`` is traced once per input signature: array leaves of the
+    arguments are traced, other leaves (``train=True``, ``mutable=[...]``) are static.
 
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from lorax_fn import LoraSpec, split
         >>> params = {"w": jnp.ones((4, 3))}
         >>> base, lt = split(params, LoraSpec("w", rank=2), key=jax.random.key(0))
-        >>> lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((2, 4))).shape
+        >>> g = lora(lambda p, x: x @ p["w"])
+        >>> g(base, lt, jnp.ones((2, 4))).shape
         (2, 3)
     """
-    del factorized, on_fallback
+    if on_fallback not in ("warn", "error", "ignore"):
+        raise LoraError(f"on_fallback must be 'warn', 'error' or 'ignore', got {on_fallback!r}")
+    traces: dict[Any, Any] = {}
+    reported: set = set()
+
+    def trace(params_def, param_avals, args_static, args_def, arg_avals):
+        cache_key = (params_def, tuple(map(_aval_key, param_avals)), args_def,
+                     tuple(map(_aval_key, arg_avals)), _hashable(args_static))
+        if cache_key in traces:
+            return traces[cache_key]
+
+        def flat_fn(param_leaves, arg_leaves):
+            params = jax.tree_util.tree_unflatten(params_def, param_leaves)
+            it = iter(arg_leaves)
+            leaves = [next(it) if s is None else s for s in args_static]
+            args, kwargs = jax.tree_util.tree_unflatten(args_def, leaves)
+            return fn(params, *args, **kwargs)
+
+        shapes = [[jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                        weak_type=getattr(x, "weak_type", False))
+                   for x in xs] for xs in (param_avals, arg_avals)]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
+        traced = (closed, jax.tree_util.tree_structure(out_shape))
+        if cache_key[-1] is not None:
+            traces[cache_key] = traced
+        return traced
 
     @functools.wraps(fn)
-    def wrapped(base: Any, lora_tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(merge(base, lora_tree), *args, **kwargs)
+    def wrapped(base: Any, lora_tree: dict[str, Any], *args: Any,
+                lora_key: jax.Array | None = None, **kwargs: Any) -> Any:
+        if not factorized:
+            if lora_key is not None:
+                raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
+            return fn(merge(base, lora_tree), *args, **kwargs)
+        check_fits(base, lora_tree)
+        paths = [p for p, _ in leaves_with_paths(base)]
+        base_leaves, params_def = jax.tree_util.tree_flatten(base)
+        param_leaves = [lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p],
+                                                                          LoraFactors) else x
+                        for p, x in zip(paths, base_leaves, strict=True)]
+        arg_leaves, args_static, args_def = _split_static((args, kwargs))
+        closed, out_def = trace(params_def, param_leaves, args_static, args_def, arg_leaves)
+        inputs = [SymbolicWeight.from_factors(p, x, lora_tree[p])
+                  if isinstance(lora_tree.get(p), LoraFactors) else x
+                  for p, x in zip(paths, param_leaves, strict=True)]
+        ctx = _Context(on_fallback, reported, lora_key)
+        outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
+        outs = [_concrete(o, ctx, "output") for o in outs]
+        return jax.tree_util.tree_unflatten(out_def, outs)
 
     return wrapped
+
+
+def _hashable(static: list[Any]) -> Any:
+    try:
+        hash(tuple(static))
+    except TypeError:
+        return None
+    return tuple((type(s), s) for s in static)

@@ -1,0 +1,268 @@
+"""A weight held as ``W0 + scale·A·B`` while a jaxpr is evaluated, and its rules.
+
+Each axis of the (possibly transposed, reshaped, sliced) weight has a role:
+``"b"`` (batch: in both factors), ``"i"`` (fan-in: in A) or ``"o"`` (fan-out: in B).
+A's axes are the weight's ``b``/``i`` axes in the weight's current order, then the
+rank; B's are its ``b``/``o`` axes, then the rank. Layout rules return a new
+:class:`SymbolicWeight` or ``None`` when the operation cannot stay factorized;
+consumer rules return the consumer's result, computed without forming the weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lorax_fn.factors import LoraFactors
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SymbolicWeight:
+    """``w0 + scale·A·B`` with per-axis roles ``kinds`` (see the module docstring)."""
+
+    w0: jax.Array
+    a: jax.Array
+    b: jax.Array
+    path: str = dataclasses.field(metadata={"static": True})
+    kinds: tuple[str, ...] = dataclasses.field(metadata={"static": True})
+    scale: float = dataclasses.field(metadata={"static": True})
+    dropout: float = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def from_factors(cls, path: str, w0: jax.Array, factors: LoraFactors) -> SymbolicWeight:
+        layout = factors.layout
+        kinds = [""] * layout.ndim
+        for role, axes in (("b", layout.batch_axes), ("i", layout.in_axes),
+                           ("o", layout.out_axes)):
+            for axis in axes:
+                kinds[axis] = role
+        # Reorder the factors' axes from (batch, in, r) / (batch, r, out) to weight order.
+        a_axes = layout.batch_axes + layout.in_axes
+        b_axes = layout.batch_axes + layout.out_axes
+        nb = len(layout.batch_axes)
+        a = jnp.transpose(factors.a, [*np.argsort(a_axes), len(a_axes)])
+        b = jnp.moveaxis(factors.b, nb, -1)
+        b = jnp.transpose(b, [*np.argsort(b_axes), len(b_axes)])
+        return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout)
+
+    def axes_of(self, group: str) -> list[int]:
+        """Weight axes held by A (``group="a"``) or B (``"b"``), in A's / B's order."""
+        roles = "bi" if group == "a" else "bo"
+        return [k for k, role in enumerate(self.kinds) if role in roles]
+
+    def replace(self, **changes: Any) -> SymbolicWeight:
+        return dataclasses.replace(self, **changes)
+
+    def materialize(self) -> jax.Array:
+        """The full weight ``w0 + scale·A·B`` (the fallback), accumulated in float32."""
+        letters = string.ascii_letters[: len(self.kinds)]
+        a_sub = "".join(letters[k] for k in self.axes_of("a")) + "Z"
+        b_sub = "".join(letters[k] for k in self.axes_of("b")) + "Z"
+        d = jnp.einsum(f"{a_sub},{b_sub}->{letters}", self.a.astype(jnp.float32),
+                       self.b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        return (self.w0.astype(jnp.float32) + self.scale * d).astype(self.w0.dtype)
+
+
+# ---------------------------------------------------------------- layout rules
+
+
+def transpose(w: SymbolicWeight, permutation: Sequence[int]) -> SymbolicWeight:
+    kinds = tuple(w.kinds[p] for p in permutation)
+    factors = {}
+    for group in ("a", "b"):
+        old = w.axes_of(group)
+        new = [p for p in permutation if p in old]
+        factors[group] = jnp.transpose(getattr(w, group), [old.index(p) for p in new]
+                                       + [len(old)])
+    return w.replace(w0=jnp.transpose(w.w0, permutation), kinds=kinds, **factors)
+
+
+def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list, list]] | None:
+    """Pair runs of old and new axes with equal sizes; size-1 axes form their own groups."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(old) or j >= len(new):
+            return None
+        gi, gj, pi, pj = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                if i >= len(old):
+                    return None
+                gi.append(i)
+                pi *= old[i]
+                i += 1
+            else:
+                if j >= len(new):
+                    return None
+                gj.append(j)
+                pj *= new[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape(w: SymbolicWeight, new_shape: Sequence[int]) -> SymbolicWeight | None:
+    """Reshape when every merged or split run of axes has a single role."""
+    groups = reshape_groups(w.w0.shape, new_shape)
+    if groups is None:
+        return None
+    kinds = [""] * len(new_shape)
+    for old_axes, new_axes in groups:
+        roles = {w.kinds[k] for k in old_axes}
+        if len(roles) > 1:
+            return None
+        # A new unit axis belongs to B; it carries no data, so either choice is exact.
+        role = roles.pop() if roles else "o"
+        for k in new_axes:
+            kinds[k] = role
+    a_shape = [new_shape[k] for k, r in enumerate(kinds) if r in "bi"] + [w.a.shape[-1]]
+    b_shape = [new_shape[k] for k, r in enumerate(kinds) if r in "bo"] + [w.b.shape[-1]]
+    if not any(r == "i" for r in kinds) or not any(r == "o" for r in kinds):
+        return None
+    return w.replace(w0=jnp.reshape(w.w0, new_shape), a=w.a.reshape(a_shape),
+                     b=w.b.reshape(b_shape), kinds=tuple(kinds))
+
+
+def slice_axes(w: SymbolicWeight, slicer: Any, w0: jax.Array) -> SymbolicWeight:
+    """Apply the same per-axis slice to W0 (already done: ``w0``) and to A and B.
+
+    ``slicer(x, axes)`` slices array ``x`` whose dims correspond to weight ``axes``.
+    """
+    return w.replace(w0=w0, a=slicer(w.a, w.axes_of("a")), b=slicer(w.b, w.axes_of("b")))
+
+
+# ------------------------------------------------------------- consumer rules
+
+
+def _dropped(x: jax.Array, w: SymbolicWeight, key: jax.Array | None) -> jax.Array:
+    if key is None or not w.dropout:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - w.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - w.dropout), 0).astype(x.dtype)
+
+
+def dot_general(x: jax.Array, w: SymbolicWeight, *, weight_is_lhs: bool, dimension_numbers,
+                precision, preferred_element_type, base_out: jax.Array,
+                key: jax.Array | None) -> jax.Array | None:
+    """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    wc, xc, wb, xb = (lc, rc, lb, rb) if weight_is_lhs else (rc, lc, rb, lb)
+    roles = {w.kinds[k] for k in wc}
+    if roles <= {"i"}:
+        first, second = "a", "b"
+    elif roles == {"o"}:
+        first, second = "b", "a"
+    else:
+        return None
+    letters = iter(string.ascii_letters)
+    w_sub = [next(letters) for _ in w.kinds]
+    x_sub = [next(letters) for _ in range(x.ndim)]
+    for wk, xk in zip(list(wc) + list(wb), list(xc) + list(xb), strict=True):
+        x_sub[xk] = w_sub[wk]
+    x_free = [x_sub[k] for k in range(x.ndim) if k not in xc and k not in xb]
+    w_free = [w_sub[k] for k in range(w.w0.ndim) if k not in wc and k not in wb]
+    batch = [w_sub[k] for k in wb]
+    out = batch + (w_free + x_free if weight_is_lhs else x_free + w_free)
+    f1 = "".join(w_sub[k] for k in w.axes_of(first)) + "Z"
+    f2 = "".join(w_sub[k] for k in w.axes_of(second)) + "Z"
+    contracted = {w_sub[k] for k in wc}
+    t_sub = [c for c in x_sub if c not in contracted]
+    t_sub += [c for c in f1[:-1] if c not in contracted and c not in t_sub] + ["Z"]
+    factor_dtype = w.a.dtype
+    x_low = _dropped(x, w, key).astype(factor_dtype)
+    t = jnp.einsum(f"{''.join(x_sub)},{f1}->{''.join(t_sub)}", x_low, getattr(w, first),
+                   precision=precision)
+    y = jnp.einsum(f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second),
+                   precision=precision)
+    return base_out + (w.scale * y).astype(base_out.dtype)
+
+
+def conv(x: jax.Array, w: SymbolicWeight, params: dict, base_out: jax.Array,
+         key: jax.Array | None) -> jax.Array | None:
+    """A conv with A as an ``r``-feature kernel, then a 1×1 (per-position) product with B."""
+    dn = params["dimension_numbers"]
+    out_dim, out_feature = dn.rhs_spec[0], dn.out_spec[1]
+    if (params["feature_group_count"] != 1 or params["batch_group_count"] != 1
+            or w.kinds[out_dim] != "o" or any(r != "i" for k, r in enumerate(w.kinds)
+                                                if k != out_dim)):
+        return None
+    kernel_a = jnp.moveaxis(w.a, -1, out_dim)
+    factor_dtype = w.a.dtype
+    t = lax.conv_general_dilated_p.bind(
+        _dropped(x, w, key).astype(factor_dtype), kernel_a,
+        **{**params, "preferred_element_type": None})
+    y = jnp.tensordot(t, w.b, axes=[[out_feature], [1]], precision=params["precision"])
+    y = jnp.moveaxis(y, -1, out_feature)
+    return base_out + (w.scale * y).astype(base_out.dtype)
+
+
+def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: int) -> bool:
+    """Is this gather ``W[idx]`` along the collapsed axes, with full slices elsewhere?"""
+    if dn.operand_batching_dims or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims):
+        return False
+    rest = [k for k in range(w.w0.ndim) if k not in dn.collapsed_slice_dims]
+    if any(slice_sizes[k] != w.w0.shape[k] for k in rest):
+        return False
+    return tuple(dn.offset_dims) == tuple(range(out_ndim - len(rest), out_ndim))
+
+
+def _gather_factor(factor: jax.Array, axes: list[int], collapsed: Sequence[int],
+                   indices: jax.Array, params: dict) -> jax.Array:
+    positions = [axes.index(k) for k in collapsed]
+    rest = [p for p in range(factor.ndim) if p not in positions]
+    sizes = [1 if p in positions else factor.shape[p] for p in range(factor.ndim)]
+    n_batch = indices.ndim - 1
+    new_dn = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(n_batch, n_batch + len(rest))),
+        collapsed_slice_dims=tuple(positions), start_index_map=tuple(positions),
+        operand_batching_dims=(), start_indices_batching_dims=())
+    return lax.gather(factor, indices, new_dn, tuple(sizes),
+                      mode=params["mode"], fill_value=params["fill_value"],
+                      indices_are_sorted=params["indices_are_sorted"],
+                      unique_indices=params["unique_indices"])
+
+
+def gather(w: SymbolicWeight, indices: jax.Array, params: dict, base_out: jax.Array,
+           key: jax.Array | None) -> SymbolicWeight | jax.Array | None:
+    """``W[idx]``: of stacked layers (stays symbolic) or of embedding rows (gathers A)."""
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    if not _standard_take(dn, sizes, w, base_out.ndim):
+        return None
+    collapsed = tuple(dn.collapsed_slice_dims)
+    roles = {w.kinds[k] for k in collapsed}
+    n_batch = indices.ndim - 1
+    rest = [k for k in range(w.w0.ndim) if k not in collapsed]
+    if roles == {"b"}:
+        kinds = ("b",) * n_batch + tuple(w.kinds[k] for k in rest)
+        return w.replace(w0=base_out, kinds=kinds,
+                         a=_gather_factor(w.a, w.axes_of("a"), collapsed, indices, params),
+                         b=_gather_factor(w.b, w.axes_of("b"), collapsed, indices, params))
+    if roles != {"i"}:
+        return None
+    del key  # dropout acts on a layer's input features; a lookup has none.
+    rows = _gather_factor(w.a, w.axes_of("a"), collapsed, indices, params)
+    letters = iter(string.ascii_letters)
+    idx_sub = "".join(next(letters) for _ in range(n_batch))
+    w_sub = {k: next(letters) for k in rest}
+    a_sub = idx_sub + "".join(w_sub[k] for k in w.axes_of("a") if k in w_sub) + "Z"
+    b_sub = "".join(w_sub[k] for k in w.axes_of("b")) + "Z"
+    out_sub = idx_sub + "".join(w_sub[k] for k in rest)
+    y = jnp.einsum(f"{a_sub},{b_sub}->{out_sub}", rows, w.b)
+    return base_out + (w.scale * y).astype(base_out.dtype)

@@ -1,0 +1,52 @@
+"""Shared test helpers: randomised adapters and the merge-then-call reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lorax_fn
+from lorax_fn import LoraFactors
+
+
+def randomize_b(lora_tree: dict[str, Any], seed: int = 1, std: float = 0.1) -> dict[str, Any]:
+    """B = 0 at init hides every bug in the low-rank path, so tests use random B."""
+    out = {}
+    for i, (path, entry) in enumerate(sorted(lora_tree.items())):
+        if isinstance(entry, LoraFactors):
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            b = std * jax.random.normal(key, entry.b.shape, jnp.float32).astype(entry.b.dtype)
+            out[path] = LoraFactors(entry.a, b, entry.scale, entry.layout, entry.dropout)
+        else:
+            out[path] = entry
+    return {p: out[p] for p in lora_tree}
+
+
+def assert_matches_merged(fn, base, lora_tree, *args, rtol=2e-5, atol=2e-5, **kwargs):
+    """lora(fn) equals fn(merge(...)) in value and in gradient w.r.t. the LoRA tree."""
+
+    def scalar(out):
+        leaves = [x for x in jax.tree_util.tree_leaves(out) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in leaves)
+
+    factorized = lorax_fn.lora(fn, on_fallback="error")
+    reference = lorax_fn.lora(fn, factorized=False)
+    got = factorized(base, lora_tree, *args, **kwargs)
+    want = reference(base, lora_tree, *args, **kwargs)
+    jax.tree_util.tree_map(
+        lambda g, w: np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol),
+        got, want)
+    grad_got = jax.grad(lambda lt: scalar(factorized(base, lt, *args, **kwargs)))(lora_tree)
+    grad_want = jax.grad(lambda lt: scalar(reference(base, lt, *args, **kwargs)))(lora_tree)
+    for path in lora_tree:
+        for g, w in zip(jax.tree_util.tree_leaves(grad_got[path]),
+                        jax.tree_util.tree_leaves(grad_want[path]), strict=True):
+            scale = float(jnp.max(jnp.abs(w.astype(jnp.float32)))) + 1e-6
+            np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
+                                       np.asarray(w, np.float32) / scale, rtol=rtol,
+                                       atol=max(atol, 1e-4), err_msg=path)
+    return got

@@ -1,0 +1,297 @@
+"""lora(fn) computed factorized equals fn(merge(base, lora)) — values and gradients."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from helpers import assert_matches_merged, randomize_b
+
+import lorax_fn
+from lorax_fn import Layout, LoraSpec
+
+
+def adapt(variables, targets, fn=None, *args, rank=2, layouts=None, **spec_kw):
+    if layouts is None and fn is not None:
+        layouts = lorax_fn.infer_layouts(fn, variables, *args)
+    base, lt = lorax_fn.split(variables, LoraSpec(targets, rank=rank, **spec_kw),
+                              key=jax.random.key(1), layouts=layouts)
+    return base, randomize_b(lt)
+
+
+def init(model, *args, **kw):
+    return model.init(jax.random.key(0), *args, **kw)
+
+
+def test_dense():
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(2), (3, 5))
+    base, lt = adapt(init(model, x), "**/kernel")
+    assert_matches_merged(model.apply, base, lt, x)
+
+
+def test_multi_head_attention_q_k_v_out():
+    model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6)
+    x = jax.random.normal(jax.random.key(2), (2, 4, 6))
+    variables = init(model, x)
+    base, lt = adapt(variables, "**/kernel")
+    assert {p.split("/")[-2] for p in lt} == {"query", "key", "value", "out"}
+    assert lt["params/query/kernel"].a.shape == (6, 2)
+    assert lt["params/query/kernel"].b.shape == (2, 2, 4)
+    assert lt["params/out/kernel"].a.shape == (2, 4, 2)
+    assert_matches_merged(model.apply, base, lt, x)
+
+
+def test_einsum():
+    model = nn.Einsum((5, 3, 4), "bti,ihd->bthd")
+    x = jax.random.normal(jax.random.key(2), (2, 6, 5))
+    base, lt = adapt(init(model, x), "**/kernel", model.apply, x)
+    assert lt["params/kernel"].layout == Layout((0,), (1, 2))
+    assert_matches_merged(model.apply, base, lt, x)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, kw",
+    [
+        ((2, 11, 4), (3,), dict(strides=2, padding="SAME")),
+        ((2, 11, 4), (3,), dict(kernel_dilation=2, padding="VALID")),
+        ((2, 9, 8, 4), (3, 3), dict(strides=(2, 1), padding=((1, 2), (0, 1)))),
+        ((2, 9, 8, 4), (2, 3), dict(kernel_dilation=(2, 1), padding=((1, 1), (2, 0)))),
+    ],
+)
+def test_conv(shape, kernel, kw):
+    model = nn.Conv(5, kernel, **kw)
+    x = jax.random.normal(jax.random.key(2), shape)
+    base, lt = adapt(init(model, x), "**/kernel", model.apply, x)
+    entry = lt["params/kernel"]
+    assert entry.layout.out_axes == (len(kernel) + 1,)
+    assert entry.a.shape == (*kernel, shape[-1], 2)
+    assert_matches_merged(model.apply, base, lt, x)
+
+
+class TiedLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(11, 8)
+        x = embed(ids)
+        x = nn.Dense(8)(jnp.tanh(x))
+        return embed.attend(x)
+
+
+def test_embed_lookup_attend_and_tied_weight():
+    model = TiedLM()
+    ids = jnp.array([[1, 2, 10], [0, 5, 5]])
+    variables = init(model, ids)
+    base, lt = adapt(variables, ["**/embedding", "**/kernel"], model.apply, ids)
+    assert lt["params/Embed_0/embedding"].layout == Layout((0,), (1,))
+    assert_matches_merged(model.apply, base, lt, ids)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2)(h, h)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(8)(nn.gelu(nn.Dense(16)(h))), None
+
+
+class ScannedLM(nn.Module):
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(13, 8)
+        block = nn.remat(Block) if self.remat else Block
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=3)
+        x, _ = stack()(embed(ids), None)
+        return embed.attend(nn.LayerNorm()(x))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_transformer(remat):
+    model = ScannedLM(remat=remat)
+    ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 12]])
+    variables = init(model, ids)
+    base, lt = adapt(variables, ["**/kernel", "**/embedding"], model.apply, ids)
+    query = next(v for p, v in lt.items() if p.endswith("query/kernel"))
+    assert query.layout == Layout((1,), (2, 3), (0,))
+    assert query.a.shape == (3, 8, 2) and query.b.shape == (3, 2, 2, 4)
+    assert_matches_merged(model.apply, base, lt, ids, rtol=1e-4, atol=1e-4)
+
+
+def test_remat_outside_scan():
+    model = nn.remat(nn.Dense)(4)
+    x = jax.random.normal(jax.random.key(2), (3, 5))
+    base, lt = adapt(init(model, x), "**/kernel")
+    assert_matches_merged(model.apply, base, lt, x)
+
+
+def test_bfloat16_base_with_float32_factors():
+    model = nn.Dense(8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (4, 16)).astype(jnp.bfloat16)
+    variables = init(model, x)
+    base, lt = adapt(variables, "**/kernel")
+    assert lt["params/kernel"].a.dtype == jnp.float32
+    out = assert_matches_merged(model.apply, base, lt, x, rtol=3e-2, atol=3e-2)
+    assert out.dtype == jnp.bfloat16
+
+
+def test_preferred_element_type_and_precision():
+    def fn(p, x):
+        return jax.lax.dot_general(x, p["w"], (((1,), (0,)), ((), ())),
+                                   precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 8)).astype(jnp.bfloat16)}
+    x = jax.random.normal(jax.random.key(2), (4, 16)).astype(jnp.bfloat16)
+    base, lt = adapt(params, "w")
+    out = assert_matches_merged(fn, base, lt, x, rtol=3e-2, atol=3e-2)
+    assert out.dtype == jnp.float32
+
+
+def test_weight_on_the_left_with_batch_dims():
+    def fn(p, x):  # (L, out, in) weight contracted on the left, batched over L
+        return jnp.einsum("loi,lbi->lbo", p["w"], x)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 6, 5))}
+    x = jax.random.normal(jax.random.key(2), (3, 4, 5))
+    base, lt = adapt(params, "w", fn, x)
+    assert lt["w"].layout == Layout((2,), (1,), (0,))
+    assert_matches_merged(fn, base, lt, x)
+
+
+def test_control_flow_cond_while_and_dynamic_layer_index():
+    def fn(p, x):
+        w = p["w"]
+        y = jax.lax.cond(x.sum() > 0, lambda: x @ w[0], lambda: -(x @ w[1]))
+
+        def body(i, h):
+            return jnp.tanh(h @ w[i % 2])
+
+        return jax.lax.fori_loop(0, 3, body, y)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (2, 5, 5)) / 3}
+    x = jax.random.normal(jax.random.key(2), (4, 5))
+    base, lt = adapt(params, "w", layouts={"w": Layout((1,), (2,), (0,))})
+    assert_matches_merged(fn, base, lt, x)
+    assert_matches_merged(fn, base, lt, -x)
+
+
+def test_custom_vjp_and_custom_jvp_functions():
+    @jax.custom_vjp
+    def matmul(x, w):
+        return x @ w
+
+    matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+    def fn(p, x):
+        return jax.nn.relu(matmul(x, p["w"]))
+
+    params = {"w": jax.random.normal(jax.random.key(0), (5, 4))}
+    x = jax.random.normal(jax.random.key(2), (3, 5))
+    base, lt = adapt(params, "w")
+    assert_matches_merged(fn, base, lt, x)
+
+
+class BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(6)(x)
+        return nn.BatchNorm(use_running_average=not train)(x)
+
+
+def test_mutable_collections_and_static_kwargs():
+    model = BatchNormNet()
+    x = jax.random.normal(jax.random.key(2), (4, 5))
+    variables = init(model, x, train=False)
+    base, lt = adapt(variables, "**/kernel")
+    out, updates = lorax_fn.lora(model.apply)(base, lt, x, train=True, mutable=["batch_stats"])
+    ref_out, ref_updates = model.apply(lorax_fn.merge(base, lt), x, train=True,
+                                       mutable=["batch_stats"])
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           updates, ref_updates)
+    assert_matches_merged(model.apply, base, lt, x, train=False)
+
+
+class NNXModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.attn = nnx.MultiHeadAttention(2, 8, 8, decode=False, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.attn(x))
+
+
+def test_nnx_function():
+    graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
+
+    def fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    base, lt = adapt(state, ["**/kernel"], exclude="head/**", trainable="head/**")
+    assert "attn/query/kernel" in lt and isinstance(lt["head/kernel"], jax.Array)
+    assert_matches_merged(fn, base, lt, x)
+
+
+def test_composes_with_jit_vmap_pmap():
+    model = nn.Dense(4)
+    x = jax.random.normal(jax.random.key(2), (8, 3, 5))
+    base, lt = adapt(init(model, x[0]), "**/kernel")
+    g = lorax_fn.lora(model.apply)
+    want = jax.vmap(lambda xi: model.apply(lorax_fn.merge(base, lt), xi))(x)
+    np.testing.assert_allclose(jax.jit(g)(base, lt, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(g, in_axes=(None, None, 0))(base, lt, x), want,
+                               rtol=1e-5, atol=1e-5)
+    n = jax.local_device_count()
+    pmapped = jax.pmap(g, in_axes=(None, None, 0))(base, lt, x[:n])
+    np.testing.assert_allclose(pmapped, want[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_traced_once_per_signature():
+    calls = []
+
+    def fn(p, x):
+        calls.append(x.shape)
+        return x @ p["w"]
+
+    base, lt = adapt({"w": jnp.ones((5, 4))}, "w")
+    g = lorax_fn.lora(fn)
+    for _ in range(3):
+        g(base, lt, jnp.ones((2, 5)))
+    g(base, lt, jnp.ones((3, 5)))
+    assert calls == [(2, 5), (3, 5)]
+
+
+def test_fallback_is_reported_and_still_correct():
+    def fn(p, x):
+        return (x @ p["w"]) / jnp.linalg.norm(p["w"])
+
+    base, lt = adapt({"w": jax.random.normal(jax.random.key(0), (5, 4))}, "w")
+    x = jnp.ones((2, 5))
+    want = fn(lorax_fn.merge(base, lt), x)
+    with pytest.warns(UserWarning, match=r"w is consumed by `(mul|integer_pow|pow|abs)"):
+        got = lorax_fn.lora(fn)(base, lt, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(lorax_fn.LoraError, match="w is consumed by"):
+        lorax_fn.lora(fn, on_fallback="error")(base, lt, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(lorax_fn.lora(fn, on_fallback="ignore")(base, lt, x), want,
+                                   rtol=1e-5)
+
+
+def test_bad_on_fallback_and_mismatched_tree_are_refused():
+    with pytest.raises(lorax_fn.LoraError, match="on_fallback"):
+        lorax_fn.lora(lambda p: p, on_fallback="loud")
+    _, lt = adapt({"w": jnp.ones((5, 4))}, "w")
+    with pytest.raises(lorax_fn.LoraError, match="w: the adapter was made for"):
+        lorax_fn.lora(lambda p, x: x @ p["w"])({"w": jnp.ones((6, 4))}, lt, jnp.ones((1, 6)))
