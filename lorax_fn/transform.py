@@ -352,7 +352,9 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
 
     ``lora_key``, when given, applies each adapter's LoRA dropout
     (``LoraSpec(dropout=...)``) to the input of its low-rank path; leave it ``None`` for
-    evaluation. ``fn`` is traced once per input signature: array leaves of the
+    evaluation. The k-th adapted product evaluated (k = 1, 2, …) draws its mask from
+    ``jax.random.fold_in(lora_key, k)``; inside a ``scan`` the key is first folded with
+    the iteration index, so stacked layers get different masks. ``fn`` is traced once per input signature: array leaves of the
     arguments are traced, other leaves (``train=True``, ``mutable=[...]``) are static.
 
     Example:

@@ -1,0 +1,93 @@
+"""Structural facts of the factorized transform: no full-size weight in the gradient,
+and fewer compiled FLOPs than merge-then-call."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.extend import core
+
+import lorax_fn
+from lorax_fn import LoraSpec
+
+
+class Block(nn.Module):
+    d: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(self.d)(nn.gelu(nn.Dense(4 * self.d)(h)))
+
+
+def _setup(d, heads, targets, tokens=(4, 32)):
+    model = Block(d, heads)
+    x = jax.random.normal(jax.random.key(0), (*tokens, d))
+    variables = model.init(jax.random.key(1), x)
+    base, lt = lorax_fn.split(variables, LoraSpec(targets, rank=8), key=jax.random.key(2))
+    return model, x, base, lt
+
+
+def _loss(apply):
+    return lambda base, lt, x: jnp.mean(apply(base, lt, x) ** 2)
+
+
+def _tainted_shapes(jaxpr: core.Jaxpr, tainted: list[bool]) -> list[tuple]:
+    """Shapes of every value computed from a tainted input, sub-jaxprs included."""
+    taint = {v: t for v, t in zip(jaxpr.invars, tainted, strict=True)}
+    shapes = []
+    for eqn in jaxpr.eqns:
+        hit = any(taint.get(v, False) for v in eqn.invars if not isinstance(v, core.Literal))
+        for sub in core.jaxprs_in_params(eqn.params):
+            n = len(sub.invars)
+            shapes += _tainted_shapes(sub, [hit] * n)
+        for v in eqn.outvars:
+            taint[v] = hit
+            if hit:
+                shapes.append(tuple(v.aval.shape))
+    return shapes
+
+
+def test_gradient_jaxpr_holds_no_full_size_adapted_weight():
+    targets = ["**/query/kernel", "**/key/kernel", "**/value/kernel", "**/out/kernel"]
+    model, x, base, lt = _setup(64, 4, targets)
+    grad = jax.grad(_loss(lorax_fn.lora(model.apply, on_fallback="error")), argnums=1)
+    closed = jax.make_jaxpr(grad)(base, lt, x)
+    n_base = len(jax.tree_util.tree_leaves(base))
+    n_lora = len(jax.tree_util.tree_leaves(lt))
+    tainted = [False] * n_base + [True] * n_lora + [False]
+    shapes = set(_tainted_shapes(closed.jaxpr, tainted))
+    weight_shapes = {tuple(w.shape) for p, w in lorax_fn.leaves_with_paths(base) if p in lt}
+    assert weight_shapes == {(64, 4, 16), (4, 16, 64)}
+    assert not shapes & weight_shapes
+
+    # The same check catches merge-then-call, so it can fail.
+    merged_grad = jax.grad(_loss(lorax_fn.lora(model.apply, factorized=False)), argnums=1)
+    merged_shapes = set(_tainted_shapes(jax.make_jaxpr(merged_grad)(base, lt, x).jaxpr,
+                                        tainted))
+    assert merged_shapes & weight_shapes
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+def test_compiled_flops_below_merge_then_call_and_frozen_backward():
+    model, x, base, lt = _setup(512, 8, "**/kernel", tokens=(2, 128))
+    factorized = jax.grad(_loss(lorax_fn.lora(model.apply, on_fallback="error")), argnums=1)
+    merged = jax.grad(_loss(lorax_fn.lora(model.apply, factorized=False)), argnums=1)
+
+    def frozen(variables, x):  # the frozen model's forward plus backward to its inputs
+        return jax.grad(lambda x: jnp.mean(model.apply(variables, x) ** 2))(x)
+
+    f_lora = _flops(factorized, base, lt, x)
+    f_merged = _flops(merged, base, lt, x)
+    f_frozen = _flops(frozen, base, x)
+    assert f_lora < 0.8 * f_merged, (f_lora, f_merged)
+    assert f_lora <= f_frozen, (f_lora, f_frozen)
