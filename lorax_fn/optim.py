@@ -1,0 +1,218 @@
+"""`optimizer`: an optax transformation that trains the factors and keeps nothing for the rest.
+
+Every leaf of the tree being optimised gets one of four labels (:func:`lora_labels`):
+
+- ``"lora_a"`` / ``"lora_b"``: the A and B arrays of each :class:`~lorax_fn.LoraFactors`;
+- ``"trainable"``: any other floating leaf (the leaves ``LoraSpec(trainable=...)`` put in
+  the LoRA tree, or whatever else a combined tree holds that is not frozen);
+- ``"frozen"``: leaves matched by ``frozen=`` and every non-floating leaf (integer
+  counters, PRNG keys). They go to ``optax.set_to_zero()``: zero updates, no state.
+
+:func:`optimizer` is ``optax.partition`` (formerly ``optax.multi_transform``) over those
+labels, so each label holds optimizer state for its own leaves only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import LoraFactors
+from lorax_fn.paths import PathFilter, compile_filter, filter_name, nearest_paths, path_str
+
+LORA_A, LORA_B, TRAINABLE, FROZEN = "lora_a", "lora_b", "trainable", "frozen"
+
+# Biases, norm scales and norm layers: the leaves AdamW recipes (BERT, GPT-2, PEFT
+# trainers) leave undecayed. Matched per path component.
+_NO_DECAY = re.compile(r"(?i)(?:^|/)(?:bias|scale|[^/]*norm[^/]*|ln(?:_[^/]*|\d*))(?:/|$)")
+
+
+def _is_factors(x: Any) -> bool:
+    return isinstance(x, LoraFactors)
+
+
+def _as_filters(frozen: PathFilter | Sequence[PathFilter]) -> tuple[PathFilter, ...]:
+    if isinstance(frozen, str | re.Pattern) or callable(frozen):
+        return (frozen,)
+    return tuple(frozen)
+
+
+def _is_float(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return isinstance(leaf, float | complex)
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) -> Any:
+    """The optax label of every leaf of ``params``: a tree of the same structure.
+
+    Use it to build your own ``optax.partition`` with the labels ``"lora_a"``,
+    ``"lora_b"``, ``"trainable"`` and ``"frozen"``. ``frozen`` filters (globs, regexes
+    or callables over the ``/``-joined paths of ``params``) win over every other label;
+    a filter that matches no leaf is an error listing the nearest paths.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, split
+        >>> params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+        >>> base, lt = split(params, LoraSpec("w", rank=2, trainable="b"), key=jax.random.key(0))
+        >>> labels = lora_labels(lt)
+        >>> labels["w"].a, labels["w"].b, labels["b"]
+        ('lora_a', 'lora_b', 'trainable')
+        >>> lora_labels({"base": base, "lora": lt}, frozen="base/**")["base"]
+        {'b': 'frozen', 'w': 'frozen'}
+    """
+    filters = _as_filters(frozen)
+    predicates = [compile_filter(f) for f in filters]
+    hits = [0] * len(filters)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    # A factor's leaves are labelled by the field they sit in, so find which leaves
+    # belong to a LoraFactors node from the same flattening, up to that node.
+    factor_paths = {
+        path_str(k)
+        for k, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_factors)[0]
+        if _is_factors(x)
+    }
+    labels = []
+    for key_path, leaf in flat:
+        path = path_str(key_path)
+        matched = [i for i, match in enumerate(predicates) if match(path, leaf)]
+        for i in matched:
+            hits[i] += 1
+        parent, _, field = path.rpartition("/")
+        if matched or not _is_float(leaf):
+            labels.append(FROZEN)
+        elif parent in factor_paths and field in ("a", "b"):
+            labels.append(LORA_A if field == "a" else LORA_B)
+        else:
+            labels.append(TRAINABLE)
+    for f, n in zip(filters, hits, strict=True):
+        if not n:
+            near = "\n  ".join(nearest_paths(f, [path_str(k) for k, _ in flat]))
+            raise LoraError(
+                f"frozen filter {filter_name(f)!r} matches no leaf. Nearest paths:\n  {near}"
+            )
+    return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def optimizer(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    frozen: PathFilter | Sequence[PathFilter] = (),
+    trainable_tx: optax.GradientTransformation | None = None,
+    lora_plus_ratio: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` on the LoRA factors and trainable leaves; zero updates and no state elsewhere.
+
+    Args:
+      tx: the optimizer for A and B (and for trainable leaves unless ``trainable_tx``).
+      params: the tree you will differentiate and update — normally the LoRA tree
+        from :func:`lorax_fn.split`. A *combined* tree (say ``{"base": base, "lora": lt}``
+        or a full parameter tree) works too: name its frozen part with ``frozen``.
+      frozen: path filters over ``params`` whose leaves get zero updates and no
+        optimizer state (``optax.set_to_zero``). Non-floating leaves are always frozen.
+        ``optax.apply_updates`` then adds ``+0.0``, which keeps every value (and bit,
+        save that ``-0.0`` becomes ``+0.0``).
+      trainable_tx: a separate optimizer for the fully trainable (non-factor) leaves,
+        e.g. a classifier head at another learning rate. Defaults to ``tx``.
+      lora_plus_ratio: LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster than
+        A; the paper suggests ``ratio ≈ 16``. Implemented as ``optax.scale(ratio)``
+        after ``tx`` on B's updates. That is exactly B at learning rate ``ratio · lr``
+        whenever ``tx`` ends by multiplying by the learning rate, as optax's SGD,
+        momentum, Adam, AdamW (decay included) and their schedules do: the moment
+        estimates are kept per label and never see the ratio, only the final step does.
+
+    Weight decay belongs inside ``tx`` so it shares the learning-rate schedule: pass
+    ``optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)``.
+
+    Each non-frozen label present in ``params`` keeps its own copy of ``tx``'s state
+    over its own leaves: with Adam, two moments per trained element plus one ``count``
+    scalar per label.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from lorax_fn import LoraSpec, split
+        >>> base, lt = split({"w": jnp.ones((8, 8))}, LoraSpec("w", rank=2),
+        ...                  key=jax.random.key(0))
+        >>> tx = optimizer(optax.adam(1e-3), lt, lora_plus_ratio=16.0)
+        >>> state = tx.init(lt)
+        >>> grads = jax.tree.map(jnp.ones_like, lt)
+        >>> updates, state = tx.update(grads, state, lt)
+        >>> lt = optax.apply_updates(lt, updates)
+    """
+    if lora_plus_ratio is not None and not (
+        isinstance(lora_plus_ratio, int | float)
+        and not isinstance(lora_plus_ratio, bool)
+        and lora_plus_ratio > 0
+    ):
+        raise LoraError(f"lora_plus_ratio must be a number > 0, got {lora_plus_ratio!r}")
+    labels = lora_labels(params, frozen=frozen)
+    b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(lora_plus_ratio))
+    candidates = {
+        LORA_A: tx,
+        LORA_B: b_tx,
+        TRAINABLE: tx if trainable_tx is None else trainable_tx,
+        FROZEN: optax.set_to_zero(),
+    }
+    # Only the labels present get a transform: an absent one would still keep its
+    # own state (e.g. Adam's step count) for nothing.
+    present = set(jax.tree.leaves(labels))
+    inner = optax.partition({k: v for k, v in candidates.items() if k in present}, labels)
+    expected = jax.tree.structure(labels)
+
+    def init(tree: Any) -> Any:
+        if jax.tree.structure(tree) != expected:
+            raise LoraError(_mismatch(labels, tree))
+        return inner.init(tree)
+
+    return optax.GradientTransformationExtraArgs(init, inner.update)
+
+
+def _mismatch(labels: Any, tree: Any) -> str:
+    want = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    got = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if want == got:
+        return (
+            "the tree given to init has the paths of the tree the optimizer was built for, "
+            "but another structure (container types or LoraFactors scale/layout differ)"
+        )
+    return (
+        "the tree given to init is not the tree the optimizer was built for: "
+        f"missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
+    )
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """``True`` for the leaves weight decay should shrink: factors and ≥2-D weights.
+
+    LoRA factors are always decayed. Other leaves are decayed when they have at least
+    two axes and no path component is ``bias`` or ``scale`` or contains ``norm``
+    (or is ``ln``, ``ln_f``, ``ln1``…): biases and normalisation parameters are
+    left alone, stacked (``nn.scan``) ones included. Works on the masked trees
+    ``optax.partition`` hands to each inner optimizer, so it can be given to
+    optax directly.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> weight_decay_mask({"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        ...                    "LayerNorm_0": {"scale": jnp.ones(2)}})
+        {'LayerNorm_0': {'scale': False}, 'dense': {'bias': False, 'kernel': True}}
+        >>> tx = optax.adamw(1e-3, weight_decay=1e-2, mask=weight_decay_mask)
+    """
+
+    def decide(key_path: Any, leaf: Any) -> Any:
+        if _is_factors(leaf):
+            return dataclasses.replace(leaf, a=True, b=True)
+        return np.ndim(leaf) >= 2 and _NO_DECAY.search(path_str(key_path)) is None
+
+    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_factors)
