@@ -501,7 +501,7 @@ def sentence_embedding(
 
         variables = load_pretrained_params()
         emb = sentence_embedding(variables, ["a dog", "a puppy"], max_len=32)
-        float(emb[0] @ emb[1])  # cosine similarity, about 0.8
+        float(emb[0] @ emb[1])  # cosine similarity, about 0.77
     """
     config = config or BertConfig()
     chunks = []
