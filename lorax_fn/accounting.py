@@ -31,8 +31,10 @@ class ParamCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-                f"trainable%: {self.percent:.4f}")
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f}"
+        )
 
 
 def _size(x: Any) -> tuple[int, int]:
@@ -51,8 +53,11 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
         >>> count_params(base, lora).trainable  # r·(fan_in + fan_out)
         384
     """
-    base_n, base_b = map(sum, zip(*(_size(x) for x in jax.tree_util.tree_leaves(base)),
-                                  strict=True)) if jax.tree_util.tree_leaves(base) else (0, 0)
+    base_n, base_b = (
+        map(sum, zip(*(_size(x) for x in jax.tree_util.tree_leaves(base)), strict=True))
+        if jax.tree_util.tree_leaves(base)
+        else (0, 0)
+    )
     train_n = train_b = factor_n = factor_b = 0
     for entry in lora.values():
         for x in jax.tree_util.tree_leaves(entry):
@@ -79,12 +84,31 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
     for path, entry in lora.items():
         if isinstance(entry, LoraFactors):
             n = math.prod(entry.a.shape) + math.prod(entry.b.shape)
-            rows.append((path, str(shapes.get(path)), "lora", str(entry.rank),
-                         f"{entry.scale:g}", str(tuple(entry.a.shape)), str(tuple(entry.b.shape)),
-                         f"{n:,}"))
+            rows.append(
+                (
+                    path,
+                    str(shapes.get(path)),
+                    "lora",
+                    str(entry.rank),
+                    f"{entry.scale:g}",
+                    str(tuple(entry.a.shape)),
+                    str(tuple(entry.b.shape)),
+                    f"{n:,}",
+                )
+            )
         else:
-            rows.append((path, str(shapes.get(path)), "full", "", "", "", "",
-                         f"{math.prod(np.shape(entry)):,}"))
+            rows.append(
+                (
+                    path,
+                    str(shapes.get(path)),
+                    "full",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"{math.prod(np.shape(entry)):,}",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([*lines, str(count_params(base, lora))])

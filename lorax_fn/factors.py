@@ -72,8 +72,11 @@ class Layout:
         return math.prod(shape[a] for a in self.out_axes)
 
     def to_json(self) -> dict[str, list[int]]:
-        return {"in_axes": list(self.in_axes), "out_axes": list(self.out_axes),
-                "batch_axes": list(self.batch_axes)}
+        return {
+            "in_axes": list(self.in_axes),
+            "out_axes": list(self.out_axes),
+            "batch_axes": list(self.batch_axes),
+        }
 
 
 @jax.tree_util.register_dataclass
@@ -95,8 +98,10 @@ class LoraFactors:
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
 
     def __repr__(self) -> str:
-        return (f"LoraFactors(a={_brief(self.a)}, b={_brief(self.b)}, scale={self.scale:g}, "
-                f"layout={self.layout}" + (f", dropout={self.dropout:g})" if self.dropout else ")"))
+        return (
+            f"LoraFactors(a={_brief(self.a)}, b={_brief(self.b)}, scale={self.scale:g}, "
+            f"layout={self.layout}" + (f", dropout={self.dropout:g})" if self.dropout else ")")
+        )
 
     @property
     def rank(self) -> int:

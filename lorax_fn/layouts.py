@@ -44,11 +44,25 @@ class _Track:
         return Layout(tuple(sorted(fan_in)), tuple(sorted(fan_out)), tuple(sorted(stacked)))
 
 
-_SAME_AXES = {"convert_element_type", "copy", "copy_p", "reduce_precision", "slice",
-              "dynamic_slice", "optimization_barrier"}
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
+_SAME_AXES = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "slice",
+    "dynamic_slice",
+    "optimization_barrier",
+}
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
 
 
 class _Walker:
@@ -104,13 +118,17 @@ class _Walker:
             return none
         if name == "while":
             nc, nb = p["cond_nconsts"], p["body_nconsts"]
-            self.walk(p["body_jaxpr"].jaxpr, ins[nc:nc + nb] + [None] * (len(ins) - nc - nb))
+            self.walk(p["body_jaxpr"].jaxpr, ins[nc : nc + nb] + [None] * (len(ins) - nc - nb))
             return none
         if name == "scan":
             n = p["num_consts"] + p["num_carry"]
-            xs = [None if x is None else dataclasses.replace(
-                x, axes=x.axes[1:], stacked=x.stacked | set(x.axes[0])) for x in ins[n:]]
-            self.walk(p["jaxpr"].jaxpr, ins[:p["num_consts"]] + [None] * p["num_carry"] + xs)
+            xs = [
+                None
+                if x is None
+                else dataclasses.replace(x, axes=x.axes[1:], stacked=x.stacked | set(x.axes[0]))
+                for x in ins[n:]
+            ]
+            self.walk(p["jaxpr"].jaxpr, ins[: p["num_consts"]] + [None] * p["num_carry"] + xs)
             return none
         return none
 
@@ -127,8 +145,9 @@ class _Walker:
         return dataclasses.replace(t, axes=tuple(axes))
 
 
-def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any,
-                  **kwargs: Any) -> dict[str, Layout]:
+def infer_layouts(
+    fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+) -> dict[str, Layout]:
     """Trace ``fn(params, *args, **kwargs)`` and read each weight's Layout off its use.
 
     Returns ``{path: Layout}`` for every leaf of ``params`` (of rank ≥ 2) consumed by a
@@ -149,8 +168,12 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any,
     """
     closed = jax.make_jaxpr(lambda p: fn(p, *args, **kwargs))(params)
     leaves = leaves_with_paths(params)
-    tracks = [_Track(path, len(x.shape), tuple((k,) for k in range(len(x.shape))))
-              if len(getattr(x, "shape", ())) >= 2 else None for path, x in leaves]
+    tracks = [
+        _Track(path, len(x.shape), tuple((k,) for k in range(len(x.shape))))
+        if len(getattr(x, "shape", ())) >= 2
+        else None
+        for path, x in leaves
+    ]
     walker = _Walker()
     walker.walk(closed.jaxpr, tracks)
     return {**walker.found, **walker.lookups}

@@ -82,8 +82,9 @@ def _finite(weights: dict, lora: dict, sign: float) -> dict:
     return {p: jnp.all(jnp.isfinite(w)) for p, w in _apply(weights, lora, sign).items()}
 
 
-def _fold_tree(params: Any, lora: dict[str, Any], sign: float, donate: bool, safe: bool,
-               what: str) -> Any:
+def _fold_tree(
+    params: Any, lora: dict[str, Any], sign: float, donate: bool, safe: bool, what: str
+) -> Any:
     check_fits(params, lora)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [p for p, _ in leaves_with_paths(params)]
@@ -117,9 +118,7 @@ def merge(base: Any, lora: dict[str, Any], *, donate: bool = False, safe: bool =
     return _fold_tree(base, lora, 1.0, donate, safe, "merge")
 
 
-def unmerge(
-    merged: Any, lora: dict[str, Any], *, donate: bool = False, safe: bool = False
-) -> Any:
+def unmerge(merged: Any, lora: dict[str, Any], *, donate: bool = False, safe: bool = False) -> Any:
     """Subtract ``scale·A·B`` again: ``unmerge(merge(base, lora), lora) ≈ base``.
 
     Fully trainable leaves keep their trained values (their originals live in ``base``).

@@ -160,9 +160,11 @@ def nearest_paths(pattern: PathFilter, paths: Iterable[str], n: int = 5) -> list
     name = filter_name(pattern).replace("**/", "").replace("re:", "")
     scored = sorted(
         paths,
-        key=lambda p: -max(
-            difflib.SequenceMatcher(None, name, p[-len(name) - 8 :]).ratio(),
-            difflib.SequenceMatcher(None, name, p).ratio(),
+        key=lambda p: (
+            -max(
+                difflib.SequenceMatcher(None, name, p[-len(name) - 8 :]).ratio(),
+                difflib.SequenceMatcher(None, name, p).ratio(),
+            )
         ),
     )
     return scored[:n]

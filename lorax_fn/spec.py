@@ -162,8 +162,10 @@ class LoraSpec:
             return out
 
         def pairs(items: Sequence[tuple[PathFilter, Any]], encode: Any = lambda v: v) -> list:
-            return [[n, encode(v)] for n, (_, v) in zip(names([k for k, _ in items]), items,
-                                                        strict=True)]
+            return [
+                [n, encode(v)]
+                for n, (_, v) in zip(names([k for k, _ in items]), items, strict=True)
+            ]
 
         return {
             "targets": names(self.targets),

@@ -70,8 +70,11 @@ def _matches(filters, paths_leaves, what: str) -> dict[str, set[str]]:
 
 
 def _check_overrides_match(spec: LoraSpec, targeted: list[tuple[str, Any]]) -> None:
-    for name, items in (("rank_pattern", spec.rank_pattern), ("alpha_pattern", spec.alpha_pattern),
-                        ("layouts", spec.layouts)):
+    for name, items in (
+        ("rank_pattern", spec.rank_pattern),
+        ("alpha_pattern", spec.alpha_pattern),
+        ("layouts", spec.layouts),
+    ):
         if items and targeted:
             _matches([k for k, _ in items], targeted, f"{name}")
 
@@ -81,21 +84,24 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _init_factors(path: str, w: jax.Array, layout: Layout, rank: int, scale: float,
-                  spec: LoraSpec, key: jax.Array) -> tuple[LoraFactors, jax.Array]:
+def _init_factors(
+    path: str, w: jax.Array, layout: Layout, rank: int, scale: float, spec: LoraSpec, key: jax.Array
+) -> tuple[LoraFactors, jax.Array]:
     a_shape, b_shape = layout.shapes(w.shape, rank)
     dtype = spec.factor_dtype
     fan_in = layout.fan_in(w.shape)
     if spec.init == "gaussian":
         std = spec.init_std if spec.init_std is not None else 1.0 / rank
         a = std * jax.random.normal(key, a_shape, jnp.float32)
-        return LoraFactors(a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout,
-                           spec.dropout), w
+        return LoraFactors(
+            a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout, spec.dropout
+        ), w
     if spec.init == "kaiming_uniform":
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
-        return LoraFactors(a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout,
-                           spec.dropout), w
+        return LoraFactors(
+            a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout, spec.dropout
+        ), w
     # PiSSA: the principal r singular directions become the adapter, the rest stays frozen.
     nb = len(layout.batch_axes)
     batch = a_shape[:nb]
@@ -110,8 +116,9 @@ def _init_factors(path: str, w: jax.Array, layout: Layout, rank: int, scale: flo
     return factors, residual
 
 
-def split(params: Any, spec: LoraSpec, *, key: jax.Array,
-          layouts: Mapping[str, Layout] | None = None) -> tuple[Any, LoraTree]:
+def split(
+    params: Any, spec: LoraSpec, *, key: jax.Array, layouts: Mapping[str, Layout] | None = None
+) -> tuple[Any, LoraTree]:
     """Split ``params`` into the frozen base and the trainable LoRA tree.
 
     ``params`` is exactly what the function you will wrap with :func:`lorax_fn.lora`
@@ -173,8 +180,9 @@ def split(params: Any, spec: LoraSpec, *, key: jax.Array,
                 f"{path}: rank {rank} > min(fan_in, fan_out) = min({fan_in}, {fan_out}) "
                 f"for shape {shape} with {layout}"
             )
-        factors, base_leaf = _init_factors(path, leaf, layout, rank, spec.scale_for(path, leaf),
-                                           spec, _path_key(key, path))
+        factors, base_leaf = _init_factors(
+            path, leaf, layout, rank, spec.scale_for(path, leaf), spec, _path_key(key, path)
+        )
         lora[path] = factors
         new_leaves.append(base_leaf)
     treedef = jax.tree_util.tree_structure(params)

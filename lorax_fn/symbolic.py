@@ -40,8 +40,7 @@ class SymbolicWeight:
     def from_factors(cls, path: str, w0: jax.Array, factors: LoraFactors) -> SymbolicWeight:
         layout = factors.layout
         kinds = [""] * layout.ndim
-        for role, axes in (("b", layout.batch_axes), ("i", layout.in_axes),
-                           ("o", layout.out_axes)):
+        for role, axes in (("b", layout.batch_axes), ("i", layout.in_axes), ("o", layout.out_axes)):
             for axis in axes:
                 kinds[axis] = role
         # Reorder the factors' axes from (batch, in, r) / (batch, r, out) to weight order.
@@ -66,8 +65,12 @@ class SymbolicWeight:
         letters = string.ascii_letters[: len(self.kinds)]
         a_sub = "".join(letters[k] for k in self.axes_of("a")) + "Z"
         b_sub = "".join(letters[k] for k in self.axes_of("b")) + "Z"
-        d = jnp.einsum(f"{a_sub},{b_sub}->{letters}", self.a.astype(jnp.float32),
-                       self.b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        d = jnp.einsum(
+            f"{a_sub},{b_sub}->{letters}",
+            self.a.astype(jnp.float32),
+            self.b.astype(jnp.float32),
+            precision=lax.Precision.HIGHEST,
+        )
         return (self.w0.astype(jnp.float32) + self.scale * d).astype(self.w0.dtype)
 
 
@@ -80,8 +83,7 @@ def transpose(w: SymbolicWeight, permutation: Sequence[int]) -> SymbolicWeight:
     for group in ("a", "b"):
         old = w.axes_of(group)
         new = [p for p in permutation if p in old]
-        factors[group] = jnp.transpose(getattr(w, group), [old.index(p) for p in new]
-                                       + [len(old)])
+        factors[group] = jnp.transpose(getattr(w, group), [old.index(p) for p in new] + [len(old)])
     return w.replace(w0=jnp.transpose(w.w0, permutation), kinds=kinds, **factors)
 
 
@@ -136,8 +138,12 @@ def reshape(w: SymbolicWeight, new_shape: Sequence[int]) -> SymbolicWeight | Non
     b_shape = [new_shape[k] for k, r in enumerate(kinds) if r in "bo"] + [w.b.shape[-1]]
     if not any(r == "i" for r in kinds) or not any(r == "o" for r in kinds):
         return None
-    return w.replace(w0=jnp.reshape(w.w0, new_shape), a=w.a.reshape(a_shape),
-                     b=w.b.reshape(b_shape), kinds=tuple(kinds))
+    return w.replace(
+        w0=jnp.reshape(w.w0, new_shape),
+        a=w.a.reshape(a_shape),
+        b=w.b.reshape(b_shape),
+        kinds=tuple(kinds),
+    )
 
 
 def slice_axes(w: SymbolicWeight, slicer: Any, w0: jax.Array) -> SymbolicWeight:
@@ -158,9 +164,17 @@ def _dropped(x: jax.Array, w: SymbolicWeight, key: jax.Array | None) -> jax.Arra
     return jnp.where(keep, x / (1.0 - w.dropout), 0).astype(x.dtype)
 
 
-def dot_general(x: jax.Array, w: SymbolicWeight, *, weight_is_lhs: bool, dimension_numbers,
-                precision, preferred_element_type, base_out: jax.Array,
-                key: jax.Array | None) -> jax.Array | None:
+def dot_general(
+    x: jax.Array,
+    w: SymbolicWeight,
+    *,
+    weight_is_lhs: bool,
+    dimension_numbers,
+    precision,
+    preferred_element_type,
+    base_out: jax.Array,
+    key: jax.Array | None,
+) -> jax.Array | None:
     """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out)."""
     (lc, rc), (lb, rb) = dimension_numbers
     wc, xc, wb, xb = (lc, rc, lb, rb) if weight_is_lhs else (rc, lc, rb, lb)
@@ -187,27 +201,35 @@ def dot_general(x: jax.Array, w: SymbolicWeight, *, weight_is_lhs: bool, dimensi
     t_sub += [c for c in f1[:-1] if c not in contracted and c not in t_sub] + ["Z"]
     factor_dtype = w.a.dtype
     x_low = _dropped(x, w, key).astype(factor_dtype)
-    t = jnp.einsum(f"{''.join(x_sub)},{f1}->{''.join(t_sub)}", x_low, getattr(w, first),
-                   precision=precision)
-    y = jnp.einsum(f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second),
-                   precision=precision)
+    t = jnp.einsum(
+        f"{''.join(x_sub)},{f1}->{''.join(t_sub)}", x_low, getattr(w, first), precision=precision
+    )
+    y = jnp.einsum(
+        f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second), precision=precision
+    )
     return base_out + (w.scale * y).astype(base_out.dtype)
 
 
-def conv(x: jax.Array, w: SymbolicWeight, params: dict, base_out: jax.Array,
-         key: jax.Array | None) -> jax.Array | None:
+def conv(
+    x: jax.Array, w: SymbolicWeight, params: dict, base_out: jax.Array, key: jax.Array | None
+) -> jax.Array | None:
     """A conv with A as an ``r``-feature kernel, then a 1×1 (per-position) product with B."""
     dn = params["dimension_numbers"]
     out_dim, out_feature = dn.rhs_spec[0], dn.out_spec[1]
-    if (params["feature_group_count"] != 1 or params["batch_group_count"] != 1
-            or w.kinds[out_dim] != "o" or any(r != "i" for k, r in enumerate(w.kinds)
-                                                if k != out_dim)):
+    if (
+        params["feature_group_count"] != 1
+        or params["batch_group_count"] != 1
+        or w.kinds[out_dim] != "o"
+        or any(r != "i" for k, r in enumerate(w.kinds) if k != out_dim)
+    ):
         return None
     kernel_a = jnp.moveaxis(w.a, -1, out_dim)
     factor_dtype = w.a.dtype
     t = lax.conv_general_dilated_p.bind(
-        _dropped(x, w, key).astype(factor_dtype), kernel_a,
-        **{**params, "preferred_element_type": None})
+        _dropped(x, w, key).astype(factor_dtype),
+        kernel_a,
+        **{**params, "preferred_element_type": None},
+    )
     y = jnp.tensordot(t, w.b, axes=[[out_feature], [1]], precision=params["precision"])
     y = jnp.moveaxis(y, -1, out_feature)
     return base_out + (w.scale * y).astype(base_out.dtype)
@@ -223,24 +245,35 @@ def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: 
     return tuple(dn.offset_dims) == tuple(range(out_ndim - len(rest), out_ndim))
 
 
-def _gather_factor(factor: jax.Array, axes: list[int], collapsed: Sequence[int],
-                   indices: jax.Array, params: dict) -> jax.Array:
+def _gather_factor(
+    factor: jax.Array, axes: list[int], collapsed: Sequence[int], indices: jax.Array, params: dict
+) -> jax.Array:
     positions = [axes.index(k) for k in collapsed]
     rest = [p for p in range(factor.ndim) if p not in positions]
     sizes = [1 if p in positions else factor.shape[p] for p in range(factor.ndim)]
     n_batch = indices.ndim - 1
     new_dn = lax.GatherDimensionNumbers(
         offset_dims=tuple(range(n_batch, n_batch + len(rest))),
-        collapsed_slice_dims=tuple(positions), start_index_map=tuple(positions),
-        operand_batching_dims=(), start_indices_batching_dims=())
-    return lax.gather(factor, indices, new_dn, tuple(sizes),
-                      mode=params["mode"], fill_value=params["fill_value"],
-                      indices_are_sorted=params["indices_are_sorted"],
-                      unique_indices=params["unique_indices"])
+        collapsed_slice_dims=tuple(positions),
+        start_index_map=tuple(positions),
+        operand_batching_dims=(),
+        start_indices_batching_dims=(),
+    )
+    return lax.gather(
+        factor,
+        indices,
+        new_dn,
+        tuple(sizes),
+        mode=params["mode"],
+        fill_value=params["fill_value"],
+        indices_are_sorted=params["indices_are_sorted"],
+        unique_indices=params["unique_indices"],
+    )
 
 
-def gather(w: SymbolicWeight, indices: jax.Array, params: dict, base_out: jax.Array,
-           key: jax.Array | None) -> SymbolicWeight | jax.Array | None:
+def gather(
+    w: SymbolicWeight, indices: jax.Array, params: dict, base_out: jax.Array, key: jax.Array | None
+) -> SymbolicWeight | jax.Array | None:
     """``W[idx]``: of stacked layers (stays symbolic) or of embedding rows (gathers A)."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     if not _standard_take(dn, sizes, w, base_out.ndim):
@@ -251,9 +284,12 @@ def gather(w: SymbolicWeight, indices: jax.Array, params: dict, base_out: jax.Ar
     rest = [k for k in range(w.w0.ndim) if k not in collapsed]
     if roles == {"b"}:
         kinds = ("b",) * n_batch + tuple(w.kinds[k] for k in rest)
-        return w.replace(w0=base_out, kinds=kinds,
-                         a=_gather_factor(w.a, w.axes_of("a"), collapsed, indices, params),
-                         b=_gather_factor(w.b, w.axes_of("b"), collapsed, indices, params))
+        return w.replace(
+            w0=base_out,
+            kinds=kinds,
+            a=_gather_factor(w.a, w.axes_of("a"), collapsed, indices, params),
+            b=_gather_factor(w.b, w.axes_of("b"), collapsed, indices, params),
+        )
     if roles != {"i"}:
         return None
     del key  # dropout acts on a layer's input features; a lookup has none.

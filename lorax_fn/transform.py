@@ -53,8 +53,10 @@ class _Context:
     def fallback(self, w: SymbolicWeight, primitive: str) -> jax.Array:
         if (w.path, primitive) not in self.reported:
             self.reported.add((w.path, primitive))
-            message = (f"lorax_fn: {w.path} is consumed by `{primitive}`, which has no "
-                       "factorized rule; the full weight W0 + scale·A·B is formed there")
+            message = (
+                f"lorax_fn: {w.path} is consumed by `{primitive}`, which has no "
+                "factorized rule; the full weight W0 + scale·A·B is formed there"
+            )
             if self.on_fallback == "error":
                 raise LoraError(message)
             if self.on_fallback == "warn":
@@ -69,8 +71,9 @@ def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
 # --------------------------------------------------------------- evaluation
 
 
-def _eval_jaxpr(jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-                ctx: _Context) -> list[Any]:
+def _eval_jaxpr(
+    jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: _Context
+) -> list[Any]:
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -151,9 +154,12 @@ def _slice(eqn, invals, ctx):
     strides = eqn.params["strides"] or (1,) * len(start)
 
     def slicer(x, axes):
-        return lax.slice(x, [start[k] for k in axes] + [0],
-                         [limit[k] for k in axes] + [x.shape[-1]],
-                         [strides[k] for k in axes] + [1])
+        return lax.slice(
+            x,
+            [start[k] for k in axes] + [0],
+            [limit[k] for k in axes] + [x.shape[-1]],
+            [strides[k] for k in axes] + [1],
+        )
 
     return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0]))
 
@@ -165,8 +171,9 @@ def _dynamic_slice(eqn, invals, ctx):
     sizes = eqn.params["slice_sizes"]
 
     def slicer(x, axes):
-        return lax.dynamic_slice(x, [starts[k] for k in axes] + [0],
-                                 [sizes[k] for k in axes] + [x.shape[-1]])
+        return lax.dynamic_slice(
+            x, [starts[k] for k in axes] + [0], [sizes[k] for k in axes] + [x.shape[-1]]
+        )
 
     return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0, *starts]))
 
@@ -179,10 +186,15 @@ def _dot_general(eqn, invals, ctx):
     w, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     base_out = _bind_plain(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
     return symbolic.dot_general(
-        x, w, weight_is_lhs=weight_is_lhs, dimension_numbers=eqn.params["dimension_numbers"],
+        x,
+        w,
+        weight_is_lhs=weight_is_lhs,
+        dimension_numbers=eqn.params["dimension_numbers"],
         precision=eqn.params["precision"],
-        preferred_element_type=eqn.params["preferred_element_type"], base_out=base_out,
-        key=ctx.next_key())
+        preferred_element_type=eqn.params["preferred_element_type"],
+        base_out=base_out,
+        key=ctx.next_key(),
+    )
 
 
 def _conv(eqn, invals, ctx):
@@ -217,8 +229,9 @@ def _inline(param: str) -> Callable:
 def _remat(eqn, invals, ctx):
     jaxpr = eqn.params["jaxpr"]
 
-    @functools.partial(jax.checkpoint, prevent_cse=eqn.params["prevent_cse"],
-                       policy=eqn.params["policy"])
+    @functools.partial(
+        jax.checkpoint, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"]
+    )
     def body(*args):
         return _eval_jaxpr(jaxpr, (), args, ctx)
 
@@ -229,14 +242,15 @@ def _scan(eqn, invals, ctx):
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     consts = invals[:n_consts]
-    carry = [_concrete(x, ctx, "scan carry") for x in invals[n_consts:n_consts + n_carry]]
-    xs = invals[n_consts + n_carry:]
+    carry = [_concrete(x, ctx, "scan carry") for x in invals[n_consts : n_consts + n_carry]]
+    xs = invals[n_consts + n_carry :]
     # A weight scanned over its leading axis: slice W0, and each factor holding that axis.
     sliced = []
     for x in xs:
         if isinstance(x, SymbolicWeight):
-            sliced.append((x.w0, x.a if x.kinds[0] in "bi" else None,
-                           x.b if x.kinds[0] in "bo" else None))
+            sliced.append(
+                (x.w0, x.a if x.kinds[0] in "bi" else None, x.b if x.kinds[0] in "bo" else None)
+            )
         else:
             sliced.append(x)
     key = ctx.key
@@ -249,33 +263,45 @@ def _scan(eqn, invals, ctx):
         for orig, x in zip(xs, per_step, strict=True):
             if isinstance(orig, SymbolicWeight):
                 w0, a, b = x
-                args.append(orig.replace(w0=w0, a=orig.a if a is None else a,
-                                         b=orig.b if b is None else b, kinds=orig.kinds[1:]))
+                args.append(
+                    orig.replace(
+                        w0=w0,
+                        a=orig.a if a is None else a,
+                        b=orig.b if b is None else b,
+                        kinds=orig.kinds[1:],
+                    )
+                )
             else:
                 args.append(x)
-        out = _eval_jaxpr(p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry_vals, *args],
-                          step_ctx)
+        out = _eval_jaxpr(
+            p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry_vals, *args], step_ctx
+        )
         out = [_concrete(o, step_ctx, "scan output") for o in out]
         return out[:n_carry], out[n_carry:]
 
-    carry_out, ys = lax.scan(body, carry, xs_in, length=p["length"], reverse=p["reverse"],
-                             unroll=p["unroll"])
+    carry_out, ys = lax.scan(
+        body, carry, xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
     return [*carry_out, *ys]
 
 
 def _cond(eqn, invals, ctx):
     index, operands = invals[0], invals[1:]
-    branches = [functools.partial(lambda br, *ops: [
-        _concrete(o, ctx, "cond output") for o in _eval_closed(br, ops, ctx)], br)
-        for br in eqn.params["branches"]]
+    branches = [
+        functools.partial(
+            lambda br, *ops: [_concrete(o, ctx, "cond output") for o in _eval_closed(br, ops, ctx)],
+            br,
+        )
+        for br in eqn.params["branches"]
+    ]
     return lax.switch(_concrete(index, ctx, "cond"), branches, *operands)
 
 
 def _while(eqn, invals, ctx):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
-    init = [_concrete(x, ctx, "while carry") for x in invals[nc + nb:]]
+    cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
+    init = [_concrete(x, ctx, "while carry") for x in invals[nc + nb :]]
 
     def cond_fn(carry):
         (out,) = _eval_closed(p["cond_jaxpr"], [*cond_consts, *carry], ctx)
@@ -321,8 +347,9 @@ _RULES: dict[str, Callable] = {
 def _split_static(tree: Any) -> tuple[list[Any], list[Any], Any]:
     """Array leaves are traced inputs; everything else (bools, strings, …) is static."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    is_array = [isinstance(x, jax.Array | jnp.ndarray) or hasattr(x, "__jax_array__")
-                for x in leaves]
+    is_array = [
+        isinstance(x, jax.Array | jnp.ndarray) or hasattr(x, "__jax_array__") for x in leaves
+    ]
     dynamic = [x for x, a in zip(leaves, is_array, strict=True) if a]
     static = [None if a else x for x, a in zip(leaves, is_array, strict=True)]
     return dynamic, static, treedef
@@ -332,8 +359,9 @@ def _aval_key(x: Any) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
-def lora(fn: Callable[..., Any], *, factorized: bool = True,
-         on_fallback: FallbackMode = "warn") -> Callable[..., Any]:
+def lora(
+    fn: Callable[..., Any], *, factorized: bool = True, on_fallback: FallbackMode = "warn"
+) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, lora_tree, *args, lora_key=None, **kw)``.
 
     ``g`` returns exactly ``fn(merge(base, lora_tree), *args, **kw)`` but computes every
@@ -354,8 +382,10 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
     (``LoraSpec(dropout=...)``) to the input of its low-rank path; leave it ``None`` for
     evaluation. The k-th adapted product evaluated (k = 1, 2, …) draws its mask from
     ``jax.random.fold_in(lora_key, k)``; inside a ``scan`` the key is first folded with
-    the iteration index, so stacked layers get different masks. ``fn`` is traced once per input signature: array leaves of the
-    arguments are traced, other leaves (``train=True``, ``mutable=[...]``) are static.
+    the iteration index, so stacked layers get different masks.
+
+    ``fn`` is traced once per input signature: array leaves of the arguments are
+    traced, other leaves (``train=True``, ``mutable=[...]``) are static.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -372,8 +402,13 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
     reported: set = set()
 
     def trace(params_def, param_avals, args_static, args_def, arg_avals):
-        cache_key = (params_def, tuple(map(_aval_key, param_avals)), args_def,
-                     tuple(map(_aval_key, arg_avals)), _hashable(args_static))
+        cache_key = (
+            params_def,
+            tuple(map(_aval_key, param_avals)),
+            args_def,
+            tuple(map(_aval_key, arg_avals)),
+            _hashable(args_static),
+        )
         if cache_key in traces:
             return traces[cache_key]
 
@@ -384,9 +419,15 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
             args, kwargs = jax.tree_util.tree_unflatten(args_def, leaves)
             return fn(params, *args, **kwargs)
 
-        shapes = [[jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
-                                        weak_type=getattr(x, "weak_type", False))
-                   for x in xs] for xs in (param_avals, arg_avals)]
+        shapes = [
+            [
+                jax.ShapeDtypeStruct(
+                    jnp.shape(x), jnp.result_type(x), weak_type=getattr(x, "weak_type", False)
+                )
+                for x in xs
+            ]
+            for xs in (param_avals, arg_avals)
+        ]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
         traced = (closed, jax.tree_util.tree_structure(out_shape))
         if cache_key[-1] is not None:
@@ -394,8 +435,13 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
         return traced
 
     @functools.wraps(fn)
-    def wrapped(base: Any, lora_tree: dict[str, Any], *args: Any,
-                lora_key: jax.Array | None = None, **kwargs: Any) -> Any:
+    def wrapped(
+        base: Any,
+        lora_tree: dict[str, Any],
+        *args: Any,
+        lora_key: jax.Array | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if not factorized:
             if lora_key is not None:
                 raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
@@ -403,14 +449,18 @@ def lora(fn: Callable[..., Any], *, factorized: bool = True,
         check_fits(base, lora_tree)
         paths = [p for p, _ in leaves_with_paths(base)]
         base_leaves, params_def = jax.tree_util.tree_flatten(base)
-        param_leaves = [lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p],
-                                                                          LoraFactors) else x
-                        for p, x in zip(paths, base_leaves, strict=True)]
+        param_leaves = [
+            lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], LoraFactors) else x
+            for p, x in zip(paths, base_leaves, strict=True)
+        ]
         arg_leaves, args_static, args_def = _split_static((args, kwargs))
         closed, out_def = trace(params_def, param_leaves, args_static, args_def, arg_leaves)
-        inputs = [SymbolicWeight.from_factors(p, x, lora_tree[p])
-                  if isinstance(lora_tree.get(p), LoraFactors) else x
-                  for p, x in zip(paths, param_leaves, strict=True)]
+        inputs = [
+            SymbolicWeight.from_factors(p, x, lora_tree[p])
+            if isinstance(lora_tree.get(p), LoraFactors)
+            else x
+            for p, x in zip(paths, param_leaves, strict=True)
+        ]
         ctx = _Context(on_fallback, reported, lora_key)
         outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
         outs = [_concrete(o, ctx, "output") for o in outs]

@@ -38,15 +38,25 @@ def assert_matches_merged(fn, base, lora_tree, *args, rtol=2e-5, atol=2e-5, **kw
     want = reference(base, lora_tree, *args, **kwargs)
     jax.tree_util.tree_map(
         lambda g, w: np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol),
-        got, want)
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol
+        ),
+        got,
+        want,
+    )
     grad_got = jax.grad(lambda lt: scalar(factorized(base, lt, *args, **kwargs)))(lora_tree)
     grad_want = jax.grad(lambda lt: scalar(reference(base, lt, *args, **kwargs)))(lora_tree)
     for path in lora_tree:
-        for g, w in zip(jax.tree_util.tree_leaves(grad_got[path]),
-                        jax.tree_util.tree_leaves(grad_want[path]), strict=True):
+        for g, w in zip(
+            jax.tree_util.tree_leaves(grad_got[path]),
+            jax.tree_util.tree_leaves(grad_want[path]),
+            strict=True,
+        ):
             scale = float(jnp.max(jnp.abs(w.astype(jnp.float32)))) + 1e-6
-            np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
-                                       np.asarray(w, np.float32) / scale, rtol=rtol,
-                                       atol=max(atol, 1e-4), err_msg=path)
+            np.testing.assert_allclose(
+                np.asarray(g, np.float32) / scale,
+                np.asarray(w, np.float32) / scale,
+                rtol=rtol,
+                atol=max(atol, 1e-4),
+                err_msg=path,
+            )
     return got

@@ -42,19 +42,27 @@ def test_dropout_is_deterministic_given_a_key_and_off_in_evaluation():
     a = g(base, lt, x, lora_key=jax.random.key(7))
     np.testing.assert_array_equal(a, g(base, lt, x, lora_key=jax.random.key(7)))
     assert not np.allclose(a, g(base, lt, x, lora_key=jax.random.key(8)))
-    np.testing.assert_allclose(g(base, lt, x), fn(lorax_fn.merge(base, lt), x), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        g(base, lt, x), fn(lorax_fn.merge(base, lt), x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_dropout_masks_differ_between_scanned_layers():
     params = {"w": jax.random.normal(jax.random.key(0), (2, 6, 6))}
-    base, lt = lorax_fn.split(params, LoraSpec("w", rank=2, dropout=0.5), key=jax.random.key(1),
-                              layouts={"w": lorax_fn.Layout((1,), (2,), (0,))})
+    base, lt = lorax_fn.split(
+        params,
+        LoraSpec("w", rank=2, dropout=0.5),
+        key=jax.random.key(1),
+        layouts={"w": lorax_fn.Layout((1,), (2,), (0,))},
+    )
     # Identical layers with W0 = 0: outputs differ only through the dropout masks.
     base = {"w": jnp.zeros_like(base["w"])}
     f = lt["w"]
-    lt = {"w": lorax_fn.LoraFactors(jnp.stack([f.a[0]] * 2), jnp.ones_like(f.b), f.scale,
-                                    f.layout, f.dropout)}
+    lt = {
+        "w": lorax_fn.LoraFactors(
+            jnp.stack([f.a[0]] * 2), jnp.ones_like(f.b), f.scale, f.layout, f.dropout
+        )
+    }
 
     def stacked(p, x):
         return jax.lax.scan(lambda h, w: (h, h @ w), x, p["w"])[1]

@@ -67,8 +67,7 @@ def test_gradient_jaxpr_holds_no_full_size_adapted_weight():
 
     # The same check catches merge-then-call, so it can fail.
     merged_grad = jax.grad(_loss(lorax_fn.lora(model.apply, factorized=False)), argnums=1)
-    merged_shapes = set(_tainted_shapes(jax.make_jaxpr(merged_grad)(base, lt, x).jaxpr,
-                                        tainted))
+    merged_shapes = set(_tainted_shapes(jax.make_jaxpr(merged_grad)(base, lt, x).jaxpr, tainted))
     assert merged_shapes & weight_shapes
 
 

@@ -19,8 +19,9 @@ from lorax_fn import Layout, LoraSpec
 def adapt(variables, targets, fn=None, *args, rank=2, layouts=None, **spec_kw):
     if layouts is None and fn is not None:
         layouts = lorax_fn.infer_layouts(fn, variables, *args)
-    base, lt = lorax_fn.split(variables, LoraSpec(targets, rank=rank, **spec_kw),
-                              key=jax.random.key(1), layouts=layouts)
+    base, lt = lorax_fn.split(
+        variables, LoraSpec(targets, rank=rank, **spec_kw), key=jax.random.key(1), layouts=layouts
+    )
     return base, randomize_b(lt)
 
 
@@ -108,8 +109,7 @@ class ScannedLM(nn.Module):
     def __call__(self, ids):
         embed = nn.Embed(13, 8)
         block = nn.remat(Block) if self.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=3)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
         x, _ = stack()(embed(ids), None)
         return embed.attend(nn.LayerNorm()(x))
 
@@ -145,9 +145,13 @@ def test_bfloat16_base_with_float32_factors():
 
 def test_preferred_element_type_and_precision():
     def fn(p, x):
-        return jax.lax.dot_general(x, p["w"], (((1,), (0,)), ((), ())),
-                                   precision=jax.lax.Precision.HIGHEST,
-                                   preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(
+            x,
+            p["w"],
+            (((1,), (0,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
 
     params = {"w": jax.random.normal(jax.random.key(0), (16, 8)).astype(jnp.bfloat16)}
     x = jax.random.normal(jax.random.key(2), (4, 16)).astype(jnp.bfloat16)
@@ -213,11 +217,13 @@ def test_mutable_collections_and_static_kwargs():
     variables = init(model, x, train=False)
     base, lt = adapt(variables, "**/kernel")
     out, updates = lorax_fn.lora(model.apply)(base, lt, x, train=True, mutable=["batch_stats"])
-    ref_out, ref_updates = model.apply(lorax_fn.merge(base, lt), x, train=True,
-                                       mutable=["batch_stats"])
+    ref_out, ref_updates = model.apply(
+        lorax_fn.merge(base, lt), x, train=True, mutable=["batch_stats"]
+    )
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                           updates, ref_updates)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, ref_updates
+    )
     assert_matches_merged(model.apply, base, lt, x, train=False)
 
 
@@ -249,8 +255,9 @@ def test_composes_with_jit_vmap_pmap():
     g = lorax_fn.lora(model.apply)
     want = jax.vmap(lambda xi: model.apply(lorax_fn.merge(base, lt), xi))(x)
     np.testing.assert_allclose(jax.jit(g)(base, lt, x), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.vmap(g, in_axes=(None, None, 0))(base, lt, x), want,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.vmap(g, in_axes=(None, None, 0))(base, lt, x), want, rtol=1e-5, atol=1e-5
+    )
     n = jax.local_device_count()
     pmapped = jax.pmap(g, in_axes=(None, None, 0))(base, lt, x[:n])
     np.testing.assert_allclose(pmapped, want[:n], rtol=1e-5, atol=1e-5)
@@ -285,8 +292,9 @@ def test_fallback_is_reported_and_still_correct():
         lorax_fn.lora(fn, on_fallback="error")(base, lt, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        np.testing.assert_allclose(lorax_fn.lora(fn, on_fallback="ignore")(base, lt, x), want,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            lorax_fn.lora(fn, on_fallback="ignore")(base, lt, x), want, rtol=1e-5
+        )
 
 
 def test_bad_on_fallback_and_mismatched_tree_are_refused():
