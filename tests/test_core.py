@@ -41,7 +41,7 @@ def adapted_weights(draw):
     return params, ranks, draw(st.booleans())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(adapted_weights())
 def test_merge_unmerge_and_counts(case):
     params, ranks, train_bias = case
