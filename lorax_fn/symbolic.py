@@ -157,6 +157,10 @@ def slice_axes(w: SymbolicWeight, slicer: Any, w0: jax.Array) -> SymbolicWeight:
 # ------------------------------------------------------------- consumer rules
 
 
+def _add_low_rank(base_out: jax.Array, y: jax.Array, scale: float) -> jax.Array:
+    return base_out + (y if scale == 1.0 else scale * y).astype(base_out.dtype)
+
+
 def _dropped(x: jax.Array, w: SymbolicWeight, key: jax.Array | None) -> jax.Array:
     if key is None or not w.dropout:
         return x
@@ -207,7 +211,7 @@ def dot_general(
     y = jnp.einsum(
         f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second), precision=precision
     )
-    return base_out + (w.scale * y).astype(base_out.dtype)
+    return _add_low_rank(base_out, y, w.scale)
 
 
 def conv(
@@ -232,7 +236,7 @@ def conv(
     )
     y = jnp.tensordot(t, w.b, axes=[[out_feature], [1]], precision=params["precision"])
     y = jnp.moveaxis(y, -1, out_feature)
-    return base_out + (w.scale * y).astype(base_out.dtype)
+    return _add_low_rank(base_out, y, w.scale)
 
 
 def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: int) -> bool:
@@ -301,4 +305,4 @@ def gather(
     b_sub = "".join(w_sub[k] for k in w.axes_of("b")) + "Z"
     out_sub = idx_sub + "".join(w_sub[k] for k in rest)
     y = jnp.einsum(f"{a_sub},{b_sub}->{out_sub}", rows, w.b)
-    return base_out + (w.scale * y).astype(base_out.dtype)
+    return _add_low_rank(base_out, y, w.scale)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core
 
@@ -348,7 +349,8 @@ def _split_static(tree: Any) -> tuple[list[Any], list[Any], Any]:
     """Array leaves are traced inputs; everything else (bools, strings, …) is static."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     is_array = [
-        isinstance(x, jax.Array | jnp.ndarray) or hasattr(x, "__jax_array__") for x in leaves
+        isinstance(x, jax.Array | np.ndarray | np.generic) or hasattr(x, "__jax_array__")
+        for x in leaves
     ]
     dynamic = [x for x, a in zip(leaves, is_array, strict=True) if a]
     static = [None if a else x for x, a in zip(leaves, is_array, strict=True)]

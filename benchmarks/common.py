@@ -1,0 +1,93 @@
+"""Shared benchmark plumbing: timing, compiled cost, peak memory, JSON + table output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import os
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()][:1],
+        "cpus": os.cpu_count(),
+    }
+
+
+def compile_and_time(
+    fn: Callable, args: Sequence[Any], *, repeats: int, donate: Sequence[int] = ()
+) -> dict[str, float]:
+    """Compile ``fn`` once, then time ``repeats`` calls (median), with compiled FLOPs."""
+    jitted = jax.jit(fn, donate_argnums=tuple(donate))
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    memory = compiled.memory_analysis()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        if donate:
+            args = list(args)
+            for i, value in zip(donate, out[: len(donate)], strict=True):
+                args[i] = value
+        start = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return {
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "compile_s": compile_s,
+        "gflops": float(cost.get("flops", float("nan"))) / 1e9,
+        "temp_mib": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_isolated(script: str, configs: Sequence[str], extra: Sequence[str] = ()) -> list[dict]:
+    """Run each configuration in its own process (so peak memory is its own)."""
+    results = []
+    for config in configs:
+        proc = subprocess.run(
+            [sys.executable, script, "--config", config, *extra],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{script} --config {config} failed:\n{proc.stderr[-4000:]}")
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+        results.append(json.loads(line))
+        print(line, flush=True)
+    return results
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A markdown table: ``columns`` are (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = [
+        "| "
+        + " | ".join(format(r.get(k, ""), f) if r.get(k) is not None else "" for k, _, f in columns)
+        + " |"
+        for r in rows
+    ]
+    return "\n".join([head, rule, *body])
