@@ -431,7 +431,21 @@ def lora(
             for xs in (param_avals, arg_avals)
         ]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
-        traced = (closed, jax.tree_util.tree_structure(out_shape))
+        out_def = jax.tree_util.tree_structure(out_shape)
+
+        # Jitted so that an eager call evaluates the jaxpr once per signature too; under
+        # an outer jit it is just a nested call.
+        @functools.partial(jax.jit, static_argnums=0)
+        def traced(paths, param_leaves, factors, arg_leaves, lora_key):
+            inputs = [
+                SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
+                for p, x in zip(paths, param_leaves, strict=True)
+            ]
+            ctx = _Context(on_fallback, reported, lora_key)
+            outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
+            outs = [_concrete(o, ctx, "output") for o in outs]
+            return jax.tree_util.tree_unflatten(out_def, outs)
+
         if cache_key[-1] is not None:
             traces[cache_key] = traced
         return traced
@@ -449,24 +463,16 @@ def lora(
                 raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
             return fn(merge(base, lora_tree), *args, **kwargs)
         check_fits(base, lora_tree)
-        paths = [p for p, _ in leaves_with_paths(base)]
+        paths = tuple(p for p, _ in leaves_with_paths(base))
         base_leaves, params_def = jax.tree_util.tree_flatten(base)
         param_leaves = [
             lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], LoraFactors) else x
             for p, x in zip(paths, base_leaves, strict=True)
         ]
         arg_leaves, args_static, args_def = _split_static((args, kwargs))
-        closed, out_def = trace(params_def, param_leaves, args_static, args_def, arg_leaves)
-        inputs = [
-            SymbolicWeight.from_factors(p, x, lora_tree[p])
-            if isinstance(lora_tree.get(p), LoraFactors)
-            else x
-            for p, x in zip(paths, param_leaves, strict=True)
-        ]
-        ctx = _Context(on_fallback, reported, lora_key)
-        outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
-        outs = [_concrete(o, ctx, "output") for o in outs]
-        return jax.tree_util.tree_unflatten(out_def, outs)
+        evaluate = trace(params_def, param_leaves, args_static, args_def, arg_leaves)
+        factors = {p: f for p, f in lora_tree.items() if isinstance(f, LoraFactors)}
+        return evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
 
     return wrapped
 
