@@ -9,10 +9,18 @@ Example:
 """
 
 from lorax_fn.accounting import ParamCount, count_params, summary
+from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
 from lorax_fn.layouts import infer_layouts
 from lorax_fn.merge import check_fits, merge, unmerge
+from lorax_fn.multi import (
+    AdapterStack,
+    multi_lora,
+    replace_adapter,
+    stack_adapters,
+    stack_checkpoints,
+)
 from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
 from lorax_fn.parallel import replicate, shard_batch, unreplicate
 from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
@@ -24,6 +32,7 @@ from lorax_fn.transform import lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterStack",
     "Layout",
     "LoraError",
     "LoraFactors",
@@ -33,6 +42,7 @@ __all__ = [
     "PathFilter",
     "__version__",
     "check_fits",
+    "combine",
     "count_params",
     "default_layout",
     "delta",
@@ -44,12 +54,16 @@ __all__ = [
     "lora_labels",
     "lora_shardings",
     "merge",
+    "multi_lora",
     "optimizer",
     "path_str",
     "put_batch",
+    "replace_adapter",
     "replicate",
     "shard_batch",
     "split",
+    "stack_adapters",
+    "stack_checkpoints",
     "summary",
     "unmerge",
     "unreplicate",
