@@ -9,6 +9,14 @@ Example:
 """
 
 from lorax_fn.accounting import ParamCount, count_params, summary
+from lorax_fn.checkpoint import (
+    CheckpointInfo,
+    LoraCheckpointManager,
+    TrainState,
+    checkpoint_info,
+    restore,
+    save,
+)
 from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
@@ -24,6 +32,7 @@ from lorax_fn.multi import (
 from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
 from lorax_fn.parallel import replicate, shard_batch, unreplicate
 from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
+from lorax_fn.peft import export_peft, import_peft
 from lorax_fn.sharding import fsdp_shardings, lora_shardings, put_batch
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import LoraTree, default_layout, split
@@ -33,21 +42,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterStack",
+    "CheckpointInfo",
     "Layout",
+    "LoraCheckpointManager",
     "LoraError",
     "LoraFactors",
     "LoraSpec",
     "LoraTree",
     "ParamCount",
     "PathFilter",
+    "TrainState",
     "__version__",
     "check_fits",
+    "checkpoint_info",
     "combine",
     "count_params",
     "default_layout",
     "delta",
     "describe",
+    "export_peft",
     "fsdp_shardings",
+    "import_peft",
     "infer_layouts",
     "leaves_with_paths",
     "lora",
@@ -60,6 +75,8 @@ __all__ = [
     "put_batch",
     "replace_adapter",
     "replicate",
+    "restore",
+    "save",
     "shard_batch",
     "split",
     "stack_adapters",

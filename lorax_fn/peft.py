@@ -1,0 +1,484 @@
+"""Hugging Face PEFT adapters: export a LoRA tree to PEFT's files, import one back.
+
+PEFT stores, per adapted ``torch.nn.Linear`` module ``m`` (weight ``[out, in]``),
+``base_model.model.<m>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight``
+``[out, r]`` in ``adapter_model.safetensors``, and ``r``/``lora_alpha`` (with
+per-module ``rank_pattern``/``alpha_pattern``) in ``adapter_config.json``; the
+update is ``(alpha / r) · B·A`` (``alpha / √r`` with ``use_rslora``).
+
+A Flax kernel is ``(in, out)``, so ``lora_A = Aᵀ`` and ``lora_B = Bᵀ``. A multi-axis
+kernel (``DenseGeneral``, e.g. attention ``(d, heads, head_dim)``) becomes a Linear with
+``in = prod(in axes)`` and ``out = prod(out axes)``, each group flattened in the
+weight's own axis order — as ``W.reshape(d, heads * head_dim)`` in PyTorch. A stacked
+(``nn.scan``) weight with one batch axis of size L becomes L modules, named through a
+``{layer}`` placeholder. ``Embed`` tables (a path ending in ``embedding``) become
+``nn.Embedding`` adapters (``lora_embedding_A``/``lora_embedding_B``). Leaves trained in
+full become ``modules_to_save``. Nothing is pickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+import lorax_fn
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.merge import check_fits
+from lorax_fn.paths import leaves_with_paths
+from lorax_fn.spec import LoraSpec
+from lorax_fn.split import default_layout
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_PREFIX = "base_model.model."
+_LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
+    ".lora_A.weight": ("a", False),
+    ".lora_B.weight": ("b", False),
+    ".lora_embedding_A": ("a", True),
+    ".lora_embedding_B": ("b", True),
+}
+# The PyTorch parameter a Flax leaf of a fully trained module corresponds to.
+_TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_INITS = {"gaussian": "gaussian", "kaiming_uniform": True}
+
+NameMap: TypeAlias = (
+    Mapping[str, str] | Sequence[tuple[str | re.Pattern[str], str]] | Callable[[str], str | None]
+)
+"""How a Flax leaf path names a PyTorch module: a dict ``{path: module}``; regex rules
+``[(pattern, template), ...]`` (first full match wins, ``\\1``/``\\g<name>`` expand
+groups); or a function ``path -> module | None``. ``None`` (the default) drops a leading
+``params/`` and the leaf's own name and joins with dots: ``params/h_0/attn/c_attn/kernel``
+→ ``h_0.attn.c_attn``. A stacked weight's name needs a ``{layer}`` placeholder:
+``(r"params/layers/(\\w+)/kernel", r"model.layers.{layer}.\\1")``."""
+
+
+def _module_name(name_map: NameMap | None, path: str) -> str | None:
+    if name_map is None:
+        parts = path.split("/")
+        parts = parts[1:] if parts[0] == "params" else parts
+        return ".".join(parts[:-1]) or None
+    if isinstance(name_map, Mapping):
+        return name_map.get(path)
+    if callable(name_map):
+        return name_map(path)
+    for pattern, template in name_map:
+        if m := re.fullmatch(pattern, path):
+            return m.expand(template)
+    return None
+
+
+def _layer_names(name: str, path: str, layers: int | None) -> list[str]:
+    """The module name per layer of a stacked weight, or ``[name]`` for a plain one."""
+    has_placeholder = "{layer}" in name
+    if layers is None and has_placeholder:
+        raise LoraError(
+            f"{path}: name_map gives {name!r} with a {{layer}} placeholder, but the "
+            "weight is not stacked"
+        )
+    if layers is not None and not has_placeholder:
+        raise LoraError(
+            f"{path}: a stack of {layers} weights needs one module name per layer; "
+            f"name_map gives {name!r} without a {{layer}} placeholder"
+        )
+    return [name] if layers is None else [name.replace("{layer}", str(i)) for i in range(layers)]
+
+
+def _stack_size(path: str, layout: Layout, shape: Sequence[int]) -> int | None:
+    if len(layout.batch_axes) > 1:
+        raise LoraError(
+            f"{path}: PEFT has one module per matrix; {layout} has "
+            f"{len(layout.batch_axes)} batch axes (at most 1 is supported)"
+        )
+    return shape[layout.batch_axes[0]] if layout.batch_axes else None
+
+
+def _to_matrix(x: np.ndarray, axes: Sequence[int], r_first: bool) -> np.ndarray:
+    """Factor block (group axes in ``axes`` order, plus r) → ``[r, group]`` or ``[group, r]``.
+
+    The group is flattened in the weight's own (ascending) axis order, as PyTorch would.
+    """
+    order = np.argsort(axes)
+    if r_first:  # x: (r, *group)
+        x = np.transpose(x, [0, *(1 + order)])
+        return x.reshape(x.shape[0], -1)
+    x = np.transpose(x, [*order, len(axes)])  # x: (*group, r)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _from_matrix(
+    m: np.ndarray, axes: Sequence[int], dims: Sequence[int], r_first: bool
+) -> np.ndarray:
+    """Inverse of :func:`_to_matrix`; ``dims`` are the group's sizes in ``axes`` order."""
+    order = np.argsort(axes)
+    sorted_dims = [dims[i] for i in order]
+    inverse = np.argsort(order)
+    if r_first:
+        x = m.reshape(m.shape[0], *sorted_dims)
+        return np.transpose(x, [0, *(1 + inverse)])
+    x = m.reshape(*sorted_dims, m.shape[-1])
+    return np.transpose(x, [*inverse, len(axes)])
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values: list[Any]) -> Any:
+    counts = collections.Counter(values)
+    return max(counts, key=lambda v: (counts[v], -v))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_peft(
+    directory: str | os.PathLike,
+    lora_tree: Mapping[str, Any],
+    spec: LoraSpec | None = None,
+    *,
+    name_map: NameMap | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write ``lora_tree`` as a Hugging Face PEFT LoRA adapter into ``directory``.
+
+    Per module, ``r`` is the factors' rank and ``alpha = scale·r`` (``scale·√r`` for an
+    rsLoRA ``spec``); the most common values become ``r``/``lora_alpha`` and the others
+    go to ``rank_pattern``/``alpha_pattern`` (keys are escaped full module names, so each
+    matches exactly one module). ``spec`` supplies ``use_rslora``, ``lora_dropout`` and
+    ``init_lora_weights``. The safetensors header also records each entry's exact scale
+    and layout, so :func:`import_peft` restores the tree exactly. Factors keep their
+    dtype; cast the tree first for a bfloat16 file.
+
+    Example:
+        >>> lorax_fn.export_peft("out/", lt, spec, name_map=[  # doctest: +SKIP
+        ...     (r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")])
+    """
+    if spec is not None and spec.init == "pissa":
+        raise LoraError(
+            "a PiSSA adapter is relative to the residual base that split returned, but PEFT "
+            "applies adapters to the original weights; export lorax_fn.merge(base, lt) "
+            "instead, or pass a spec with another init if the PyTorch side uses the residual"
+        )
+    rslora = spec is not None and spec.scaling == "rslora"
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, tuple[int, float]] = {}  # module -> (r, alpha)
+    to_save: list[str] = []
+    exact: dict[str, Any] = {}
+    for path in sorted(lora_tree):
+        entry = lora_tree[path]
+        name = _module_name(name_map, path)
+        if name is None:
+            raise LoraError(f"{path}: name_map gives no PyTorch module name for this path")
+        if not isinstance(entry, LoraFactors):
+            to_save.append(_export_full(tensors, path, name, np.asarray(entry)))
+            continue
+        layout, shape = entry.layout, entry.weight_shape
+        layers = _stack_size(path, layout, shape)
+        names = _layer_names(name, path, layers)
+        embedding = path.split("/")[-1] == "embedding"
+        if embedding and (layout.in_axes, layout.out_axes, layers) != ((0,), (1,), None):
+            raise LoraError(
+                f"{path}: an embedding table exports only as (vocab, features), "
+                f"got {layout} for shape {shape}"
+            )
+        suffix_a, suffix_b = (
+            (".lora_embedding_A", ".lora_embedding_B")
+            if embedding
+            else (".lora_A.weight", ".lora_B.weight")
+        )
+        a, b = np.asarray(entry.a), np.asarray(entry.b)
+        r = entry.rank
+        alpha = entry.scale * (math.sqrt(r) if rslora else r)
+        for i, module in enumerate(names):
+            a_i, b_i = (a, b) if layers is None else (a[i], b[i])
+            # lora_A = Aᵀ [r, in]; lora_B = Bᵀ [out, r].
+            tensors[_PREFIX + module + suffix_a] = np.ascontiguousarray(
+                _to_matrix(a_i, layout.in_axes, r_first=False).T
+            )
+            tensors[_PREFIX + module + suffix_b] = np.ascontiguousarray(
+                _to_matrix(b_i, layout.out_axes, r_first=True).T
+            )
+            if module in modules:
+                raise LoraError(f"{path}: module name {module!r} is used twice")
+            modules[module] = (r, alpha)
+        exact[path] = {
+            "scale": entry.scale,
+            "dropout": entry.dropout,
+            "layout": layout.to_json(),
+            "modules": names,
+        }
+    if not modules:
+        raise LoraError("the LoRA tree has no factors to export")
+    if both := sorted(set(modules) & set(to_save)):
+        raise LoraError(f"modules both adapted and trained in full: {both}; PEFT allows one")
+    r0 = _most_common([r for r, _ in modules.values()])
+    alpha0 = _most_common([alpha for _, alpha in modules.values()])
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": _number(alpha0),
+        "target_modules": sorted(modules),
+        "exclude_modules": None,
+        "rank_pattern": {re.escape(m): r for m, (r, _) in modules.items() if r != r0},
+        "alpha_pattern": {re.escape(m): _number(a) for m, (_, a) in modules.items() if a != alpha0},
+        "use_rslora": rslora,
+        "lora_dropout": 0.0 if spec is None else spec.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True if spec is None else _INITS[spec.init],
+        "modules_to_save": sorted(set(to_save)) or None,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": "pt",
+        "lorax_fn": json.dumps({"version": lorax_fn.__version__, "entries": exact}),
+    }
+    _atomic_write(
+        directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata=header)
+    )
+    _atomic_write(
+        directory / CONFIG_NAME,
+        lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    )
+    return directory
+
+
+def _export_full(tensors: dict[str, np.ndarray], path: str, module: str, x: np.ndarray) -> str:
+    """Add a fully trained leaf as a ``modules_to_save`` tensor; return its module."""
+    leaf = path.split("/")[-1]
+    if leaf not in _TORCH_PARAM or x.ndim != (2 if leaf in ("kernel", "embedding") else 1):
+        raise LoraError(
+            f"{path}: cannot export a fully trained {leaf!r} leaf of shape "
+            f"{x.shape} to PEFT (supported: 2-D kernel/embedding, 1-D bias/scale)"
+        )
+    key = f"{_PREFIX}{module}.{_TORCH_PARAM[leaf]}"
+    if key in tensors:
+        raise LoraError(f"{path}: {key} is written twice; check name_map")
+    tensors[key] = np.ascontiguousarray(x.T if leaf == "kernel" else x)
+    return module
+
+
+def _peft_alpha(config: Mapping[str, Any], module: str) -> float:
+    # PEFT's own rule (peft.utils.other.get_pattern_key): first key matching a suffix.
+    for pattern, alpha in config.get("alpha_pattern", {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise LoraError(f"cannot read {directory / CONFIG_NAME}: {err}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise LoraError(
+            f"{directory / CONFIG_NAME}: not a PEFT LoRA adapter (peft_type "
+            f"{config.get('peft_type') if isinstance(config, dict) else config!r})"
+        )
+    for key, ok in (("use_dora", False), ("lora_bias", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise LoraError(
+                f"{directory / CONFIG_NAME}: {key}={config[key]!r} is not "
+                "supported (plain LoRA only)"
+            )
+    if "lora_alpha" not in config:
+        raise LoraError(f"{directory / CONFIG_NAME}: no lora_alpha")
+    return config
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    file = directory / WEIGHTS_NAME
+    try:
+        with safetensors.safe_open(str(file), framework="numpy") as f:
+            header = f.metadata() or {}
+        tensors = safetensors.numpy.load_file(str(file))
+        exact = json.loads(header["lorax_fn"])["entries"] if "lorax_fn" in header else {}
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as err:
+        raise LoraError(f"cannot read {file}: {type(err).__name__}: {err}") from None
+    return tensors, exact
+
+
+def import_peft(
+    directory: str | os.PathLike,
+    base: Any,
+    *,
+    name_map: NameMap | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+) -> dict[str, Any]:
+    """Read a PEFT LoRA adapter into a LoRA tree for ``base``, checked against it.
+
+    Module names map back to Flax paths through the same ``name_map`` as
+    :func:`export_peft` (evaluated on the base's leaves). Factor layouts come from the
+    file when lorax_fn wrote it, else from ``layouts`` or :func:`lorax_fn.default_layout`;
+    a stacked weight needs all of its layers, with equal rank and scale. ``scale`` is
+    ``alpha / r`` (``alpha / √r`` with ``use_rslora``) per module. ``modules_to_save``
+    tensors become fully trained leaves, in the base's dtype. Refused with
+    :class:`LoraError` naming the modules: anything that does not fit ``base``, an
+    unmapped module, DoRA / LoRA biases, a missing layer.
+
+    Example:
+        >>> lt = lorax_fn.import_peft("out/", base, name_map=rules)  # doctest: +SKIP
+        >>> logits = lorax_fn.lora(model.apply)(base, lt, tokens)  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    tensors, exact = _read_tensors(directory)
+    rslora = bool(config.get("use_rslora", False))
+    leaves = dict(leaves_with_paths(base))
+    layouts = dict(layouts or {})
+
+    # Every name a base leaf could have: for factors, the module (per layer); for full
+    # leaves, module.param.
+    factor_names: dict[str, tuple[str, int | None, Layout]] = {}
+    full_names: dict[str, str] = {}
+    for path, leaf in leaves.items():
+        name = _module_name(name_map, path)
+        if name is None:
+            continue
+        shape = tuple(np.shape(leaf))
+        if path.split("/")[-1] in _TORCH_PARAM and "{layer}" not in name:
+            full_names[f"{name}.{_TORCH_PARAM[path.split('/')[-1]]}"] = path
+        layout = (
+            Layout(**exact[path]["layout"])
+            if path in exact
+            else layouts.get(path) or default_layout(path, shape)
+        )
+        if (
+            layout is None
+            or len(shape) < 2
+            or sorted(layout.batch_axes + layout.in_axes + layout.out_axes)
+            != list(range(len(shape)))
+        ):
+            continue
+        layers = _stack_size(path, layout, shape)
+        if (layers is None) == ("{layer}" in name):
+            continue  # this path is not a stacked weight named per layer, or vice versa
+        for i, module in enumerate(_layer_names(name, path, layers)):
+            factor_names[module] = (path, None if layers is None else i, layout)
+
+    # path -> {"layout": Layout, layer: {"module": name, "a": lora_A, "b": lora_B}}
+    found: dict[str, dict[Any, Any]] = collections.defaultdict(dict)
+    full: dict[str, np.ndarray] = {}
+    unmapped = []
+    for key, x in tensors.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(_PREFIX):
+            unmapped.append(key)
+        elif suffix is None:
+            name = key[len(_PREFIX) :]
+            if name in full_names:
+                full[full_names[name]] = x
+            else:
+                unmapped.append(key)
+        else:
+            module = key[len(_PREFIX) : -len(suffix)]
+            if module not in factor_names:
+                unmapped.append(key)
+                continue
+            path, layer, layout = factor_names[module]
+            found[path]["layout"] = layout
+            found[path].setdefault(layer, {"module": module})[_LORA_SUFFIXES[suffix][0]] = x
+    if unmapped:
+        raise LoraError(
+            f"{directory / WEIGHTS_NAME}: tensors that no leaf of the base maps to (check "
+            f"name_map and layouts): {sorted(unmapped)[:10]}"
+            + (f" and {len(unmapped) - 10} more" if len(unmapped) > 10 else "")
+        )
+
+    tree: dict[str, Any] = {}
+    for path, got in sorted(found.items()):
+        tree[path] = _factors(path, got, leaves[path], config, rslora, exact.get(path))
+    for path, x in sorted(full.items()):
+        leaf = leaves[path]
+        value = x.T if path.split("/")[-1] == "kernel" else x
+        if value.shape != tuple(np.shape(leaf)):
+            raise LoraError(
+                f"{path}: modules_to_save tensor of shape {x.shape} does not fit "
+                f"the base leaf of shape {tuple(np.shape(leaf))}"
+            )
+        tree[path] = jax.numpy.asarray(value, leaf.dtype)
+    check_fits(base, tree)
+    return tree
+
+
+def _factors(
+    path: str,
+    by_layer: dict[Any, Any],
+    leaf: Any,
+    config: Mapping[str, Any],
+    rslora: bool,
+    exact: Mapping[str, Any] | None,
+) -> LoraFactors:
+    """One entry of the LoRA tree from PEFT's per-module (per-layer) lora_A / lora_B."""
+    shape = tuple(np.shape(leaf))
+    layout = by_layer["layout"]
+    layers = _stack_size(path, layout, shape)
+    wanted = [None] if layers is None else list(range(layers))
+    if missing := [i for i in wanted if i not in by_layer]:
+        raise LoraError(f"{path}: the adapter has no module for layers {missing} of {layers}")
+    in_dims = [shape[a] for a in layout.in_axes]
+    out_dims = [shape[a] for a in layout.out_axes]
+    a_blocks, b_blocks, scales = [], [], set()
+    for i in wanted:
+        got = by_layer[i]
+        module = got["module"]
+        if "a" not in got or "b" not in got:
+            raise LoraError(f"{module}: the adapter has only one of lora_A / lora_B")
+        a, b = got["a"], got["b"]
+        r = a.shape[0]
+        if (
+            (a.ndim, b.ndim) != (2, 2)
+            or b.shape[1] != r
+            or (a.shape[1], b.shape[0]) != (math.prod(in_dims), math.prod(out_dims))
+        ):
+            raise LoraError(
+                f"{module} → {path}: lora_A {list(a.shape)} / lora_B "
+                f"{list(b.shape)} do not fit a weight of shape {shape} with "
+                f"{layout} (expected [r, {math.prod(in_dims)}] / "
+                f"[{math.prod(out_dims)}, r])"
+            )
+        a_blocks.append(_from_matrix(a.T, layout.in_axes, in_dims, r_first=False))
+        b_blocks.append(_from_matrix(b.T, layout.out_axes, out_dims, r_first=True))
+        scales.add(_peft_alpha(config, module) / (math.sqrt(r) if rslora else r))
+    if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
+        raise LoraError(
+            f"{path}: the layers of a stacked weight need one rank and one scale; "
+            f"got ranks {sorted({blk.shape[-1] for blk in a_blocks})}, scales "
+            f"{sorted(scales)}"
+        )
+    scale = scales.pop()
+    dropout = float(config.get("lora_dropout", 0.0))
+    if exact is not None:
+        dropout = exact["dropout"]
+        # alpha/r round-trips through JSON up to one rounding; keep the exact recorded value.
+        if math.isclose(exact["scale"], scale, rel_tol=1e-9):
+            scale = exact["scale"]
+    a = a_blocks[0] if layers is None else np.stack(a_blocks)
+    b = b_blocks[0] if layers is None else np.stack(b_blocks)
+    return LoraFactors(jax.numpy.asarray(a), jax.numpy.asarray(b), scale, layout, dropout)

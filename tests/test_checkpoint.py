@@ -1,0 +1,398 @@
+"""lorax_fn.save / restore / LoraCheckpointManager: exact round trips and every refusal."""
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lorax_fn
+from lorax_fn import Layout, LoraError
+from lorax_fn.checkpoint import (
+    LoraCheckpointManager,
+    checkpoint_info,
+    restore,
+    save,
+)
+
+STACK = {"params/stack/kernel": Layout(in_axes=(1,), out_axes=(2,), batch_axes=(0,))}
+SPEC = lorax_fn.LoraSpec(
+    targets=["**/kernel"],
+    rank=4,
+    alpha=6.0,
+    rank_pattern={"**/out/kernel": 2},
+    exclude=["**/head/kernel"],
+    trainable=["**/head/bias"],
+    dropout=0.1,
+)
+
+
+def make_params(layers: int = 3, d: int = 16, dtype=jnp.float32) -> dict:
+    rng = np.random.default_rng(0)  # numpy, so that building test trees compiles nothing
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    return {
+        "params": {
+            "dense": {"kernel": normal(d, 32)},
+            "attn": {"query": {"kernel": normal(d, 4, 8)}, "out": {"kernel": normal(4, 8, d)}},
+            "stack": {"kernel": normal(layers, d, d)},
+            "head": {"kernel": normal(d, 3), "bias": jnp.zeros(3, dtype)},
+        }
+    }
+
+
+def make_lora(params: dict) -> tuple[dict, dict]:
+    base, lt = lorax_fn.split(params, SPEC, key=jax.random.key(1), layouts=STACK)
+    # B = 0 at init would hide a mixed-up A and B; make every array distinct.
+    rng = np.random.default_rng(1)
+    noise = lambda x: jnp.asarray(np.asarray(x, np.float32) + rng.random(x.shape), x.dtype)  # noqa: E731
+    return base, jax.tree.map(noise, lt)
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[dict, dict]:
+    return make_lora(make_params())
+
+
+def assert_same_tree(got: dict, want: dict) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)  # includes scale/layout/dropout
+    for path in want:
+        assert type(got[path]) is type(want[path]), path
+        for g, w in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
+            assert g.dtype == w.dtype, path
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=path)
+
+
+def snapshot(*trees) -> list[np.ndarray]:
+    return [np.array(x) for t in trees for x in jax.tree.leaves(t)]
+
+
+def assert_untouched(before: list[np.ndarray], *trees) -> None:
+    for b, a in zip(before, snapshot(*trees), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_dense_attention_and_scanned_stack(tmp_path, model):
+    base, lt = model
+    assert lt["params/stack/kernel"].a.shape == (3, 16, 4)
+    assert lt["params/attn/out/kernel"].a.shape == (4, 8, 2)
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    assert_same_tree(restore(tmp_path / "ad", base=base), lt)
+    assert_same_tree(restore(tmp_path / "ad"), lt)
+    info = checkpoint_info(tmp_path / "ad")
+    assert info.spec == SPEC and info.library_version == lorax_fn.__version__
+    assert info.base_leaves["params/stack/kernel"] == ((3, 16, 16), "float32")
+    assert info.entries["params/head/bias"] == "array"
+
+
+def test_round_trip_bfloat16_base_without_base_at_save(tmp_path):
+    base, lt = make_lora(make_params(dtype=jnp.bfloat16))
+    save(tmp_path / "ad", lt, SPEC)  # no base: the fingerprint has shapes, dtypes of arrays
+    assert checkpoint_info(tmp_path / "ad").base_leaves["params/dense/kernel"][1] is None
+    assert_same_tree(restore(tmp_path / "ad", base=base), lt)
+    assert lt["params/head/bias"].dtype == jnp.bfloat16
+
+
+def test_restore_onto_replicated_and_sharded_mesh(tmp_path, model):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    mesh = jax.make_mesh((8,), ("x",))
+    replicated = NamedSharding(mesh, P())
+    got = restore(tmp_path / "ad", shardings=replicated)
+    assert_same_tree(got, lt)
+    assert all(x.sharding == replicated for x in jax.tree.leaves(got))
+
+    # A follows the weight's fan-in, B its fan-out: shard the 16/32-sized axes over 8.
+    mesh2 = jax.make_mesh((2, 4), ("data", "model"))
+    base_specs = {
+        "params": {
+            "dense": {"kernel": P("data", "model")},
+            "attn": {
+                "query": {"kernel": P("data", None, None)},
+                "out": {"kernel": P(None, None, "model")},
+            },
+            "stack": {"kernel": P(None, "data", "model")},
+            "head": {"kernel": P("data", None), "bias": P()},
+        }
+    }
+    got = restore(
+        tmp_path / "ad",
+        shardings=lambda abstract: lorax_fn.lora_shardings(abstract, base_specs, mesh2),
+    )
+    assert_same_tree(got, lt)
+    assert got["params/dense/kernel"].a.sharding.spec == P("data", None)
+    assert got["params/dense/kernel"].b.sharding.spec == P(None, "model")
+    assert got["params/stack/kernel"].b.sharding.spec == P(None, None, "model")
+    # The same shardings given as a dict, built from the tree itself.
+    explicit = jax.tree.map(lambda x: x.sharding, got)
+    assert_same_tree(restore(tmp_path / "ad", shardings=explicit), lt)
+
+
+def test_bad_shardings_are_refused_naming_the_path(tmp_path, model):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    mesh = jax.make_mesh((8,), ("x",))
+    with pytest.raises(LoraError, match=r"params/attn/out/kernel: sharding .* does not fit A"):
+        restore(tmp_path / "ad", shardings=NamedSharding(mesh, P("x")))  # (4, 8, 2) over 8
+    with pytest.raises(LoraError, match="no entry for 'params/attn/out/kernel'"):
+        restore(tmp_path / "ad", shardings={"params/head/bias": NamedSharding(mesh, P())})
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda p: p["params"].pop("dense"), r"paths not in the base: \['params/dense/kernel'\]"),
+        (
+            lambda p: p["params"].update(extra={"kernel": jnp.ones((16, 16))}),
+            r"selects but it lacks: \['params/extra/kernel'\]",
+        ),
+        (
+            lambda p: p["params"]["attn"]["query"].update(kernel=jnp.ones((16, 4, 9))),
+            r"params/attn/query/kernel: made for shape \(16, 4, 8\), the base has \(16, 4, 9\)",
+        ),
+        (
+            lambda p: p["params"]["stack"].update(kernel=jnp.ones((3, 16, 16), jnp.bfloat16)),
+            r"params/stack/kernel: made for dtype float32, the base has bfloat16",
+        ),
+    ],
+    ids=["missing-path", "extra-path", "shape", "dtype"],
+)
+def test_adapter_for_a_different_base_is_refused(tmp_path, model, change, match):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    other = jax.tree.map(lambda x: x, base)
+    change(other)
+    before = snapshot(base, lt, other)
+    with pytest.raises(LoraError, match=match):
+        restore(tmp_path / "ad", base=other)
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    manager.save(1, lt, optax.adam(1e-3).init(lt))
+    with pytest.raises(LoraError, match=match):
+        manager.restore(base=other)
+    manager.close()
+    assert_untouched(before, base, lt, other)
+
+
+def test_save_refuses_a_tree_that_does_not_fit_the_base_and_writes_nothing(tmp_path, model):
+    base, lt = model
+    bad = dict(lt, **{"params/head/bias": jnp.zeros(4)})
+    with pytest.raises(LoraError, match=r"params/head/bias: trainable array \(4,\)"):
+        save(tmp_path / "ad", bad, SPEC, base=base)
+    with pytest.raises(LoraError, match="params/nope: not a leaf of the given base"):
+        save(tmp_path / "ad", dict(lt, **{"params/nope": jnp.zeros(3)}), SPEC, base=base)
+    with pytest.raises(LoraError, match="non-empty LoRA tree"):
+        save(tmp_path / "ad", {}, SPEC)
+    assert not (tmp_path / "ad").exists()
+
+
+def lora_data_files(directory: Path) -> list[Path]:
+    files = [f for f in (directory / "lora").rglob("*") if f.is_file() and f.parent.name == "d"]
+    return sorted(files, key=lambda f: f.stat().st_size)
+
+
+def corrupt_truncate(directory: Path) -> None:
+    f = lora_data_files(directory)[-1]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def corrupt_metadata(directory: Path) -> None:
+    (directory / "lorax_fn" / "metadata").write_text('{"format": "lorax_fn.checkpoint", "form')
+
+
+def drop_metadata(directory: Path) -> None:
+    shutil.rmtree(directory / "lorax_fn")
+
+
+def drop_entries(directory: Path) -> None:
+    meta = json.loads((directory / "lorax_fn" / "metadata").read_text())
+    del meta["entries"]
+    (directory / "lorax_fn" / "metadata").write_text(json.dumps(meta))
+
+
+def future_version(directory: Path) -> None:
+    meta = json.loads((directory / "lorax_fn" / "metadata").read_text())
+    meta["format_version"] = 99
+    (directory / "lorax_fn" / "metadata").write_text(json.dumps(meta))
+
+
+def drop_arrays(directory: Path) -> None:
+    shutil.rmtree(directory / "lora")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (corrupt_truncate, "truncated or corrupted"),
+        (corrupt_metadata, "metadata of the checkpoint .* truncated or corrupted"),
+        (drop_metadata, "has no lorax_fn metadata"),
+        (drop_entries, "malformed lorax_fn metadata .*'entries'"),
+        (future_version, "format version 99; this lorax_fn .* reads up to 1"),
+        (drop_arrays, "truncated or corrupted"),
+    ],
+)
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, model, damage, match):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    damage(tmp_path / "ad")
+    with pytest.raises(LoraError, match=match):
+        restore(tmp_path / "ad", base=base)
+
+
+def test_flipped_byte_in_array_data_is_caught_by_the_checksum(tmp_path):
+    # tensorstore checksums its index nodes but not array data: this read would succeed.
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)}
+    base, lt = lorax_fn.split(params, lorax_fn.LoraSpec(trainable="w"), key=jax.random.key(0))
+    save(tmp_path / "ad", lt, None, base=base)
+    data_file = lora_data_files(tmp_path / "ad")[-1]
+    assert data_file.stat().st_size > 200_000  # the array's chunk, not an index node
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(LoraError, match=r"w is corrupted \(its SHA-256 does not match"):
+        restore(tmp_path / "ad", base=base)
+
+
+def test_missing_directory_and_interrupted_overwrite_are_explained(tmp_path, model):
+    _, lt = model
+    with pytest.raises(LoraError, match="no checkpoint at"):
+        restore(tmp_path / "nothing")
+    save(tmp_path / "ad", lt, SPEC)
+    (tmp_path / "ad").rename(tmp_path / ".ad.lorax-old")  # as a kill between the renames
+    with pytest.raises(LoraError, match=r"previous checkpoint at .*\.ad\.lorax-old"):
+        restore(tmp_path / "ad")
+    assert_same_tree(restore(tmp_path / ".ad.lorax-old"), lt)
+
+
+def test_restore_never_unpickles(tmp_path, model, monkeypatch):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("restore tried to unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    assert_same_tree(restore(tmp_path / "ad", base=base), lt)
+
+
+def test_overwrite(tmp_path, model):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC)
+    lt2 = jax.tree.map(lambda x: x * 2, lt)
+    with pytest.raises(LoraError, match="already exists; pass overwrite=True"):
+        save(tmp_path / "ad", lt2, SPEC)
+    save(tmp_path / "ad", lt2, SPEC, overwrite=True)
+    assert_same_tree(restore(tmp_path / "ad", base=base), lt2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(LoraError, match="not a lorax_fn checkpoint"):
+        save(tmp_path / "notes", lt, SPEC, overwrite=True)
+
+
+def test_callable_filters_save_without_a_spec(tmp_path):
+    params = make_params()
+    spec = lorax_fn.LoraSpec(targets=lambda path, leaf: path.endswith("dense/kernel"), rank=2)
+    base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+    save(tmp_path / "ad", lt, spec, base=base)
+    assert checkpoint_info(tmp_path / "ad").spec is None
+    assert_same_tree(restore(tmp_path / "ad", base=base), lt)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_manager_keeps_last_n_and_best_and_round_trips_optimizer_state(tmp_path, model):
+    base, lt = model
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(lt)
+    grads = jax.tree.map(jnp.ones_like, lt)
+    losses = [5.0, 1.0, 3.0, 4.0, 6.0, 7.0]
+    states = {}
+    with LoraCheckpointManager(
+        tmp_path / "run", SPEC, base=base, max_to_keep=2, best_metric="loss"
+    ) as manager:
+        for step, loss in enumerate(losses):
+            updates, opt_state = tx.update(grads, opt_state, lt)
+            lt = optax.apply_updates(lt, updates)
+            states[step] = (lt, opt_state)
+            manager.save(
+                step,
+                lt,
+                opt_state,
+                metrics={"loss": loss},
+                data_state={"epoch": 0, "index": 32 * step},
+            )
+        assert manager.all_steps() == [1, 4, 5] and manager.latest_step() == 5
+        assert manager.best_step() == 1
+        with pytest.raises(LoraError, match="step 5 is already saved"):
+            manager.save(5, lt, opt_state, metrics={"loss": 0.0})
+        with pytest.raises(LoraError, match="lack best_metric 'loss'"):
+            manager.save(6, lt, opt_state, metrics={"acc": 0.0})
+        with pytest.raises(LoraError, match="not JSON-able"):
+            manager.save(6, lt, opt_state, metrics={"loss": 0.0}, data_state=object())
+
+    manager = LoraCheckpointManager(
+        tmp_path / "run", SPEC, base=base, max_to_keep=2, best_metric="loss"
+    )
+    template = jax.eval_shape(tx.init, lt)
+    for step in (None, 1):
+        state = manager.restore(step, opt_state=template)
+        want_lt, want_opt = states[state.step]
+        assert state.step == (5 if step is None else 1)
+        assert state.data_state == {"epoch": 0, "index": 32 * state.step}
+        assert state.metrics == {"loss": losses[state.step]}
+        assert_same_tree(state.lora_tree, want_lt)
+        assert jax.tree.structure(state.opt_state) == jax.tree.structure(want_opt)
+        for g, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want_opt), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert manager.restore(opt_state=None).opt_state is None
+    with pytest.raises(LoraError, match=r"no step 3 .* steps: \[1, 4, 5\]"):
+        manager.restore(3)
+    manager.close()
+    # A step directory is an ordinary adapter checkpoint too.
+    assert_same_tree(restore(tmp_path / "run" / "5", base=base), states[5][0])
+
+
+def test_manager_refuses_a_mismatched_optimizer_template(tmp_path, model):
+    base, lt = model
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    manager.save(0, lt, optax.adam(1e-3).init(lt))
+    with pytest.raises(LoraError, match="template-only leaves"):
+        manager.restore(opt_state=optax.sgd(1e-3, momentum=0.9).init(lt))
+    shrunk = {p: v for p, v in lt.items() if p != "params/head/bias"}
+    with pytest.raises(LoraError, match=r"saved-only leaves \[.*params/head/bias"):
+        manager.restore(opt_state=optax.adam(1e-3).init(shrunk))
+    wrong_dtype = jax.tree.map(
+        lambda x: x.astype(jnp.float16) if x.ndim else x, optax.adam(1e-3).init(lt)
+    )
+    with pytest.raises(LoraError, match=r"opt_state.* float32 in the checkpoint, .* float16"):
+        manager.restore(opt_state=wrong_dtype)
+    manager.close()
+    with pytest.raises(LoraError, match="no checkpoint in"):
+        LoraCheckpointManager(tmp_path / "empty", SPEC).restore()
+
+
+def test_manager_async_save_and_interrupted_deletion_is_invisible(tmp_path, model):
+    _, lt = model
+    tx = optax.sgd(1e-2)  # no optimizer state leaves at all
+    with LoraCheckpointManager(tmp_path / "run", SPEC, max_to_keep=1, async_save=True) as m:
+        for step in range(3):
+            m.save(step, jax.tree.map(lambda x, s=step: x + s, lt), tx.init(lt))
+    m = LoraCheckpointManager(tmp_path / "run", SPEC)
+    assert m.all_steps() == [2]
+    state = m.restore(opt_state=tx.init(lt))
+    assert_same_tree(state.lora_tree, jax.tree.map(lambda x: x + 2, lt))
+    m.close()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["2"]
