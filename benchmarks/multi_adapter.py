@@ -3,22 +3,28 @@
 A small decoder (4 pre-LN layers, d=256, 4 heads, sequence 64, random weights) with
 r=8 adapters on the attention query/value/output projections and both MLP matrices.
 A batch of B=64 sequences is spread evenly over N ∈ {1, 4, 16, 64} distinct adapters
-(example i uses adapter i mod N) and run three ways, each compiled before timing:
+(example i uses adapter i mod N); every variant is compiled before timing:
 
 - ``single``: the whole batch on one adapter, ``jax.jit(lorax_fn.lora(model.apply))``
   — the reference throughput (the same FLOPs as every mixed batch);
 - ``gather``: ``jax.jit(lorax_fn.multi_lora(model.apply))`` on an N-adapter stack:
   per-example factors gathered, one program, ``x·W0`` shared by the batch;
+- ``gather/unbatched``: the same with ``batch_of_one=False`` — this decoder also runs
+  on one unbatched example, which spares XLA the copies that the unit batch axis
+  causes in attention under ``vmap``;
+- ``gather/unbatched/chunkK``: that with ``chunk_size=K`` (``--chunk``, a ``lax.map``
+  over chunks of K examples), and ``single/chunkK``, its one-adapter reference;
 - ``loop``: PEFT's ``adapter_names=`` strategy — for each distinct adapter, run the
   jitted ``lora(model.apply)`` on its subset of the batch, then reassemble the rows;
 - ``chunked``: the control for ``loop`` — the same N calls on subsets of B/N rows, all
-  with one adapter. On a CPU, a few calls of 8–32 rows can beat one call of 64 (the
-  activations fit in cache), which ``loop`` profits from whatever the adapters;
-  ``loop / chunked`` is the cost of switching adapters itself.
+  with one adapter, so ``loop / chunked`` is the cost of switching adapters itself.
+- ``merged``: the model on merged weights (no low-rank path), the zero-overhead bound.
 
-``merged`` (the model on merged weights, one adapter, no low-rank path) is the
-zero-overhead bound. The time is the median of ``--repeats`` timed calls. Prints one
-JSON line per measurement, then a table.
+On a CPU, calls on 1–16 rows can beat one call on 64 because their activations stay
+in cache; ``loop`` and ``chunked`` profit from that whatever the adapters, which is
+what the chunked variants of ``single`` and ``gather`` make visible. The variants take
+turns (so a busy moment on a shared machine hits them all); each time is the median
+(and the minimum) of ``--repeats`` calls. Prints one JSON line per measurement, then a table.
 
     python benchmarks/multi_adapter.py [--batch 64] [--repeats 7]
 """
@@ -96,14 +102,17 @@ def make_adapters(variables, n: int, rank: int) -> tuple[dict, list[dict]]:
     return base, trees
 
 
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(call())  # compile (or reuse) outside the timed runs
-    times = []
+def timings(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each call; the calls take turns, so a busy moment hits them all."""
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile outside the timed runs
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def main() -> None:
@@ -112,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
     args = parser.parse_args()
 
@@ -119,10 +129,25 @@ def main() -> None:
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, model.vocab)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     base, trees = make_adapters(variables, max(args.adapters), args.rank)
+    chunk = f"chunk{args.chunk}"
 
     apply = jax.jit(model.apply)
-    single = jax.jit(lorax_fn.lora(model.apply))
-    gather = jax.jit(lorax_fn.multi_lora(model.apply))
+    lora_apply = lorax_fn.lora(model.apply)
+    single = jax.jit(lora_apply)
+
+    @jax.jit
+    def single_chunked(base, tree, tokens):
+        chunks = tokens.reshape(-1, args.chunk, *tokens.shape[1:])
+        out = jax.lax.map(lambda x: lora_apply(base, tree, x), chunks)
+        return out.reshape(tokens.shape[0], *out.shape[2:])
+
+    gathers = {
+        "gather": jax.jit(lorax_fn.multi_lora(model.apply)),
+        "gather/unbatched": jax.jit(lorax_fn.multi_lora(model.apply, batch_of_one=False)),
+        f"gather/unbatched/{chunk}": jax.jit(
+            lorax_fn.multi_lora(model.apply, batch_of_one=False, chunk_size=args.chunk)
+        ),
+    }
     merged = lorax_fn.merge(base, trees[0])
 
     def loop(n: int, one_adapter: bool) -> Callable[[], jax.Array]:
@@ -139,40 +164,45 @@ def main() -> None:
 
         return call
 
+    calls: dict[str, Callable[[], object]] = {
+        "merged 1": lambda: apply(merged, tokens),
+        "single 1": lambda: single(base, trees[0], tokens),
+        f"single/{chunk} 1": lambda: single_chunked(base, trees[0], tokens),
+    }
+    for n in args.adapters:
+        stack, ids = lorax_fn.stack_adapters(trees[:n]), jnp.arange(args.batch) % n
+        for name, gather in gathers.items():
+            calls[f"{name} {n}"] = lambda g=gather, s=stack, i=ids: g(base, s, i, tokens)
+        calls[f"loop {n}"] = loop(n, one_adapter=False)
+        calls[f"chunked {n}"] = loop(n, one_adapter=True)
+
     info = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu": platform.machine()}
     print(json.dumps({"machine": info, "batch": args.batch, "seq": args.seq, "rank": args.rank}))
-    reference = {
-        "merged": median_ms(lambda: apply(merged, tokens), args.repeats),
-        "single": median_ms(lambda: single(base, trees[0], tokens), args.repeats),
-    }
+    times = timings(calls, args.repeats)
+    reference = statistics.median(times["single 1"])
     rows = []
-    for method, ms in reference.items():
-        rows.append({"method": method, "adapters": 1, "ms": ms})
-    for n in args.adapters:
-        stack = lorax_fn.stack_adapters(trees[:n])
-        ids = jnp.arange(args.batch) % n
+    for name, values in times.items():
+        method, n = name.split()
+        ms = statistics.median(values)
         rows.append(
             {
-                "method": "gather",
-                "adapters": n,
-                "ms": median_ms(lambda s=stack, i=ids: gather(base, s, i, tokens), args.repeats),
+                "method": method,
+                "adapters": int(n),
+                "ms": ms,
+                "ms_min": min(values),
+                "examples_per_s": 1e3 * args.batch / ms,
+                "vs_single": reference / ms,
             }
         )
-        for method, one_adapter in (("loop", False), ("chunked", True)):
-            ms = median_ms(loop(n, one_adapter), args.repeats)
-            rows.append({"method": method, "adapters": n, "ms": ms})
-    for row in rows:
-        row["examples_per_s"] = 1e3 * args.batch / row["ms"]
-        row["vs_single"] = reference["single"] / row["ms"]
-        print(json.dumps(row))
+        print(json.dumps(rows[-1]))
 
-    print(f"\nB={args.batch}, seq {args.seq}, r={args.rank}; median of {args.repeats} runs")
+    print(f"\nB={args.batch}, seq {args.seq}, r={args.rank}; median (min) of {args.repeats} runs")
     print("| method | adapters | ms / batch | examples / s | × single-adapter |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['method']} | {row['adapters']} | {row['ms']:.1f} | "
-            f"{row['examples_per_s']:.1f} | {row['vs_single']:.2f} |"
+            f"| {row['method']} | {row['adapters']} | {row['ms']:.0f} ({row['ms_min']:.0f}) | "
+            f"{row['examples_per_s']:.0f} | {row['vs_single']:.2f} |"
         )
 
 

@@ -69,12 +69,13 @@ def combine(
 
     ``method="cat"`` is exact, at the sum of the ranks (``rank`` must be ``None``).
     ``method="svd"`` truncates the sum to ``rank`` per path (default: the largest rank
-    among the adapters at that path), optimally in every norm that SVD is optimal in;
-    ``rank`` must not exceed ``min(concatenated rank, fan_in, fan_out)``. ``weights`` may
-    be negative (task negation) and may be a traced array (``cat`` is then
-    differentiable in them). The adapters must agree on each shared path's layout and
-    weight shape; leaves trained in full have no weighted-sum meaning and are refused.
-    The module docstring gives the derivation.
+    among the adapters at that path): the best rank-``rank`` approximation in Frobenius
+    and spectral norm, per stacked layer. ``rank`` must not exceed
+    ``min(concatenated rank, fan_in, fan_out)``. ``weights`` may be negative (task
+    negation) and may be a traced array (``cat`` is then differentiable in them). The
+    adapters must agree on each shared path's layout and weight shape; leaves trained
+    in full have no weighted-sum meaning and are refused. The module docstring gives
+    the derivation.
 
     Example:
         >>> import jax.numpy as jnp

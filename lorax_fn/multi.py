@@ -312,7 +312,11 @@ def _select(stack: AdapterStack, ids: jax.Array, base: Any) -> LoraTree:
 
 
 def multi_lora(
-    fn: Callable[..., Any], *, batch_of_one: bool = True, on_fallback: FallbackMode = "warn"
+    fn: Callable[..., Any],
+    *,
+    batch_of_one: bool = True,
+    chunk_size: int | None = None,
+    on_fallback: FallbackMode = "warn",
 ) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, stack, adapter_ids, *args, **kw)``.
 
@@ -326,9 +330,18 @@ def multi_lora(
     are shared by all examples (``train=False``, masks of shape ``(1, …)``). With
     ``batch_of_one=True`` (for models that expect a batch axis) each example is run as
     a batch of one and every output leaf must keep that leading axis; pass ``False``
-    for a ``fn`` written for a single example. Since examples are run separately,
+    for a ``fn`` that takes a single unbatched example — many Flax models do, since
+    their layers act on any leading axes — which is cheaper: under ``vmap`` the unit
+    batch axis makes XLA copy attention tensors (+40% memory traffic on the decoder of
+    ``benchmarks/multi_adapter.py``). Since examples are run separately,
     anything that mixes examples (batch statistics in training mode, ``mutable=``
     collections) is per example, not per batch.
+
+    ``chunk_size=k`` runs the batch as a ``lax.map`` over chunks of ``k`` examples (each
+    chunk vmapped) instead of one vmap over the whole batch: still one program whose
+    cost does not depend on N. On a CPU, where a whole batch's activations overflow the
+    caches, it can be about twice as fast (see ``benchmarks/multi_adapter.py``); on an
+    accelerator, keep the default.
 
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
     :class:`LoraError`, traced ones (under ``jit``) turn that example's output into
@@ -344,6 +357,8 @@ def multi_lora(
         >>> g(params, stack_adapters(trees), jnp.array([0, -1, 1]), jnp.ones((3, 2, 8))).shape
         (3, 2, 4)
     """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise LoraError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     lora_fn = lora(fn, on_fallback=on_fallback)
 
     def one_example(base: Any, tree: LoraTree, args: tuple, kwargs: dict) -> Any:
@@ -368,7 +383,13 @@ def multi_lora(
                     "(pass shared values as keyword arguments)"
                 )
         _check_ids(ids, stack.size)
-        trees = _select(stack, ids, base)
-        return jax.vmap(lambda tree, xs: one_example(base, tree, xs, kwargs))(trees, args)
+
+        def per_example(tree_and_args: tuple[LoraTree, tuple]) -> Any:
+            return one_example(base, *tree_and_args, kwargs)
+
+        inputs = (_select(stack, ids, base), args)
+        if chunk_size is None:
+            return jax.vmap(per_example)(inputs)
+        return jax.lax.map(per_example, inputs, batch_size=chunk_size)
 
     return wrapped

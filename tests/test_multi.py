@@ -83,6 +83,8 @@ def test_mixed_batch_matches_each_example_merged_alone(block_setup):
     ids = jnp.array([0, -1, 2, 1, 2, -1])
     out = jax.jit(lorax_fn.multi_lora(model.apply, on_fallback="error"))(base, stack, ids, x)
     check_rows(model.apply, base, trees, ids, x, out)
+    chunked = jax.jit(lorax_fn.multi_lora(model.apply, chunk_size=4))(base, stack, ids, x)
+    np.testing.assert_allclose(chunked, out, rtol=1e-5, atol=1e-6)
 
 
 def test_stack_adapter_roundtrip_is_the_same_update(block_setup):
@@ -255,6 +257,8 @@ def test_refusals_name_the_problem_and_change_nothing(tmp_path):
     g = lorax_fn.multi_lora(lambda p, x: x @ p["w"])
     with pytest.raises(LoraError, match=r"positional argument 0 has shape \(3, 6\)"):
         g(base, stack, jnp.array([0, 1]), jnp.ones((3, 6)))
+    with pytest.raises(LoraError, match="chunk_size must be a positive integer"):
+        lorax_fn.multi_lora(lambda p, x: x, chunk_size=0)
     with pytest.raises(LoraError, match="1-D integer"):
         g(base, stack, jnp.array([0.0, 1.0]), jnp.ones((2, 6)))
     with pytest.raises(LoraError, match="w: the adapter was made for a weight of shape"):
