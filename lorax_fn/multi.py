@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn.checkpoint import restore
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits
@@ -204,7 +205,7 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
 def stack_checkpoints(
     directories: Sequence[str | os.PathLike], *, base: Any = None
 ) -> AdapterStack:
-    """:func:`stack_adapters` over adapters saved with :func:`lorax_fn.checkpoint.save`.
+    """:func:`stack_adapters` over adapters saved with :func:`lorax_fn.save`.
 
     Each directory is restored (and, with ``base``, checked against it) before any
     stacking; a failure names the directory.
@@ -212,9 +213,6 @@ def stack_checkpoints(
     Example:
         >>> stack = stack_checkpoints(["/ckpt/legal", "/ckpt/medical"], base=base)  # doctest: +SKIP
     """
-    # Imported here: checkpointing pulls in orbax, which serving from trees never needs.
-    from lorax_fn.checkpoint import restore
-
     trees = []
     for directory in directories:
         try:
