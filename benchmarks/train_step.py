@@ -99,7 +99,11 @@ def main() -> None:
     if args.config:
         print(json.dumps(measure(args.config, args)))
         return
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    passthrough = [
+        f"--{name}={value}"
+        for name, value in vars(args).items()
+        if name not in ("config", "json") and value is not None
+    ]
     rows = run_isolated(__file__, CONFIGS, passthrough)
     full = rows[0]["step_ms"]
     merged = rows[1]["step_ms"]
