@@ -8,6 +8,7 @@ Example:
     >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
 """
 
+from lorax_fn import analysis
 from lorax_fn.accounting import ParamCount, count_params, summary
 from lorax_fn.checkpoint import (
     CheckpointInfo,
@@ -53,6 +54,7 @@ __all__ = [
     "PathFilter",
     "TrainState",
     "__version__",
+    "analysis",
     "check_fits",
     "checkpoint_info",
     "combine",
