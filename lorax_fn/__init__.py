@@ -10,14 +10,8 @@ Example:
 
 from lorax_fn import analysis
 from lorax_fn.accounting import ParamCount, count_params, summary
-from lorax_fn.checkpoint import (
-    CheckpointInfo,
-    LoraCheckpointManager,
-    TrainState,
-    checkpoint_info,
-    restore,
-    save,
-)
+from lorax_fn.checkpoint import CheckpointInfo, checkpoint_info, restore, save
+from lorax_fn.checkpoint_manager import LoraCheckpointManager, TrainState
 from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta

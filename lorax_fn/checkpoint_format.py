@@ -1,0 +1,424 @@
+"""The on-disk format of lorax_fn checkpoints and its validation.
+
+A checkpoint directory holds orbax items only: ``lora`` (the factor arrays, keyed
+by entry index because LoRA paths contain ``/``), optionally ``opt_state`` (the
+optimizer state's leaves, keyed by leaf index) and ``lorax_fn`` (JSON metadata:
+the spec, each entry's static fields, a fingerprint of the base leaves it was
+made for, a SHA-256 of every array and the library version). Nothing is ever
+unpickled: arrays go through orbax's standard (tensorstore) handler, the rest is
+JSON. orbax does not checksum array data, which is why the metadata carries
+SHA-256 digests.
+
+This module turns a LoRA tree into those items and back, and validates the
+metadata (and, given a base, the adapter's fit to it) before any array is read;
+:mod:`lorax_fn.checkpoint` and :mod:`lorax_fn.checkpoint_manager` do the I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import lorax_fn
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.paths import compile_filter, leaves_with_paths
+from lorax_fn.spec import LoraSpec
+
+FORMAT = "lorax_fn.checkpoint"
+FORMAT_VERSION = 1
+# The names of the orbax items in a checkpoint directory (see the module docstring).
+LORA_ITEM, OPT_ITEM, META_ITEM = "lora", "opt_state", "lorax_fn"
+
+Shardings = (
+    jax.sharding.Sharding | Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
+)
+"""Where restored arrays go: ``None`` (the default device); one ``Sharding`` for every
+array; ``{path: Sharding | LoraFactors-of-Shardings}`` covering every entry (what
+:func:`lorax_fn.lora_shardings` and ``jax.tree.map(lambda x: x.sharding, lora_tree)``
+return); or a function from the abstract LoRA tree (``LoraFactors`` of
+``jax.ShapeDtypeStruct``) to such a dict, e.g.
+``lambda lt: lorax_fn.lora_shardings(lt, base_shardings)``."""
+
+
+def checkpoint_path(directory: str | os.PathLike) -> Path:
+    """The absolute path of a checkpoint directory, with ``~`` expanded.
+
+    Example:
+        >>> checkpoint_path("~/adapter").is_absolute()
+        True
+    """
+    return Path(directory).expanduser().absolute()
+
+
+# ---------------------------------------------------------------------------
+# Metadata: built from a LoRA tree at save time, checked before anything is read.
+
+
+def _digest(x: Any) -> str | None:
+    # A non-fully-addressable array (multi-host) cannot be hashed on one process.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def array_info(x: Any) -> dict[str, Any]:
+    """The metadata recorded for one array: shape, dtype name and SHA-256 (or ``None``).
+
+    Example:
+        >>> import numpy as np
+        >>> array_info(np.zeros((2, 3), np.float32))
+        {'shape': [2, 3], 'dtype': 'float32', 'sha256': '...'}
+    """
+    return {"shape": list(np.shape(x)), "dtype": np.dtype(x.dtype).name, "sha256": _digest(x)}
+
+
+def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """``{path: (shape, dtype)}`` of every leaf; concrete or abstract leaves both work.
+
+    Example:
+        >>> import numpy as np
+        >>> leaf_specs({"w": np.zeros((2, 3), np.float32), "n": 1.0})
+        {'n': ((), None), 'w': ((2, 3), 'float32')}
+    """
+    out = {}
+    for path, leaf in leaves_with_paths(tree):
+        dtype = getattr(leaf, "dtype", None)
+        out[path] = (tuple(np.shape(leaf)), None if dtype is None else np.dtype(dtype).name)
+    return out
+
+
+def _fingerprint(base_leaves: list[dict[str, Any]]) -> str:
+    canonical = json.dumps(base_leaves, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def encode(
+    lora_tree: Mapping[str, Any],
+    spec: LoraSpec | None,
+    base_leaves: Mapping[str, tuple[tuple[int, ...], str | None]] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The orbax array tree and the JSON metadata of ``lora_tree``, validated.
+
+    ``base_leaves`` (from :func:`leaf_specs`) supplies the dtypes for the fingerprint
+    and checks that the tree fits that base; ``None`` records dtypes as unknown.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> arrays, meta = encode({"w": f}, None, None)
+        >>> sorted(arrays["0"]), meta["base_leaves"]
+        (['a', 'b'], [{'path': 'w', 'shape': [4, 3], 'dtype': None}])
+    """
+    if not isinstance(lora_tree, Mapping) or not lora_tree:
+        raise LoraError(
+            f"expected a non-empty LoRA tree {{path: factors | array}}, got "
+            f"{type(lora_tree).__name__} {lora_tree!r:.80}"
+        )
+    arrays: dict[str, Any] = {}
+    entries, fingerprint = [], []
+    for i, path in enumerate(sorted(lora_tree)):
+        entry = lora_tree[path]
+        if isinstance(entry, LoraFactors):
+            arrays[str(i)] = {"a": entry.a, "b": entry.b}
+            entries.append(
+                {
+                    "path": path,
+                    "kind": "factors",
+                    "scale": float(entry.scale),
+                    "dropout": float(entry.dropout),
+                    "layout": entry.layout.to_json(),
+                    "a": array_info(entry.a),
+                    "b": array_info(entry.b),
+                }
+            )
+            shape, dtype = entry.weight_shape, None
+        elif hasattr(entry, "shape") and hasattr(entry, "dtype"):
+            arrays[str(i)] = entry
+            entries.append({"path": path, "kind": "array", "array": array_info(entry)})
+            shape, dtype = tuple(np.shape(entry)), np.dtype(entry.dtype).name
+        else:
+            raise LoraError(
+                f"{path}: a LoRA tree entry must be LoraFactors or an array, "
+                f"got {type(entry).__name__}"
+            )
+        if base_leaves is not None:
+            if path not in base_leaves:
+                raise LoraError(f"{path}: not a leaf of the given base")
+            shape, dtype = base_leaves[path]
+        fingerprint.append({"path": path, "shape": list(shape), "dtype": dtype})
+    try:
+        spec_json = None if spec is None else spec.to_json()
+    except LoraError:
+        spec_json = None  # callable filters: the adapter is still usable, the spec is not stored
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": lorax_fn.__version__,
+        "spec": spec_json,
+        "entries": entries,
+        "base_leaves": fingerprint,
+        "base_fingerprint": _fingerprint(fingerprint),
+    }
+    check_entries(meta, "the LoRA tree")
+    if base_leaves is not None:
+        check_against_base(meta, base_leaves, "the LoRA tree")
+    return arrays, meta
+
+
+def check_entries(meta: dict[str, Any], where: str) -> None:
+    """Raise unless the metadata is well formed and each entry's shapes agree.
+
+    ``where`` names the checkpoint in the error message.
+
+    Example:
+        >>> check_entries({"format": "other"}, "/tmp/x")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: /tmp/x: not a lorax_fn checkpoint (format 'other')
+    """
+    try:
+        if meta.get("format") != FORMAT:
+            raise LoraError(f"not a lorax_fn checkpoint (format {meta.get('format')!r})")
+        if int(meta["format_version"]) > FORMAT_VERSION:
+            raise LoraError(
+                f"written by lorax_fn {meta.get('library_version')} in format version "
+                f"{meta['format_version']}; this lorax_fn {lorax_fn.__version__} reads up to "
+                f"{FORMAT_VERSION}"
+            )
+        base = {b["path"]: b for b in meta["base_leaves"]}
+        if sorted(base) != sorted(e["path"] for e in meta["entries"]):
+            raise LoraError("base_leaves and entries name different paths")
+        for e in meta["entries"]:
+            path = e["path"]
+            shape = tuple(base[path]["shape"])
+            if e["kind"] == "factors":
+                layout = Layout(**e["layout"])
+                layout.check(path, shape)
+                a, b = tuple(e["a"]["shape"]), tuple(e["b"]["shape"])
+                expected = layout.shapes(shape, a[-1] if a else 0)
+                if (a, b) != expected:
+                    raise LoraError(
+                        f"{path}: A {a} and B {b} do not fit a weight of shape "
+                        f"{shape} with {layout} (expected {expected})"
+                    )
+                if not all(isinstance(e[k], int | float) for k in ("scale", "dropout")):
+                    raise LoraError(f"{path}: scale/dropout must be numbers")
+            elif e["kind"] == "array":
+                info, dtype = e["array"], base[path]["dtype"]
+                if tuple(info["shape"]) != shape or dtype not in (None, info["dtype"]):
+                    raise LoraError(
+                        f"{path}: trainable array {tuple(info['shape'])} "
+                        f"{info['dtype']} does not match the base leaf {shape} "
+                        f"{dtype}"
+                    )
+            else:
+                raise LoraError(f"{path}: unknown entry kind {e['kind']!r}")
+        if meta["spec"] is not None:
+            LoraSpec.from_json(meta["spec"])
+    except LoraError as err:
+        raise LoraError(f"{where}: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LoraError(
+            f"{where}: malformed lorax_fn metadata ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _spec_paths(spec_json: dict[str, Any], leaves: Mapping[str, Any]) -> set[str]:
+    """The paths of ``leaves`` that the stored spec would target or train in full."""
+    spec = LoraSpec.from_json(spec_json)
+
+    def hit(filters: tuple[Any, ...]) -> set[str]:
+        predicates = [compile_filter(f) for f in filters]
+        return {p for p in leaves if any(match(p, None) for match in predicates)}
+
+    return (hit(spec.targets) | hit(spec.trainable)) - hit(spec.exclude)
+
+
+def check_against_base(
+    meta: dict[str, Any],
+    base_leaves: Mapping[str, tuple[tuple[int, ...], str | None]],
+    where: str,
+) -> None:
+    """Refuse an adapter made for a different base, naming every offending path.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> check_against_base(meta, {"w": ((4, 5), "float32")}, "the adapter")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the adapter was made for a different base:
+          w: made for shape (4, 3), the base has (4, 5)
+    """
+    problems = []
+    recorded = {b["path"]: b for b in meta["base_leaves"]}
+    if missing := sorted(set(recorded) - set(base_leaves)):
+        problems.append(f"paths not in the base: {missing}")
+    for path in sorted(set(recorded) & set(base_leaves)):
+        shape, dtype = base_leaves[path]
+        want_shape, want_dtype = tuple(recorded[path]["shape"]), recorded[path]["dtype"]
+        if shape != want_shape:
+            problems.append(f"{path}: made for shape {want_shape}, the base has {shape}")
+        elif want_dtype is not None and dtype != want_dtype:
+            problems.append(f"{path}: made for dtype {want_dtype}, the base has {dtype}")
+    selected = set() if meta["spec"] is None else _spec_paths(meta["spec"], base_leaves)
+    if extra := sorted(selected - set(recorded)):
+        problems.append(f"base paths its spec selects but it lacks: {extra}")
+    if problems:
+        raise LoraError(f"{where} was made for a different base:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Restoring: abstract trees that tell orbax what to read and where, then verification.
+
+
+def _sharding(
+    shardings: Shardings, path: str, role: str | None, shape: tuple[int, ...]
+) -> jax.sharding.Sharding:
+    if shardings is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    what = "the array" if role is None else role.upper()
+    if isinstance(shardings, jax.sharding.Sharding):
+        s = shardings
+    else:
+        if path not in shardings:
+            raise LoraError(f"shardings has no entry for {path!r}")
+        s = shardings[path]
+        if role is not None and not isinstance(s, jax.sharding.Sharding):
+            s = getattr(s, role, None)
+    if not isinstance(s, jax.sharding.Sharding):
+        raise LoraError(f"{path}: expected a jax.sharding.Sharding for {what}, got {s!r}")
+    try:
+        s.shard_shape(shape)
+    except ValueError as err:
+        raise LoraError(
+            f"{path}: sharding {s} does not fit {what} of shape {shape}: {err}"
+        ) from None
+    return s
+
+
+def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA tree the checkpoint holds, with ``jax.ShapeDtypeStruct`` for arrays."""
+
+    def sds(info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))
+
+    return {
+        e["path"]: LoraFactors(
+            sds(e["a"]), sds(e["b"]), e["scale"], Layout(**e["layout"]), e["dropout"]
+        )
+        if e["kind"] == "factors"
+        else sds(e["array"])
+        for e in meta["entries"]
+    }
+
+
+def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
+    """The orbax restore target for the ``lora`` item: placed ``jax.ShapeDtypeStruct`` s.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> target = abstract_lora(meta, None)  # None: the default device
+        >>> target["0"]["a"].shape, target["0"]["b"].shape
+        ((4, 2), (2, 3))
+    """
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(_abstract_tree(meta))
+    if isinstance(shardings, Mapping) and (
+        extra := sorted(set(shardings) - {e["path"] for e in meta["entries"]})
+    ):
+        raise LoraError(f"shardings name paths the checkpoint does not have: {extra}")
+
+    def sds(path: str, role: str | None, info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+        shape = tuple(info["shape"])
+        return jax.ShapeDtypeStruct(
+            shape, np.dtype(info["dtype"]), sharding=_sharding(shardings, path, role, shape)
+        )
+
+    out = {}
+    for i, e in enumerate(meta["entries"]):
+        if e["kind"] == "factors":
+            out[str(i)] = {r: sds(e["path"], r, e[r]) for r in ("a", "b")}
+        else:
+            out[str(i)] = sds(e["path"], None, e["array"])
+    return out
+
+
+def verify_array(path: str, info: dict[str, Any], x: Any, where: str) -> None:
+    """Raise unless ``x`` has the shape, dtype and SHA-256 that :func:`array_info` recorded.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.zeros((2,), np.float32)
+        >>> verify_array("w", array_info(x), x + 1, "the checkpoint")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the checkpoint: w is corrupted (its SHA-256 does not ...
+    """
+    if tuple(np.shape(x)) != tuple(info["shape"]) or np.dtype(x.dtype).name != info["dtype"]:
+        raise LoraError(
+            f"{where}: {path} restored as {np.shape(x)} {x.dtype}, the metadata "
+            f"says {tuple(info['shape'])} {info['dtype']}"
+        )
+    if info.get("sha256") is not None and _digest(x) != info["sha256"]:
+        raise LoraError(
+            f"{where}: {path} is corrupted (its SHA-256 does not match the one "
+            "recorded at save time)"
+        )
+
+
+def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Rebuild the exact LoRA tree (same static fields) and verify every array.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> arrays, meta = encode({"w": f}, None, None)
+        >>> decode(meta, arrays, "the checkpoint")
+        {'w': LoraFactors(a=float32[4, 2], b=float32[2, 3], scale=0.5, layout=...)}
+    """
+    tree: dict[str, Any] = {}
+    for i, e in enumerate(meta["entries"]):
+        path, item = e["path"], arrays[str(i)]
+        if e["kind"] == "factors":
+            verify_array(f"{path} (A)", e["a"], item["a"], where)
+            verify_array(f"{path} (B)", e["b"], item["b"], where)
+            tree[path] = LoraFactors(
+                item["a"], item["b"], e["scale"], Layout(**e["layout"]), e["dropout"]
+            )
+        else:
+            verify_array(path, e["array"], item, where)
+            tree[path] = item
+    return tree
+
+
+def read_error(where: str, err: BaseException) -> LoraError:
+    """The :class:`LoraError` to raise when orbax cannot read (part of) a checkpoint.
+
+    Example:
+        >>> print(read_error("the checkpoint at /tmp/x", OSError("short read")))
+        the checkpoint at /tmp/x is truncated or corrupted; could not read it: OSError: short read
+    """
+    return LoraError(
+        f"{where} is truncated or corrupted; could not read it: "
+        f"{type(err).__name__}: {str(err)[:500]}"
+    )
