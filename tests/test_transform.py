@@ -303,3 +303,14 @@ def test_bad_on_fallback_and_mismatched_tree_are_refused():
     _, lt = adapt({"w": jnp.ones((5, 4))}, "w")
     with pytest.raises(lorax_fn.LoraError, match="w: the adapter was made for"):
         lorax_fn.lora(lambda p, x: x @ p["w"])({"w": jnp.ones((6, 4))}, lt, jnp.ones((1, 6)))
+
+
+def test_weight_on_the_left_without_batch_dims():
+    def fn(p, x):  # (in, h, o) weight as lhs, contracted with (b, t, in): output (h, o, b, t)
+        return jax.lax.dot_general(p["w"], x, (((0,), (2,)), ((), ())))
+
+    params = {"w": jax.random.normal(jax.random.key(0), (5, 2, 3))}
+    x = jax.random.normal(jax.random.key(2), (4, 6, 5))
+    base, lt = adapt(params, "w", fn, x)
+    assert lt["w"].layout == Layout((0,), (1, 2))
+    assert_matches_merged(fn, base, lt, x)
