@@ -133,15 +133,7 @@ def plot(
             if zoom:
                 grid = grid[:, : grid.shape[0]]
             r1, r2 = grid.shape
-            image = ax.imshow(
-                grid,
-                vmin=0.0,
-                vmax=1.0,
-                cmap="viridis",
-                aspect="auto",
-                interpolation="nearest",
-                extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5),
-            )
+            image = analysis.draw_subspace_similarity(ax, grid)
             ax.set_title(f"{basis}, {name}" + (f" (j ≤ {r2})" if zoom else ""), fontsize=9)
             ax.set_xlabel("j", fontsize=8)
             ax.set_ylabel("i", fontsize=8)

@@ -15,6 +15,7 @@ All functions are pure and work on ``jax.Array`` or NumPy inputs; leading batch 
 from __future__ import annotations
 
 from os import PathLike
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from jax.typing import ArrayLike
 
 __all__ = [
     "delta_spectrum",
+    "draw_subspace_similarity",
     "plot_subspace_similarity",
     "subspace_similarity",
     "subspace_similarity_grid",
@@ -149,6 +151,29 @@ def delta_spectrum(a: ArrayLike, b: ArrayLike, scale: float = 1.0) -> Array:
     return jnp.linalg.svd(core, compute_uv=False)
 
 
+def draw_subspace_similarity(ax: Any, grid: ArrayLike) -> Any:
+    """Draw a 2-D φ grid on a matplotlib ``Axes``; returns the image (for a colorbar).
+
+    Rows are ``i = 1..r1`` top to bottom, columns ``j = 1..r2``, the colour scale fixed
+    to ``[0, 1]`` so that panels are comparable.
+
+    Example::
+
+        >>> image = draw_subspace_similarity(ax, subspace_similarity_grid(a1, a2))  # doctest: +SKIP
+    """
+    values = np.asarray(grid, dtype=np.float64)
+    r1, r2 = values.shape
+    return ax.imshow(
+        values,
+        vmin=0.0,
+        vmax=1.0,
+        cmap="viridis",
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5),
+    )
+
+
 def plot_subspace_similarity(
     grid: ArrayLike,
     path: str | PathLike[str],
@@ -183,15 +208,7 @@ def plot_subspace_similarity(
     fig = Figure(figsize=(1.5 + 0.25 * min(r2, 32), 1.0 + 0.25 * min(r1, 32)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(
-        values,
-        vmin=0.0,
-        vmax=1.0,
-        cmap="viridis",
-        aspect="auto",
-        interpolation="nearest",
-        extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5),
-    )
+    image = draw_subspace_similarity(ax, values)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -10,6 +10,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorax_fn
+from examples import data_parallel
 from lorax_fn import Layout, LoraError, LoraFactors, LoraSpec
 
 AUTO = (AxisType.Auto,)
@@ -26,17 +27,7 @@ class MLP(nn.Module):
 
 
 def make_step(tx, axis_name=None):
-    def loss_fn(variables, x, y):
-        return jnp.mean((MLP().apply(variables, x) - y) ** 2)
-
-    def step(base, lt, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lorax_fn.lora(loss_fn), argnums=1)(base, lt, x, y)
-        if axis_name is not None:
-            grads, loss = jax.lax.pmean((grads, loss), axis_name)
-        updates, opt_state = tx.update(grads, opt_state, lt)
-        return optax.apply_updates(lt, updates), opt_state, loss
-
-    return step
+    return data_parallel.make_step(MLP().apply, tx, axis_name)
 
 
 def test_pmap_and_sharded_jit_match_single_device_training():
