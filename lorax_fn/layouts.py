@@ -19,6 +19,7 @@ from jax.extend import core
 
 from lorax_fn.factors import Layout
 from lorax_fn.paths import leaves_with_paths
+from lorax_fn.primitives import SUB_JAXPR, dispatch, unit_broadcast
 from lorax_fn.symbolic import reshape_groups
 
 
@@ -44,27 +45,6 @@ class _Track:
         return Layout(tuple(sorted(fan_in)), tuple(sorted(fan_out)), tuple(sorted(stacked)))
 
 
-_SAME_AXES = {
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "reduce_precision",
-    "slice",
-    "dynamic_slice",
-    "optimization_barrier",
-}
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
-
-
 class _Walker:
     def __init__(self) -> None:
         self.found: dict[str, Layout] = {}
@@ -79,70 +59,129 @@ class _Walker:
         read = lambda v: None if isinstance(v, core.Literal) else env.get(v)  # noqa: E731
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            outs = self.eqn(eqn, ins) if any(ins) else [None] * len(eqn.outvars)
-            for v, t in zip(eqn.outvars, outs, strict=True):
+            rule = _RULES.get(eqn.primitive.name)
+            outs = rule(self, eqn, ins) if rule and any(ins) else None
+            for v, t in zip(eqn.outvars, outs or [None] * len(eqn.outvars), strict=True):
                 env[v] = t
         return [read(v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn: core.JaxprEqn, ins: list[_Track | None]) -> list[_Track | None]:
-        name, p, t = eqn.primitive.name, eqn.params, ins[0]
-        none = [None] * len(eqn.outvars)
-        if name in _SAME_AXES and t is not None:
-            return [t]
-        if name == "transpose" and t is not None:
-            return [dataclasses.replace(t, axes=tuple(t.axes[k] for k in p["permutation"]))]
-        if name in ("reshape", "squeeze", "broadcast_in_dim") and t is not None:
-            return [self.reshape(t, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)]
-        if name == "dot_general":
-            (lc, rc), (lb, rb) = p["dimension_numbers"]
-            for track, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
-                if track is not None:
-                    self.record(track, track.layout(c, b))
-            return none
-        if name == "conv_general_dilated" and ins[1] is not None:
-            out_axis = p["dimension_numbers"].rhs_spec[0]
-            k = ins[1]
-            others = [i for i in range(len(k.axes)) if i != out_axis]
-            self.record(k, k.layout(others, ()))
-            return none
-        if name == "gather" and t is not None:
-            self.record(t, t.layout(p["dimension_numbers"].collapsed_slice_dims, ()), lookup=True)
-            return none
-        if name in _CALLS:
-            sub = p[_CALLS[name]]
-            sub = sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub
-            return self.walk(sub, ins)
-        if name == "cond":
-            for branch in p["branches"]:
-                self.walk(branch.jaxpr, ins[1:])
-            return none
-        if name == "while":
-            nc, nb = p["cond_nconsts"], p["body_nconsts"]
-            self.walk(p["body_jaxpr"].jaxpr, ins[nc : nc + nb] + [None] * (len(ins) - nc - nb))
-            return none
-        if name == "scan":
-            n = p["num_consts"] + p["num_carry"]
-            xs = [
-                None
-                if x is None
-                else dataclasses.replace(x, axes=x.axes[1:], stacked=x.stacked | set(x.axes[0]))
-                for x in ins[n:]
-            ]
-            self.walk(p["jaxpr"].jaxpr, ins[: p["num_consts"]] + [None] * p["num_carry"] + xs)
-            return none
-        return none
 
-    @staticmethod
-    def reshape(t: _Track, old: Sequence[int], new: Sequence[int]) -> _Track | None:
-        groups = reshape_groups(old, new)
-        if groups is None:
-            return None
-        axes: list[tuple[int, ...]] = [()] * len(new)
-        for old_axes, new_axes in groups:
-            merged = tuple(a for k in old_axes for a in t.axes[k])
-            for k in new_axes:
-                axes[k] = merged
-        return dataclasses.replace(t, axes=tuple(axes))
+# Each rule returns the tracks of the equation's outputs, or None when no weight's
+# axes survive it. The primitives followed are lorax_fn.primitives' table, the one
+# lora() evaluates with, so the two cannot disagree on where a weight can go.
+
+
+def _same(w, eqn, ins):
+    return ins if len(ins) == len(eqn.outvars) else None
+
+
+def _first(w, eqn, ins):
+    return [ins[0]]
+
+
+def _transpose(w, eqn, ins):
+    t = ins[0]
+    return [dataclasses.replace(t, axes=tuple(t.axes[k] for k in eqn.params["permutation"]))]
+
+
+def _reshape(w, eqn, ins):
+    if len(ins) > 1 or eqn.params.get("dimensions") is not None:
+        return None
+    return [_reshaped(ins[0], eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)]
+
+
+def _squeeze(w, eqn, ins):
+    return [_reshaped(ins[0], eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)]
+
+
+def _broadcast_in_dim(w, eqn, ins):
+    old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    if len(ins) > 1 or not unit_broadcast(old, new, eqn.params["broadcast_dimensions"]):
+        return None
+    return [_reshaped(ins[0], old, new)]
+
+
+def _dot_general(w, eqn, ins):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for track, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
+        if track is not None:
+            w.record(track, track.layout(c, b))
+
+
+def _conv(w, eqn, ins):
+    k = ins[1]
+    if k is not None:
+        out_axis = eqn.params["dimension_numbers"].rhs_spec[0]
+        others = [i for i in range(len(k.axes)) if i != out_axis]
+        w.record(k, k.layout(others, ()))
+
+
+def _gather(w, eqn, ins):
+    t = ins[0]
+    if t is not None:
+        dims = eqn.params["dimension_numbers"].collapsed_slice_dims
+        w.record(t, t.layout(dims, ()), lookup=True)
+
+
+def _call(w, eqn, ins):
+    sub = eqn.params[SUB_JAXPR[eqn.primitive.name]]
+    return w.walk(sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub, ins)
+
+
+def _cond(w, eqn, ins):
+    for branch in eqn.params["branches"]:
+        w.walk(branch.jaxpr, ins[1:])
+
+
+def _while(w, eqn, ins):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    w.walk(p["body_jaxpr"].jaxpr, ins[nc : nc + nb] + [None] * (len(ins) - nc - nb))
+
+
+def _scan(w, eqn, ins):
+    p = eqn.params
+    n = p["num_consts"] + p["num_carry"]
+    xs = [
+        None
+        if x is None
+        else dataclasses.replace(x, axes=x.axes[1:], stacked=x.stacked | set(x.axes[0]))
+        for x in ins[n:]
+    ]
+    w.walk(p["jaxpr"].jaxpr, ins[: p["num_consts"]] + [None] * p["num_carry"] + xs)
+
+
+def _reshaped(t: _Track, old: Sequence[int], new: Sequence[int]) -> _Track | None:
+    groups = reshape_groups(old, new)
+    if groups is None:
+        return None
+    axes: list[tuple[int, ...]] = [()] * len(new)
+    for old_axes, new_axes in groups:
+        merged = tuple(a for k in old_axes for a in t.axes[k])
+        for k in new_axes:
+            axes[k] = merged
+    return dataclasses.replace(t, axes=tuple(axes))
+
+
+_RULES: dict[str, Callable] = dispatch(
+    {
+        "same": _same,
+        "transpose": _transpose,
+        "reshape": _reshape,
+        "squeeze": _squeeze,
+        "broadcast_in_dim": _broadcast_in_dim,
+        "slice": _first,
+        "dynamic_slice": _first,
+        "dot_general": _dot_general,
+        "conv_general_dilated": _conv,
+        "gather": _gather,
+        "call": _call,
+        "custom": _call,
+        "scan": _scan,
+        "cond": _cond,
+        "while": _while,
+    }
+)
 
 
 def infer_layouts(
@@ -152,10 +191,12 @@ def infer_layouts(
 
     Returns ``{path: Layout}`` for every leaf of ``params`` (of rank ≥ 2) consumed by a
     ``dot_general``, ``conv_general_dilated`` or embedding ``gather``, following it
-    through transposes, casts, reshapes, slices, ``jit``, ``remat``, ``scan`` (the
-    scanned axis is stacked), ``cond`` and ``while``. An embedding lookup decides for
-    a tied table; otherwise the first consumer does. Pass the result to
-    :func:`lorax_fn.split` as ``layouts=``.
+    through the primitives :func:`lorax_fn.lora` keeps it factorized through
+    (:mod:`lorax_fn.primitives`: transposes, casts, ``optimization_barrier``,
+    reshapes, slices, ``jit``, ``remat``, ``scan`` (the scanned axis is stacked),
+    ``cond``, ``while``, and the primal body of custom-derivative functions). An
+    embedding lookup decides for a tied table; otherwise the first consumer does. Pass
+    the result to :func:`lorax_fn.split` as ``layouts=``.
 
     Example:
         >>> import jax, jax.numpy as jnp

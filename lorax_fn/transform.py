@@ -4,16 +4,20 @@
 then evaluated with every adapted weight held as ``W0 + scale·A·B``
 (:class:`~lorax_fn.symbolic.SymbolicWeight`). Layout operations on a weight stay
 symbolic, supported consumers (``dot_general``, ``conv_general_dilated``,
-embedding ``gather``) compute ``x·W0 + scale·(x·A)·B``, higher-order primitives
-are evaluated recursively, and anything else materializes that one weight and
-reports it. The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and
-``pmap`` compose with it, and the gradient never holds a full-size weight.
+embedding ``gather``) compute ``x·W0 + scale·(x·A)·B``, ``jit``, ``remat``,
+``scan``, ``cond`` and ``while`` are evaluated recursively (the table is
+:mod:`lorax_fn.primitives`, shared with layout inference), and anything else —
+custom-derivative functions included, whose rule needs the full weight —
+materializes that one weight and reports it. The result is ordinary JAX code, so
+``jit``, ``grad``, ``vmap`` and ``pmap`` compose with it, and the gradient never
+holds a full-size weight where the weight stays symbolic.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -23,23 +27,27 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from lorax_fn import symbolic
+from lorax_fn import primitives, symbolic
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import leaves_with_paths
 from lorax_fn.symbolic import SymbolicWeight
+from lorax_fn.usage import used_inputs
 
 FallbackMode = Literal["warn", "error", "ignore"]
 
 
 class _Context:
-    """Per-call state: how to report fallbacks, and the dropout key."""
+    """Per-call state: how to report fallbacks (once per signature), and the dropout key."""
 
-    def __init__(self, on_fallback: FallbackMode, reported: set, key: jax.Array | None):
+    def __init__(
+        self, on_fallback: FallbackMode, reported: set, key: jax.Array | None, signature: str
+    ):
         self.on_fallback = on_fallback
         self.reported = reported
         self.key = key
+        self.signature = signature
         self.consumers = 0
 
     def next_key(self) -> jax.Array | None:
@@ -47,16 +55,17 @@ class _Context:
         return None if self.key is None else jax.random.fold_in(self.key, self.consumers)
 
     def with_key(self, key: jax.Array | None) -> _Context:
-        ctx = _Context(self.on_fallback, self.reported, key)
+        ctx = _Context(self.on_fallback, self.reported, key, self.signature)
         ctx.consumers = self.consumers
         return ctx
 
-    def fallback(self, w: SymbolicWeight, primitive: str) -> jax.Array:
+    def fallback(self, w: SymbolicWeight, primitive: str, why: str = "") -> jax.Array:
         if (w.path, primitive) not in self.reported:
             self.reported.add((w.path, primitive))
             message = (
-                f"lorax_fn: {w.path} is consumed by `{primitive}`, which has no "
-                "factorized rule; the full weight W0 + scale·A·B is formed there"
+                f"lorax_fn: {w.path} is consumed by `{primitive}`, "
+                f"{why or 'which has no factorized rule'}; the full weight W0 + scale·A·B "
+                f"is formed there (inputs {self.signature})"
             )
             if self.on_fallback == "error":
                 raise LoraError(message)
@@ -122,9 +131,15 @@ def _transpose(eqn, invals, ctx):
     return symbolic.transpose(invals[0], eqn.params["permutation"])
 
 
-def _convert(eqn, invals, ctx):
-    w = invals[0]
-    return w.replace(w0=_bind_plain(eqn, [w.w0]))
+def _same(eqn, invals, ctx):
+    if len(invals) == 1:
+        # A cast or copy acts on W0; the low-rank path keeps the factors' dtype, as
+        # for a bfloat16 base with float32 factors.
+        w = invals[0]
+        return w.replace(w0=_bind_plain(eqn, [w.w0]))
+    # optimization_barrier: the same barrier over every array, factors included.
+    leaves, treedef = jax.tree_util.tree_flatten(invals)
+    return jax.tree_util.tree_unflatten(treedef, _bind_plain(eqn, leaves))
 
 
 def _reshape(eqn, invals, ctx):
@@ -142,9 +157,9 @@ def _squeeze(eqn, invals, ctx):
 def _broadcast_in_dim(eqn, invals, ctx):
     w, shape = invals[0], eqn.params["shape"]
     # Only inserting unit axes keeps the factorization; real broadcasting materializes.
-    if len(invals) > 1 or [d for d in shape if d != 1] != [d for d in w.w0.shape if d != 1]:
-        return None
-    if [shape[d] for d in eqn.params["broadcast_dimensions"]] != list(w.w0.shape):
+    if len(invals) > 1 or not primitives.unit_broadcast(
+        w.w0.shape, shape, eqn.params["broadcast_dimensions"]
+    ):
         return None
     return symbolic.reshape(w, shape)
 
@@ -217,14 +232,24 @@ def _gather(eqn, invals, ctx):
 # ------------------------------------------------------- higher-order rules
 
 
-def _inline(param: str) -> Callable:
-    def rule(eqn, invals, ctx):
-        sub = eqn.params[param]
-        if isinstance(sub, core.ClosedJaxpr):
-            return _eval_closed(sub, invals, ctx)
-        return _eval_jaxpr(sub, (), invals, ctx)
+def _inline(eqn, invals, ctx):
+    sub = eqn.params[primitives.SUB_JAXPR[eqn.primitive.name]]
+    if isinstance(sub, core.ClosedJaxpr):
+        return _eval_closed(sub, invals, ctx)
+    return _eval_jaxpr(sub, (), invals, ctx)
 
-    return rule
+
+def _custom(eqn, invals, ctx):
+    # The custom rule (a straight-through estimator, a kernel's hand-written backward)
+    # is defined on the full weight: evaluating the primal body factorized would
+    # differentiate that body instead and silently lose the rule.
+    sub = eqn.params[primitives.SUB_JAXPR[eqn.primitive.name]]
+    func = getattr(getattr(sub.jaxpr, "debug_info", None), "func_name", None) or "?"
+    why = f"the custom-derivative function `{func}`, whose rule is defined on the full weight"
+    name = eqn.primitive.name
+    return _bind_plain(
+        eqn, [ctx.fallback(x, name, why) if isinstance(x, SymbolicWeight) else x for x in invals]
+    )
 
 
 def _remat(eqn, invals, ctx):
@@ -315,54 +340,118 @@ def _while(eqn, invals, ctx):
     return lax.while_loop(cond_fn, body_fn, init)
 
 
-_RULES: dict[str, Callable] = {
-    "transpose": _transpose,
-    "convert_element_type": _convert,
-    "reshape": _reshape,
-    "squeeze": _squeeze,
-    "broadcast_in_dim": _broadcast_in_dim,
-    "slice": _slice,
-    "dynamic_slice": _dynamic_slice,
-    "dot_general": _dot_general,
-    "conv_general_dilated": _conv,
-    "gather": _gather,
-    "jit": _inline("jaxpr"),
-    "pjit": _inline("jaxpr"),
-    "closed_call": _inline("call_jaxpr"),
-    "core_call": _inline("call_jaxpr"),
-    # A weight flowing into a custom-derivative function itself: its primal definition
-    # is exact, and differentiating it is what merge-then-call does to the merged W.
-    "custom_jvp_call": _inline("call_jaxpr"),
-    "custom_vjp_call": _inline("call_jaxpr"),
-    "remat2": _remat,
-    "checkpoint": _remat,
-    "scan": _scan,
-    "cond": _cond,
-    "while": _while,
-}
+_RULES: dict[str, Callable] = primitives.dispatch(
+    {
+        "same": _same,
+        "transpose": _transpose,
+        "reshape": _reshape,
+        "squeeze": _squeeze,
+        "broadcast_in_dim": _broadcast_in_dim,
+        "slice": _slice,
+        "dynamic_slice": _dynamic_slice,
+        "dot_general": _dot_general,
+        "conv_general_dilated": _conv,
+        "gather": _gather,
+        "call": _inline,
+        "remat2": _remat,
+        "checkpoint": _remat,
+        "scan": _scan,
+        "cond": _cond,
+        "while": _while,
+        "custom": _custom,
+    }
+)
 
 
 # ------------------------------------------------------------ the transform
 
 
-def _split_static(tree: Any) -> tuple[list[Any], list[Any], Any]:
-    """Array leaves are traced inputs; everything else (bools, strings, …) is static."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    is_array = [
-        isinstance(x, jax.Array | np.ndarray | np.generic) or hasattr(x, "__jax_array__")
-        for x in leaves
-    ]
-    dynamic = [x for x, a in zip(leaves, is_array, strict=True) if a]
-    static = [None if a else x for x, a in zip(leaves, is_array, strict=True)]
-    return dynamic, static, treedef
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic) or hasattr(x, "__jax_array__")
+
+
+def _split_static(tree: Any) -> tuple[list[Any], tuple, Any]:
+    """Array leaves are traced inputs; everything else (bools, strings, …) is static.
+
+    Static leaves key the trace cache, so each must be hashable, as ``jax.jit``
+    requires of its static arguments; an unhashable one is refused by name.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    dynamic, static = [], []
+    for key_path, x in flat:
+        if _is_array(x):
+            dynamic.append(x)
+            static.append(None)
+            continue
+        try:
+            hash(x)
+        except TypeError as e:
+            raise LoraError(
+                f"lora: static argument {_arg_name(key_path)} (a {type(x).__name__}) is not "
+                f"hashable: {e}. Non-array arguments key the trace cache, as jax.jit's static "
+                "arguments do; pass a hashable value (a tuple, a frozen dataclass) or an array"
+            ) from None
+        static.append((type(x), x))
+    return dynamic, tuple(static), treedef
+
+
+def _arg_name(key_path: tuple) -> str:
+    """``args[1]['cfg']`` or ``kwargs['mode']``: the arguments after ``base, lora_tree``."""
+    head, entry, *rest = key_path
+    name = f"args[{entry.idx}]" if head.idx == 0 else f"kwargs[{entry.key!r}]"
+    return name + jax.tree_util.keystr(tuple(rest))
 
 
 def _aval_key(x: Any) -> tuple:
     return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
 
 
+def _signature(arg_leaves: Sequence[Any]) -> str:
+    shapes = [f"{jnp.result_type(x).name}[{','.join(map(str, jnp.shape(x)))}]" for x in arg_leaves]
+    return "(" + ", ".join(shapes[:4]) + (", …" if len(shapes) > 4 else "") + ")"
+
+
+class _Trace:
+    """One input signature: its evaluator, the params ``fn`` reads, and what was reported."""
+
+    def __init__(self, used: frozenset[str], signature: str):
+        self.used = used
+        self.signature = signature
+        self.reported: set = set()
+        self.checked: set = set()
+        self.evaluate: Callable[..., Any] | None = None
+
+    def check_usage(self, adapted: tuple[str, ...]) -> None:
+        """Refuse an ``fn`` that reads none of the LoRA tree; warn per unread entry."""
+        unused = [p for p in adapted if p not in self.used]
+        if not unused:
+            return
+        if len(unused) == len(adapted):
+            listed = ", ".join(unused[:5]) + (", …" if len(unused) > 5 else "")
+            raise LoraError(
+                f"lora(fn): fn never reads any weight of the LoRA tree ({listed}) from its "
+                f"params argument (inputs {self.signature}), so training would see all-zero "
+                "gradients. Does fn call a model or variables captured by closure? Build the "
+                "model from the params fn receives (model.apply(params, ...), "
+                "nnx.merge(graphdef, params))"
+            )
+        if adapted in self.checked:
+            return
+        self.checked.add(adapted)
+        for path in unused:
+            warnings.warn(
+                f"lorax_fn: fn never reads {path} (inputs {self.signature}); its adapter has "
+                "no effect and a zero gradient",
+                stacklevel=3,
+            )
+
+
 def lora(
-    fn: Callable[..., Any], *, factorized: bool = True, on_fallback: FallbackMode = "warn"
+    fn: Callable[..., Any],
+    *,
+    factorized: bool = True,
+    on_fallback: FallbackMode = "warn",
+    cache_size: int = 32,
 ) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, lora_tree, *args, lora_key=None, **kw)``.
 
@@ -371,14 +460,23 @@ def lora(
     backward pass forms ``W0 + scale·A·B`` or a full-size weight gradient when the weight
     is consumed by ``dot_general`` (any dimension numbers, either side, batched),
     ``conv_general_dilated`` (ungrouped) or an embedding ``gather``. Transposes, dtype
-    casts, grouping reshapes, unit broadcasts and slices of a weight stay factorized,
-    as do weights passed through ``jit``, ``scan`` (stacked layers), ``remat``,
-    ``cond``, ``while`` and custom-derivative functions.
+    casts, copies, ``optimization_barrier``, grouping reshapes, unit broadcasts and
+    slices of a weight stay factorized, as do weights passed through ``jit``, ``scan``
+    (stacked layers), ``remat``, ``cond`` and ``while`` (:mod:`lorax_fn.primitives`).
 
-    Any other consumer materializes that one weight (always correct) and is reported
-    once per (path, primitive) by ``on_fallback``: ``"warn"``, ``"error"`` (raise
-    :class:`LoraError`) or ``"ignore"``. ``factorized=False`` is plain merge-then-call
-    (the reference, and a baseline for benchmarks).
+    A weight that enters a ``jax.custom_jvp`` / ``jax.custom_vjp`` function is formed in
+    full there and the function is called with its custom rule intact, so gradients
+    are those of merge-then-call (custom functions applied to activations, such as
+    ``jax.nn.relu``, stay on the fast path). That, and any other consumer without a
+    factorized rule, materializes that one weight (always correct) and is reported once
+    per (input signature, path, primitive) by ``on_fallback``: ``"warn"``, ``"error"``
+    (raise :class:`LoraError`) or ``"ignore"``. ``factorized=False`` is plain
+    merge-then-call (the reference, and a baseline for benchmarks).
+
+    ``fn`` must read its weights from its params argument: a LoRA-tree entry that no
+    output depends on (the jaxpr decides, sub-jaxprs included) would train with a zero
+    gradient, so one such entry is warned about, and an ``fn`` that reads none of them
+    (a model captured by closure) raises :class:`LoraError`.
 
     ``lora_key``, when given, applies each adapter's LoRA dropout
     (``LoraSpec(dropout=...)``) to the input of its low-rank path; leave it ``None`` for
@@ -387,7 +485,9 @@ def lora(
     the iteration index, so stacked layers get different masks.
 
     ``fn`` is traced once per input signature: array leaves of the arguments are
-    traced, other leaves (``train=True``, ``mutable=[...]``) are static.
+    traced, other leaves (``train=True``, ``mutable=[...]``) are static and must be
+    hashable, as for ``jax.jit``. The traces of the ``cache_size`` most recently used
+    signatures are kept (least recently used dropped first).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -400,24 +500,26 @@ def lora(
     """
     if on_fallback not in ("warn", "error", "ignore"):
         raise LoraError(f"on_fallback must be 'warn', 'error' or 'ignore', got {on_fallback!r}")
-    traces: dict[Any, Any] = {}
-    reported: set = set()
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise LoraError(f"cache_size must be an int >= 1, got {cache_size!r}")
+    traces: OrderedDict[Any, _Trace] = OrderedDict()
 
-    def trace(params_def, param_avals, args_static, args_def, arg_avals):
+    def trace(paths, params_def, param_avals, args_static, args_def, arg_avals) -> _Trace:
         cache_key = (
             params_def,
             tuple(map(_aval_key, param_avals)),
             args_def,
             tuple(map(_aval_key, arg_avals)),
-            _hashable(args_static),
+            args_static,
         )
         if cache_key in traces:
+            traces.move_to_end(cache_key)
             return traces[cache_key]
 
         def flat_fn(param_leaves, arg_leaves):
             params = jax.tree_util.tree_unflatten(params_def, param_leaves)
             it = iter(arg_leaves)
-            leaves = [next(it) if s is None else s for s in args_static]
+            leaves = [next(it) if s is None else s[1] for s in args_static]
             args, kwargs = jax.tree_util.tree_unflatten(args_def, leaves)
             return fn(params, *args, **kwargs)
 
@@ -432,23 +534,29 @@ def lora(
         ]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
         out_def = jax.tree_util.tree_structure(out_shape)
+        used = used_inputs(closed.jaxpr)[: len(paths)]
+        entry = _Trace(
+            frozenset(p for p, u in zip(paths, used, strict=True) if u), _signature(arg_avals)
+        )
 
         # Jitted so that an eager call evaluates the jaxpr once per signature too; under
         # an outer jit it is just a nested call.
         @functools.partial(jax.jit, static_argnums=0)
-        def traced(paths, param_leaves, factors, arg_leaves, lora_key):
+        def evaluate(paths, param_leaves, factors, arg_leaves, lora_key):
             inputs = [
                 SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
                 for p, x in zip(paths, param_leaves, strict=True)
             ]
-            ctx = _Context(on_fallback, reported, lora_key)
+            ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
             outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
             outs = [_concrete(o, ctx, "output") for o in outs]
             return jax.tree_util.tree_unflatten(out_def, outs)
 
-        if cache_key[-1] is not None:
-            traces[cache_key] = traced
-        return traced
+        entry.evaluate = evaluate
+        traces[cache_key] = entry
+        if len(traces) > cache_size:
+            traces.popitem(last=False)
+        return entry
 
     @functools.wraps(fn)
     def wrapped(
@@ -470,16 +578,9 @@ def lora(
             for p, x in zip(paths, base_leaves, strict=True)
         ]
         arg_leaves, args_static, args_def = _split_static((args, kwargs))
-        evaluate = trace(params_def, param_leaves, args_static, args_def, arg_leaves)
+        entry = trace(paths, params_def, param_leaves, args_static, args_def, arg_leaves)
+        entry.check_usage(tuple(lora_tree))
         factors = {p: f for p, f in lora_tree.items() if isinstance(f, LoraFactors)}
-        return evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
+        return entry.evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
 
     return wrapped
-
-
-def _hashable(static: list[Any]) -> Any:
-    try:
-        hash(tuple(static))
-    except TypeError:
-        return None
-    return tuple((type(s), s) for s in static)

@@ -90,3 +90,22 @@ def test_compiled_flops_below_merge_then_call_and_frozen_backward():
     f_frozen = _flops(frozen, base, x)
     assert f_lora < 0.8 * f_merged, (f_lora, f_merged)
     assert f_lora <= f_frozen, (f_lora, f_frozen)
+
+
+def test_custom_jvp_activations_keep_the_gradient_free_of_full_weights():
+    def fn(p, x):  # relu and softplus are custom_jvp functions; they see activations only
+        return jax.nn.softplus(jax.nn.relu(x @ p["w1"])) @ p["w2"]
+
+    params = {
+        "w1": jax.random.normal(jax.random.key(0), (64, 96)),
+        "w2": jax.random.normal(jax.random.key(1), (96, 64)),
+    }
+    base, lt = lorax_fn.split(params, LoraSpec(["w1", "w2"], rank=4), key=jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (8, 64))
+    closed = jax.make_jaxpr(jax.grad(_loss(lorax_fn.lora(fn, on_fallback="error")), argnums=1))(
+        base, lt, x
+    )
+    assert "custom_jvp_call" in str(closed)
+    n_base, n_lora = len(jax.tree_util.tree_leaves(base)), len(jax.tree_util.tree_leaves(lt))
+    shapes = set(_tainted_shapes(closed.jaxpr, [False] * n_base + [True] * n_lora + [False]))
+    assert not shapes & {(64, 96), (96, 64)}

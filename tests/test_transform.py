@@ -188,20 +188,70 @@ def test_control_flow_cond_while_and_dynamic_layer_index():
     assert_matches_merged(fn, base, lt, -x)
 
 
-def test_custom_vjp_and_custom_jvp_functions():
-    @jax.custom_vjp
-    def matmul(x, w):
-        return x @ w
+@jax.custom_vjp
+def _straight_through(x, w):
+    return x @ w
 
-    matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
 
+# A backward pass that ignores the weight, as a straight-through estimator may.
+_straight_through.defvjp(
+    lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, jnp.zeros_like(res[1]))
+)
+
+
+@jax.custom_jvp
+def _doubled(x, w):
+    return x @ w
+
+
+@_doubled.defjvp
+def _doubled_jvp(primals, tangents):  # twice the true derivative in w
+    (x, w), (tx, tw) = primals, tangents
+    return x @ w, tx @ w + 2.0 * (x @ tw)
+
+
+def _grads(g, base, lt, x):
+    return jax.grad(lambda lt: jnp.sum(jnp.sin(g(base, lt, x))))(lt)
+
+
+@pytest.mark.parametrize("op", [_straight_through, _doubled])
+def test_custom_derivative_rule_of_a_weight_is_kept(op):
     def fn(p, x):
-        return jax.nn.relu(matmul(x, p["w"]))
+        return jnp.tanh(op(x, p["w"])) @ p["v"]
 
-    params = {"w": jax.random.normal(jax.random.key(0), (5, 4))}
+    params = {
+        "w": jax.random.normal(jax.random.key(0), (5, 4)),
+        "v": jax.random.normal(jax.random.key(1), (4, 3)),
+    }
     x = jax.random.normal(jax.random.key(2), (3, 5))
-    base, lt = adapt(params, "w")
-    assert_matches_merged(fn, base, lt, x)
+    base, lt = adapt(params, ["w", "v"])
+    g = lorax_fn.lora(fn)
+    kind = "vjp" if op is _straight_through else "jvp"
+    with pytest.warns(UserWarning, match=rf"w is consumed by `custom_{kind}_call`, the custom-"):
+        got = _grads(g, base, lt, x)
+    want = _grads(lorax_fn.lora(fn, factorized=False), base, lt, x)
+    for path in lt:
+        for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+    # The rule really changes the gradient: autodiff of the primal body differs.
+    plain = _grads(lorax_fn.lora(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]), base, lt, x)
+    assert not np.allclose(plain["w"].b, want["w"].b, atol=1e-3)
+    if op is _straight_through:
+        np.testing.assert_array_equal(want["w"].b, 0.0)
+
+
+def test_custom_jvp_activations_stay_factorized():
+    def fn(p, x):  # jax.nn's custom_jvp functions applied to activations, not weights
+        h = jax.nn.relu(x @ p["w1"])
+        h = jax.nn.gelu(h, approximate=False) + jax.nn.softplus(h) + jax.nn.silu(h)
+        return jax.nn.softmax(h @ p["w2"])
+
+    params = {
+        "w1": jax.random.normal(jax.random.key(0), (5, 6)),
+        "w2": jax.random.normal(jax.random.key(1), (6, 3)),
+    }
+    base, lt = adapt(params, ["w1", "w2"])
+    assert_matches_merged(fn, base, lt, jax.random.normal(jax.random.key(2), (4, 5)))
 
 
 class BatchNormNet(nn.Module):
@@ -312,5 +362,121 @@ def test_weight_on_the_left_without_batch_dims():
     params = {"w": jax.random.normal(jax.random.key(0), (5, 2, 3))}
     x = jax.random.normal(jax.random.key(2), (4, 6, 5))
     base, lt = adapt(params, "w", fn, x)
+    assert lt["w"].layout == Layout((0,), (1, 2))
+    assert_matches_merged(fn, base, lt, x)
+
+
+def test_fn_that_reads_none_of_its_weights_is_refused():
+    x = jnp.ones((2, 4))
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    base, lt = adapt(nnx.split(model)[1], "kernel")
+    with pytest.raises(
+        lorax_fn.LoraError, match=r"never reads any weight of the LoRA tree \(kernel\)"
+    ):
+        lorax_fn.lora(lambda state, x: model(x))(base, lt, x)  # NNX model captured by closure
+
+    dense = nn.Dense(3)
+    variables = init(dense, x)
+    base, lt = adapt(variables, "**/kernel")
+    with pytest.raises(lorax_fn.LoraError, match="params/kernel"):
+        lorax_fn.lora(lambda v, x: dense.apply(variables, x))(base, lt, x)  # linen closure
+
+
+def test_unread_weight_is_warned_by_path_once_per_signature():
+    def fn(p, x):
+        # "ignored" goes into a jit that never uses it: still unread.
+        return jax.jit(lambda x, w, _: x @ w)(x, p["used"], p["ignored"])
+
+    params = {"used": jnp.ones((5, 4)), "ignored": jnp.ones((5, 4))}
+    base, lt = adapt(params, ["used", "ignored"])
+    g = lorax_fn.lora(fn)
+    with pytest.warns(UserWarning, match=r"fn never reads ignored") as record:
+        g(base, lt, jnp.ones((2, 5)))
+    assert [str(w.message) for w in record if "never reads" in str(w.message)] == [
+        "lorax_fn: fn never reads ignored (inputs (float32[2,5])); its adapter has no effect "
+        "and a zero gradient"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g(base, lt, jnp.ones((2, 5)))
+    with pytest.warns(UserWarning, match=r"never reads ignored \(inputs \(float32\[3,5\]\)\)"):
+        g(base, lt, jnp.ones((3, 5)))
+
+
+def test_weights_read_inside_sub_jaxprs_or_returned_count_as_read():
+    def fn(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["stack"])
+        h = jax.lax.cond(x.sum() > 0, lambda: h @ p["cond"], lambda: h)
+        h = jax.jit(lambda h, w: h @ w)(h, p["jit"])
+        h = jax.checkpoint(lambda h, w: h @ w)(h, p["remat"])
+        return h, p["out"]
+
+    w = jnp.eye(4) / 2
+    params = {"stack": jnp.stack([w, w]), "cond": w, "jit": w, "remat": w, "out": w}
+    layouts = {"stack": Layout((1,), (2,), (0,))}
+    base, lt = adapt(params, list(params), layouts=layouts)
+    x = jnp.ones((3, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = lorax_fn.lora(fn, on_fallback="ignore")(base, lt, x)
+    want = fn(lorax_fn.merge(base, lt), x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_fallbacks_are_reported_per_input_signature():
+    def fn(p, x):
+        return (x @ p["w"]) / jnp.linalg.norm(p["w"])
+
+    base, lt = adapt({"w": jax.random.normal(jax.random.key(0), (5, 4))}, "w")
+    g = lorax_fn.lora(fn)
+    with pytest.warns(UserWarning, match=r"w is consumed by .*\(inputs \(float32\[2,5\]\)\)"):
+        g(base, lt, jnp.ones((2, 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g(base, lt, jnp.ones((2, 5)))
+    with pytest.warns(UserWarning, match=r"w is consumed by .*\(inputs \(float32\[3,5\]\)\)"):
+        g(base, lt, jnp.ones((3, 5)))
+
+
+def test_unhashable_static_argument_is_refused_by_name():
+    def fn(p, x, flags, mode=None):
+        return x @ p["w"]
+
+    base, lt = adapt({"w": jnp.ones((5, 4))}, "w")
+    g = lorax_fn.lora(fn)
+    x = jnp.ones((2, 5))
+    with pytest.raises(
+        lorax_fn.LoraError, match=r"static argument args\[1\] \(a set\) is not hashable"
+    ):
+        g(base, lt, x, {"a", "b"})
+    with pytest.raises(lorax_fn.LoraError, match=r"kwargs\['mode'\]\[0\] \(a set\)"):
+        g(base, lt, x, "flags", mode=[{"a"}])
+
+
+def test_trace_cache_is_a_bounded_lru():
+    calls = []
+
+    def fn(p, x):
+        calls.append(x.shape[0])
+        return x @ p["w"]
+
+    base, lt = adapt({"w": jnp.ones((5, 4))}, "w")
+    g = lorax_fn.lora(fn, cache_size=2)
+    for n in [1, 2, 1, 3, 1, 2]:
+        g(base, lt, jnp.ones((n, 5)))
+    # 1 and 2 traced; 1 is reused; 3 evicts 2 (least recently used); 1 is kept; 2 again.
+    assert calls == [1, 2, 3, 2]
+    with pytest.raises(lorax_fn.LoraError, match="cache_size must be an int >= 1, got 0"):
+        lorax_fn.lora(fn, cache_size=0)
+
+
+def test_optimization_barrier_keeps_the_weight_factorized_and_its_layout():
+    def fn(p, x):
+        w, x = jax.lax.optimization_barrier((p["w"], x))
+        return jnp.einsum("bi,iho->bho", x, w)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (5, 2, 3))}
+    x = jax.random.normal(jax.random.key(2), (4, 5))
+    base, lt = adapt(params, "w", fn, x)  # layouts inferred through the barrier
     assert lt["w"].layout == Layout((0,), (1, 2))
     assert_matches_merged(fn, base, lt, x)
