@@ -71,7 +71,10 @@ def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) 
         >>> lora_labels({"base": base, "lora": lt}, frozen="base/**")["base"]
         {'b': 'frozen', 'w': 'frozen'}
     """
-    filters = _as_filters(frozen)
+    return _labels(params, _as_filters(frozen), strict=True)
+
+
+def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> Any:
     predicates = [compile_filter(f) for f in filters]
     hits = [0] * len(filters)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -96,7 +99,7 @@ def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) 
         else:
             labels.append(TRAINABLE)
     for f, n in zip(filters, hits, strict=True):
-        if not n:
+        if strict and not n:
             near = "\n  ".join(nearest_paths(f, [path_str(k) for k, _ in flat]))
             raise LoraError(
                 f"frozen filter {filter_name(f)!r} matches no leaf. Nearest paths:\n  {near}"
@@ -106,7 +109,7 @@ def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) 
 
 def optimizer(
     tx: optax.GradientTransformation,
-    params: Any,
+    params: Any = None,
     *,
     frozen: PathFilter | Sequence[PathFilter] = (),
     trainable_tx: optax.GradientTransformation | None = None,
@@ -116,13 +119,19 @@ def optimizer(
 
     Args:
       tx: the optimizer for A and B (and for trainable leaves unless ``trainable_tx``).
-      params: the tree you will differentiate and update — normally the LoRA tree
-        from :func:`lorax_fn.split`. A *combined* tree (say ``{"base": base, "lora": lt}``
-        or a full parameter tree) works too: name its frozen part with ``frozen``.
-      frozen: path filters over ``params`` whose leaves get zero updates and no
-        optimizer state (``optax.set_to_zero``). Non-floating leaves are always frozen.
-        ``optax.apply_updates`` then adds ``+0.0``, which keeps every value (and bit,
-        save that ``-0.0`` becomes ``+0.0``).
+      params: optional: the tree you will differentiate and update — normally the LoRA
+        tree from :func:`lorax_fn.split`. Labels are computed from whatever tree
+        ``init``/``update`` receive, so the optimizer needs no tree to be built and
+        composes with optax utilities such as ``optax.tree_map_params``. Given a tree,
+        it keeps state only for the labels that tree has (no ``count`` for an absent
+        label), and ``init``/``update`` refuse a tree of other paths or structure with
+        a :class:`LoraError` naming the first differing path. A *combined* tree (say
+        ``{"base": base, "lora": lt}`` or a full parameter tree) works too: name its
+        frozen part with ``frozen``.
+      frozen: path filters whose leaves get zero updates and no optimizer state
+        (``optax.set_to_zero``); each must match a leaf of the tree. Non-floating
+        leaves are always frozen. ``optax.apply_updates`` then adds ``+0.0``, which
+        keeps every value (and bit, save that ``-0.0`` becomes ``+0.0``).
       trainable_tx: a separate optimizer for the fully trainable (non-factor) leaves,
         e.g. a classifier head at another learning rate. Defaults to ``tx``.
       lora_plus_ratio: LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster than
@@ -135,9 +144,9 @@ def optimizer(
     Weight decay belongs inside ``tx`` so it shares the learning-rate schedule: pass
     ``optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)``.
 
-    Each non-frozen label present in ``params`` keeps its own copy of ``tx``'s state
-    over its own leaves: with Adam, two moments per trained element plus one ``count``
-    scalar per label.
+    It is ``optax.partition`` with callable labels (:func:`lora_labels`): each
+    non-frozen label keeps its own copy of ``tx``'s state over its own leaves: with
+    Adam, two moments per trained element plus one ``count`` scalar per label.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -156,7 +165,7 @@ def optimizer(
         and lora_plus_ratio > 0
     ):
         raise LoraError(f"lora_plus_ratio must be a number > 0, got {lora_plus_ratio!r}")
-    labels = lora_labels(params, frozen=frozen)
+    filters = _as_filters(frozen)
     b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(lora_plus_ratio))
     candidates = {
         LORA_A: tx,
@@ -164,31 +173,68 @@ def optimizer(
         TRAINABLE: tx if trainable_tx is None else trainable_tx,
         FROZEN: optax.set_to_zero(),
     }
-    # Only the labels present get a transform: an absent one would still keep its
-    # own state (e.g. Adam's step count) for nothing.
-    present = set(jax.tree.leaves(labels))
-    inner = optax.partition({k: v for k, v in candidates.items() if k in present}, labels)
-    expected = jax.tree.structure(labels)
+    # Given a tree, only its labels get a transform: an absent one would still keep
+    # its own state (e.g. Adam's step count) for nothing.
+    present = list(candidates)
+    if params is not None:
+        labels = set(jax.tree.leaves(_labels(params, filters, strict=True)))
+        present = [k for k in candidates if k in labels]
+
+    inner = optax.partition(
+        {k: candidates[k] for k in present}, lambda tree: _labels(tree, filters, strict=False)
+    )
+
+    def check(tree: Any, where: str) -> None:
+        if params is not None:
+            problem = _first_difference(params, tree)
+            if problem:
+                raise LoraError(f"optimizer {where}: {problem}")
 
     def init(tree: Any) -> Any:
-        if jax.tree.structure(tree) != expected:
-            raise LoraError(_mismatch(labels, tree))
+        # A tree without leaves stands for the params in optax.tree_map_params, which
+        # inits with a placeholder to find the copies of the params in the state.
+        if jax.tree.leaves(tree):
+            check(tree, "init")
+            _labels(tree, filters, strict=True)  # each frozen filter must match a leaf
         return inner.init(tree)
 
-    return optax.GradientTransformationExtraArgs(init, inner.update)
+    def update(updates: Any, state: Any, tree: Any = None, **extra_args: Any) -> Any:
+        check(updates, "update (the updates)")
+        if tree is not None:
+            check(tree, "update (the params)")
+        return inner.update(updates, state, tree, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _mismatch(labels: Any, tree: Any) -> str:
-    want = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(labels)[0]}
-    got = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    if want == got:
-        return (
-            "the tree given to init has the paths of the tree the optimizer was built for, "
-            "but another structure (container types or LoraFactors scale/layout differ)"
-        )
+def _kind(x: Any) -> str:
+    if _is_factors(x):
+        return f"LoraFactors(scale={x.scale:g}, layout={x.layout}, dropout={x.dropout:g})"
+    return "a plain leaf"
+
+
+def _first_difference(want: Any, got: Any) -> str | None:
+    """Where ``got`` first differs from ``want`` in paths or structure, or None."""
+    if jax.tree.structure(want) == jax.tree.structure(got):
+        return None
+
+    def entries(tree: Any) -> dict[str, str]:
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_factors)[0]
+        return {path_str(k): _kind(x) for k, x in flat}
+
+    w, g = entries(want), entries(got)
+    missing, unexpected = [p for p in w if p not in g], [p for p in g if p not in w]
+    lists = f" (missing {missing[:5]}, unexpected {unexpected[:5]})"
+    intro = "the tree is not the tree the optimizer was built for; first difference at "
+    for path, kind in w.items():
+        if path not in g:
+            return f"{intro}{path!r}: missing{lists}"
+        if g[path] != kind:
+            return f"{intro}{path!r}: {g[path]}, built for {kind}"
+    if unexpected:
+        return f"{intro}{unexpected[0]!r}: unexpected{lists}"
     return (
-        "the tree given to init is not the tree the optimizer was built for: "
-        f"missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
+        "the tree has the paths of the tree the optimizer was built for, but other container types"
     )
 
 

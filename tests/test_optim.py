@@ -10,6 +10,8 @@ import pytest
 import lorax_fn
 from lorax_fn import LoraError, LoraFactors, LoraSpec
 
+KEY = jax.random.key(1)
+
 
 class MLP(nn.Module):
     @nn.compact
@@ -235,3 +237,52 @@ def test_errors_name_the_problem(setup):
     tx = lorax_fn.optimizer(optax.sgd(1.0), lt)
     with pytest.raises(LoraError, match=r"missing \['params/Dense_1/bias'\]"):
         tx.init({p: v for p, v in lt.items() if p != "params/Dense_1/bias"})
+
+
+def test_optimizer_built_for_another_tree_names_the_first_differing_path(setup):
+    _, lt, _, _ = setup
+    variables = MLP().init(jax.random.key(0), jnp.ones((1, 8)))
+    other = lorax_fn.split(variables, LoraSpec("**/Dense_0/kernel", rank=2), key=KEY)[1]
+    rescaled = lorax_fn.split(
+        variables,
+        LoraSpec("**/kernel", rank=2, alpha=4.0, trainable="params/Dense_1/bias"),
+        key=KEY,
+    )[1]
+    tx = lorax_fn.optimizer(optax.adam(1e-2), lt)
+    state = tx.init(lt)
+    with pytest.raises(LoraError, match=r"init: .*first difference at 'params/Dense_1/bias'"):
+        tx.init(other)
+    with pytest.raises(
+        LoraError,
+        match=r"init: .*first difference at 'params/Dense_0/kernel': LoraFactors\(scale=2",
+    ):
+        tx.init(rescaled)
+    grads = jax.tree.map(jnp.ones_like, other)
+    with pytest.raises(LoraError, match=r"update \(the updates\): .*'params/Dense_1/bias'"):
+        tx.update(grads, state, other)
+
+
+def test_optimizer_without_a_tree_trains_exactly_like_with_one(setup):
+    base, lt, x, y = setup
+    with_tree, _, _ = train(lorax_fn.optimizer(optax.adam(1e-2), lt), base, lt, x, y, steps=2)
+    without, _, _ = train(lorax_fn.optimizer(optax.adam(1e-2)), base, lt, x, y, steps=2)
+    for a, b in zip(jax.tree.leaves(with_tree), jax.tree.leaves(without), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(LoraError, match=r"frozen filter 'base/\*\*' matches no leaf"):
+        lorax_fn.optimizer(optax.sgd(1.0), frozen="base/**").init(lt)
+
+
+@pytest.mark.parametrize("with_tree", [True, False])
+def test_composes_with_optax_tree_map_params(setup, with_tree):
+    _, lt, _, _ = setup
+    tx = lorax_fn.optimizer(optax.adam(1e-2), lt if with_tree else None, lora_plus_ratio=4.0)
+    state = tx.init(lt)
+    # Mark each copy of the params in the state (Adam's mu and nu) and everything else.
+    marked = optax.tree_map_params(
+        tx, lambda p: jnp.full_like(p, 7.0), state, transform_non_params=lambda v: v - 1
+    )
+    assert jax.tree.structure(marked) == jax.tree.structure(state)
+    moments = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.float32]
+    assert len(moments) == 2 * len(jax.tree.leaves(lt)) and all(np.all(v == 7.0) for v in moments)
+    counts = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.int32]
+    assert [int(c) for c in counts] == [-1, -1, -1]  # one count per label present
