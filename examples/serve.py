@@ -49,6 +49,8 @@ TRACES: collections.Counter[str] = collections.Counter()
 Cache: TypeAlias = tuple[tuple[jax.Array, jax.Array], ...]
 # (tokens (B, T), cache, positions (B,)) -> (logits (B, T, vocab), cache)
 Forward: TypeAlias = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
+# Per request (arrays of shape (B,)): "keys" (PRNG keys), "temperature", "top_k".
+Sampling: TypeAlias = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +190,23 @@ def init_cache(config: Config, batch: int, dtype: Any = jnp.float32) -> Cache:
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.layers))
 
 
-def init_params(config: Config, key: jax.Array) -> dict:
-    # Jitted: eager init would compile every initializer separately.
-    return jax.jit(Llama(config).init)(key, jnp.zeros((1,), jnp.int32))
+def init_params(config: Config, seed: int) -> dict:
+    """Random weights standing in for a pretrained checkpoint (Flax's default scales).
+
+    Drawn with NumPy into the shapes of ``Llama.init``: a jitted init would compile the
+    whole model once more, an eager one every initializer.
+    """
+    shapes = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1,), jnp.int32))
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = path[-1].key
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        std = 1.0 / math.sqrt(leaf.shape[0]) if name == "kernel" else 1.0
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def adapter_forward(
@@ -210,18 +226,23 @@ def plain_forward(config: Config, params: Any) -> Forward:
     return functools.partial(jax.vmap(Llama(config).apply, in_axes=(None, 0, 0, 0)), params)
 
 
-def pick(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    """The next token per row of ``logits (B, vocab)``: argmax, or a sample with row's key.
+def pick(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The next token of each row of ``logits (B, vocab)``, by that request's settings.
 
-    Each request samples with its own key, so its tokens do not depend on the batch.
+    Temperature 0 is greedy (argmax); otherwise a sample from the ``top_k`` most likely
+    tokens (0: all) at that temperature, drawn with the request's own key, so a
+    request's tokens do not depend on the rest of the batch. All three are arrays, so
+    one compiled program serves any mix of greedy and sampled requests.
     """
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys, logits)
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    temperature, top_k = sampling["temperature"], sampling["top_k"]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (vocab - k)[:, None], axis=-1)
+    kept = jnp.where(logits < kth, -jnp.inf, logits)
+    scaled = kept / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sampled = jax.vmap(jax.random.categorical)(sampling["keys"], scaled)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def generate(
@@ -229,19 +250,17 @@ def generate(
     forward: Forward,
     prompts: jax.Array,
     lengths: jax.Array,
-    keys: jax.Array,
+    sampling: Sampling,
     *,
     steps: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``steps`` new tokens per request after one prefill; returns (tokens, their logits).
 
     ``prompts (B, P)`` are right-padded, request ``i`` having ``lengths[i]`` real tokens.
     Prefill writes all P positions to the cache; request ``i`` then decodes from position
-    ``lengths[i]``, overwriting its padding before any query can see it. ``keys (B,)``:
-    one PRNG key per request (unused when greedy). Tokens ``(B, steps)``, logits
-    ``(B, steps, vocab)`` — the distribution each token was chosen from.
+    ``lengths[i]``, overwriting its padding before any query can see it. ``sampling``:
+    per request a PRNG key, a temperature and a top-k (see :func:`pick`). Tokens
+    ``(B, steps)``, logits ``(B, steps, vocab)``: the distribution each token came from.
     """
     batch, width = prompts.shape
     if width + steps - 1 > config.max_len:
@@ -250,8 +269,8 @@ def generate(
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
     def choose(logits: jax.Array, t: jax.Array) -> jax.Array:
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        return pick(logits, step_keys, temperature, top_k).astype(jnp.int32)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling["keys"], t)
+        return pick(logits, {**sampling, "keys": keys})
 
     def step(carry, t):
         cache, logits, pos = carry
@@ -268,10 +287,7 @@ def generate(
     return tokens.T, jnp.swapaxes(seen, 0, 1)
 
 
-_STATIC = ("config", "steps", "temperature", "top_k", "chunk_size")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("config", "steps", "chunk_size"))
 def generate_with_adapters(
     config: Config,
     base: Any,
@@ -279,39 +295,30 @@ def generate_with_adapters(
     adapter_ids: jax.Array,
     prompts: jax.Array,
     lengths: jax.Array,
-    keys: jax.Array,
+    sampling: Sampling,
     *,
     steps: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`generate` with per-request adapters, compiled once per shape."""
     TRACES["generate_with_adapters"] += 1
     forward = adapter_forward(config, base, stack, adapter_ids, chunk_size)
-    return generate(
-        config, forward, prompts, lengths, keys, steps=steps, temperature=temperature, top_k=top_k
-    )
+    return generate(config, forward, prompts, lengths, sampling, steps=steps)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC[:4])
+@functools.partial(jax.jit, static_argnames=("config", "steps"))
 def generate_plain(
     config: Config,
     params: Any,
     prompts: jax.Array,
     lengths: jax.Array,
-    keys: jax.Array,
+    sampling: Sampling,
     *,
     steps: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`generate` on one set of parameters (the base, or a merged adapter)."""
     TRACES["generate_plain"] += 1
-    forward = plain_forward(config, params)
-    return generate(
-        config, forward, prompts, lengths, keys, steps=steps, temperature=temperature, top_k=top_k
-    )
+    return generate(config, plain_forward(config, params), prompts, lengths, sampling, steps=steps)
 
 
 def random_adapters(
@@ -339,7 +346,14 @@ def random_adapters(
 
 
 def make_requests(
-    config: Config, n: int, adapters: int, *, seed: int, lengths: Sequence[int] = (3, 5, 8)
+    config: Config,
+    n: int,
+    adapters: int,
+    *,
+    seed: int,
+    lengths: Sequence[int] = (3, 5, 8),
+    temperature: float = 0.0,
+    top_k: int = 0,
 ) -> dict[str, np.ndarray]:
     """``n`` requests with random prompts; adapter ids cycle through -1, 0, …, adapters-1."""
     rng = np.random.default_rng(seed)
@@ -347,13 +361,23 @@ def make_requests(
     prompts = np.zeros((n, lens.max()), np.int32)
     for i, length in enumerate(lens):
         prompts[i, :length] = rng.integers(0, config.vocab, length)
-    ids = np.array([(i % (adapters + 1)) - 1 for i in range(n)], np.int32)
-    return {"prompts": prompts, "lengths": lens, "adapter_ids": ids, "seeds": np.arange(n) + seed}
+    return {
+        "prompts": prompts,
+        "lengths": lens,
+        "adapter_ids": np.array([(i % (adapters + 1)) - 1 for i in range(n)], np.int32),
+        "seeds": np.arange(n, dtype=np.uint32) + seed,
+        "temperature": np.full(n, temperature, np.float32),
+        "top_k": np.full(n, top_k, np.int32),
+    }
 
 
-def request_keys(seeds: Sequence[int]) -> jax.Array:
-    """One PRNG key per request, from its seed."""
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+def sampling_of(requests: dict[str, np.ndarray]) -> Sampling:
+    """The per-request sampling settings of :func:`pick`, one PRNG key per seed."""
+    return {
+        "keys": jax.vmap(jax.random.key)(jnp.asarray(requests["seeds"])),
+        "temperature": jnp.asarray(requests["temperature"]),
+        "top_k": jnp.asarray(requests["top_k"]),
+    }
 
 
 def run_alone(
@@ -361,25 +385,29 @@ def run_alone(
     base: Any,
     trees: Sequence[dict],
     requests: dict[str, np.ndarray],
-    **options: Any,
+    steps: int,
+    *,
+    padded: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each request by itself, unpadded, on ``merge(base, its adapter)`` (the base for -1)."""
+    """Each request by itself on ``merge(base, its adapter)`` (the base for -1).
+
+    Unpadded by default (one compile per prompt length); ``padded=True`` keeps the
+    batch's padding, so that one compiled program serves every request.
+    """
     merged = {k: lorax_fn.merge(base, tree) for k, tree in enumerate(trees)}
     out = []
-    for prompt, length, k, seed in zip(*(requests[f] for f in _FIELDS), strict=True):
+    for i, (length, k) in enumerate(zip(requests["lengths"], requests["adapter_ids"], strict=True)):
+        one = {name: value[i : i + 1] for name, value in requests.items()}
         tokens, logits = generate_plain(
             config,
             base if k == -1 else merged[int(k)],
-            jnp.asarray(prompt[None, :length]),
-            jnp.asarray([length]),
-            request_keys([seed]),
-            **options,
+            jnp.asarray(one["prompts"] if padded else one["prompts"][:, :length]),
+            jnp.asarray(one["lengths"]),
+            sampling_of(one),
+            steps=steps,
         )
         out.append((np.asarray(tokens[0]), np.asarray(logits[0])))
     return out
-
-
-_FIELDS = ("prompts", "lengths", "adapter_ids", "seeds")
 
 
 def run_batch(
@@ -387,7 +415,7 @@ def run_batch(
     base: Any,
     stack: lorax_fn.AdapterStack,
     requests: dict[str, np.ndarray],
-    **options: Any,
+    steps: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All requests in one batch through :func:`generate_with_adapters`."""
     tokens, logits = generate_with_adapters(
@@ -397,8 +425,8 @@ def run_batch(
         jnp.asarray(requests["adapter_ids"]),
         jnp.asarray(requests["prompts"]),
         jnp.asarray(requests["lengths"]),
-        request_keys(requests["seeds"]),
-        **options,
+        sampling_of(requests),
+        steps=steps,
     )
     return np.asarray(tokens), np.asarray(logits)
 
@@ -420,19 +448,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--adapters", type=int, default=3, help="distinct adapters in the stack")
     parser.add_argument("--steps", type=int, default=16, help="new tokens per request")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     config = Config()
-    options = {"steps": args.steps, "temperature": args.temperature, "top_k": args.top_k}
 
-    variables = init_params(config, jax.random.key(args.seed))
+    variables = init_params(config, args.seed)
     ranks = [2, 4, 8][: args.adapters] + [4] * max(0, args.adapters - 3)
     base, trees = random_adapters(variables, ranks + [8], seed=args.seed)
     trees, replacement = trees[:-1], trees[-1]
     stack = lorax_fn.stack_adapters(trees, base=base)
-    requests = make_requests(config, args.requests, args.adapters, seed=args.seed)
+    requests = make_requests(
+        config,
+        args.requests,
+        args.adapters,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
     print(
         f"decoder: {config.layers} layers, d={config.d}, {config.heads} query / "
         f"{config.kv_heads} KV heads, vocab {config.vocab}; adapters of rank {ranks} on "
@@ -444,14 +478,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     before = TRACES["generate_with_adapters"]
-    batch = run_batch(config, base, stack, requests, **options)
-    result = compare(batch, run_alone(config, base, trees, requests, **options))
+    batch = run_batch(config, base, stack, requests, args.steps)
+    result = compare(batch, run_alone(config, base, trees, requests, args.steps))
 
     swapped_slot = 1 % args.adapters
     stack = lorax_fn.replace_adapter(stack, swapped_slot, replacement)
     trees = [replacement if k == swapped_slot else t for k, t in enumerate(trees)]
-    swapped = run_batch(config, base, stack, requests, **options)
-    after_swap = compare(swapped, run_alone(config, base, trees, requests, **options))
+    swapped = run_batch(config, base, stack, requests, args.steps)
+    after_swap = compare(swapped, run_alone(config, base, trees, requests, args.steps))
     result.update(
         requests=args.requests,
         compiles=TRACES["generate_with_adapters"] - before,
