@@ -123,11 +123,11 @@ def optimizer(
         tree from :func:`lorax_fn.split`. Labels are computed from whatever tree
         ``init``/``update`` receive, so the optimizer needs no tree to be built and
         composes with optax utilities such as ``optax.tree_map_params``. Given a tree,
-        it keeps state only for the labels that tree has (no ``count`` for an absent
-        label), and ``init``/``update`` refuse a tree of other paths or structure with
-        a :class:`LoraError` naming the first differing path. A *combined* tree (say
-        ``{"base": base, "lora": lt}`` or a full parameter tree) works too: name its
-        frozen part with ``frozen``.
+        it keeps state only for the labels that tree has (without one, each trained
+        label keeps its ``count`` scalar even when empty), and ``init``/``update``
+        refuse a tree of other paths or structure with a :class:`LoraError` naming the
+        first differing path. A *combined* tree (say ``{"base": base, "lora": lt}``
+        or a full parameter tree) works too: name its frozen part with ``frozen``.
       frozen: path filters whose leaves get zero updates and no optimizer state
         (``optax.set_to_zero``); each must match a leaf of the tree. Non-floating
         leaves are always frozen. ``optax.apply_updates`` then adds ``+0.0``, which
@@ -158,6 +158,8 @@ def optimizer(
         >>> grads = jax.tree.map(jnp.ones_like, lt)
         >>> updates, state = tx.update(grads, state, lt)
         >>> lt = optax.apply_updates(lt, updates)
+        >>> tx = optimizer(optax.adam(1e-3))  # no tree needed: labels come from init's tree
+        >>> moments = optax.tree_map_params(tx, lambda p: p.shape, tx.init(lt))
     """
     if lora_plus_ratio is not None and not (
         isinstance(lora_plus_ratio, int | float)
