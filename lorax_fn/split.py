@@ -124,9 +124,10 @@ def split(
     ``params`` is exactly what the function you will wrap with :func:`lorax_fn.lora`
     takes as its first argument: for linen that is the whole ``variables`` dict
     (``{"params": ..., "batch_stats": ...}``, so paths start with ``params/``), for NNX
-    the ``nnx.State`` from ``nnx.split``. The base is ``params`` itself — the same
-    arrays, untouched — except with ``init="pissa"``, where targeted weights are
-    replaced by their residual ``W0 - scale·A·B``.
+    the ``nnx.State`` from ``nnx.split``. The base holds the same arrays, untouched —
+    except with ``init="pissa"``, where targeted weights are replaced by their residual
+    ``W0 - scale·A·B`` — in a fresh container of the same structure: for NNX, fresh
+    Variables, so ``nnx.update(model, merge(base, lora))`` leaves the base as it was.
 
     Factor shapes follow how each weight is contracted: from ``layouts`` (e.g. from
     :func:`lorax_fn.infer_layouts`), else the spec's ``layouts``, else
@@ -185,6 +186,8 @@ def split(
         )
         lora[path] = factors
         new_leaves.append(base_leaf)
-    treedef = jax.tree_util.tree_structure(params)
-    base = jax.tree_util.tree_unflatten(treedef, new_leaves) if spec.init == "pissa" else params
+    # A fresh container even when no leaf changed: an nnx.State from nnx.split holds the
+    # model's own Variables, so returning it would let nnx.update(model, ...) rewrite the
+    # frozen base behind the caller's back.
+    base = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new_leaves)
     return base, lora

@@ -52,3 +52,42 @@ def test_nnx_example_trains_and_merges():
         nnx.state(merged)["blocks"][0]["up"]["kernel"][...],
         lorax_fn.merge(base, lt)["blocks"][0]["up"]["kernel"][...],
     )
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(4, 6, rngs=rngs)
+        self.down = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jnp.tanh(self.up(x)))
+
+
+def test_updating_the_model_never_changes_the_base_or_the_lora_tree():
+    model = Tiny(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    original = [np.array(x) for x in jax.tree.leaves(state)]
+    spec = lorax_fn.LoraSpec("**/kernel", rank=2, trainable="up/bias")
+    base, lt = lorax_fn.split(state, spec, key=jax.random.key(0))
+    lt = jax.tree.map(lambda x: x + 0.5, lt)  # B = 0 would hide a doubled ΔW
+    lt_values = [np.array(x) for x in jax.tree.leaves(lt)]
+
+    def fn(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+    want = np.asarray(fn(lorax_fn.merge(base, lt), x))
+    # The deployment step that used to rewrite the frozen base through shared Variables.
+    nnx.update(model, lorax_fn.merge(base, lt))
+    served = nnx.merge(graphdef, lorax_fn.merge(base, lt))
+    served.up.kernel[...] = served.up.kernel[...] * 3.0
+    unmerged = lorax_fn.unmerge(lorax_fn.merge(base, lt), lt)
+    nnx.update(model, unmerged)
+    model.down.kernel[...] = model.down.kernel[...] + 1.0
+
+    for got, was in zip(jax.tree.leaves(base), original, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), was)
+    for got, was in zip(jax.tree.leaves(lt), lt_values, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), was)
+    np.testing.assert_allclose(lorax_fn.lora(fn)(base, lt, x), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fn(lorax_fn.merge(base, lt), x), want, rtol=1e-6, atol=1e-6)
