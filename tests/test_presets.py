@@ -252,7 +252,3 @@ def test_llama_adapter_gives_the_same_logits_in_transformers_and_peft(llama, tmp
     ours_lora, _ = lorax_fn.lora(serve.Llama(CONFIG).apply)(base, lt, jnp.asarray(tokens))
     assert np.max(np.abs(ours_lora - ours_base)) > 0.1  # the adapter matters
     np.testing.assert_allclose(hf_lora, ours_lora, atol=1e-4, rtol=0)
-    print(
-        f"max |HF - ours|: base {np.max(np.abs(hf_base - ours_base)):.1e}, "
-        f"adapted {np.max(np.abs(hf_lora - ours_lora)):.1e}"
-    )
