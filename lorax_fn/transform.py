@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend import core
 
@@ -32,6 +31,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import leaves_with_paths
+from lorax_fn.signature import Trace, aval_key, describe, split_static
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
 
@@ -366,86 +366,6 @@ _RULES: dict[str, Callable] = primitives.dispatch(
 # ------------------------------------------------------------ the transform
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic) or hasattr(x, "__jax_array__")
-
-
-def _split_static(tree: Any) -> tuple[list[Any], tuple, Any]:
-    """Array leaves are traced inputs; everything else (bools, strings, …) is static.
-
-    Static leaves key the trace cache, so each must be hashable, as ``jax.jit``
-    requires of its static arguments; an unhashable one is refused by name.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    dynamic, static = [], []
-    for key_path, x in flat:
-        if _is_array(x):
-            dynamic.append(x)
-            static.append(None)
-            continue
-        try:
-            hash(x)
-        except TypeError as e:
-            raise LoraError(
-                f"lora: static argument {_arg_name(key_path)} (a {type(x).__name__}) is not "
-                f"hashable: {e}. Non-array arguments key the trace cache, as jax.jit's static "
-                "arguments do; pass a hashable value (a tuple, a frozen dataclass) or an array"
-            ) from None
-        static.append((type(x), x))
-    return dynamic, tuple(static), treedef
-
-
-def _arg_name(key_path: tuple) -> str:
-    """``args[1]['cfg']`` or ``kwargs['mode']``: the arguments after ``base, lora_tree``."""
-    head, entry, *rest = key_path
-    name = f"args[{entry.idx}]" if head.idx == 0 else f"kwargs[{entry.key!r}]"
-    return name + jax.tree_util.keystr(tuple(rest))
-
-
-def _aval_key(x: Any) -> tuple:
-    return (tuple(jnp.shape(x)), jnp.result_type(x), getattr(x, "weak_type", False))
-
-
-def _signature(arg_leaves: Sequence[Any]) -> str:
-    shapes = [f"{jnp.result_type(x).name}[{','.join(map(str, jnp.shape(x)))}]" for x in arg_leaves]
-    return "(" + ", ".join(shapes[:4]) + (", …" if len(shapes) > 4 else "") + ")"
-
-
-class _Trace:
-    """One input signature: its evaluator, the params ``fn`` reads, and what was reported."""
-
-    def __init__(self, used: frozenset[str], signature: str):
-        self.used = used
-        self.signature = signature
-        self.reported: set = set()
-        self.checked: set = set()
-        self.evaluate: Callable[..., Any] | None = None
-
-    def check_usage(self, adapted: tuple[str, ...]) -> None:
-        """Refuse an ``fn`` that reads none of the LoRA tree; warn per unread entry."""
-        unused = [p for p in adapted if p not in self.used]
-        if not unused:
-            return
-        if len(unused) == len(adapted):
-            listed = ", ".join(unused[:5]) + (", …" if len(unused) > 5 else "")
-            raise LoraError(
-                f"lora(fn): fn never reads any weight of the LoRA tree ({listed}) from its "
-                f"params argument (inputs {self.signature}), so training would see all-zero "
-                "gradients. Does fn call a model or variables captured by closure? Build the "
-                "model from the params fn receives (model.apply(params, ...), "
-                "nnx.merge(graphdef, params))"
-            )
-        if adapted in self.checked:
-            return
-        self.checked.add(adapted)
-        for path in unused:
-            warnings.warn(
-                f"lorax_fn: fn never reads {path} (inputs {self.signature}); its adapter has "
-                "no effect and a zero gradient",
-                stacklevel=3,
-            )
-
-
 def lora(
     fn: Callable[..., Any],
     *,
@@ -502,14 +422,14 @@ def lora(
         raise LoraError(f"on_fallback must be 'warn', 'error' or 'ignore', got {on_fallback!r}")
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
         raise LoraError(f"cache_size must be an int >= 1, got {cache_size!r}")
-    traces: OrderedDict[Any, _Trace] = OrderedDict()
+    traces: OrderedDict[Any, Trace] = OrderedDict()
 
-    def trace(paths, params_def, param_avals, args_static, args_def, arg_avals) -> _Trace:
+    def trace(paths, params_def, param_avals, args_static, args_def, arg_avals) -> Trace:
         cache_key = (
             params_def,
-            tuple(map(_aval_key, param_avals)),
+            tuple(map(aval_key, param_avals)),
             args_def,
-            tuple(map(_aval_key, arg_avals)),
+            tuple(map(aval_key, arg_avals)),
             args_static,
         )
         if cache_key in traces:
@@ -535,8 +455,8 @@ def lora(
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
         out_def = jax.tree_util.tree_structure(out_shape)
         used = used_inputs(closed.jaxpr)[: len(paths)]
-        entry = _Trace(
-            frozenset(p for p, u in zip(paths, used, strict=True) if u), _signature(arg_avals)
+        entry = Trace(
+            frozenset(p for p, u in zip(paths, used, strict=True) if u), describe(arg_avals)
         )
 
         # Jitted so that an eager call evaluates the jaxpr once per signature too; under
@@ -577,7 +497,7 @@ def lora(
             lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], LoraFactors) else x
             for p, x in zip(paths, base_leaves, strict=True)
         ]
-        arg_leaves, args_static, args_def = _split_static((args, kwargs))
+        arg_leaves, args_static, args_def = split_static((args, kwargs))
         entry = trace(paths, params_def, param_leaves, args_static, args_def, arg_leaves)
         entry.check_usage(tuple(lora_tree))
         factors = {p: f for p, f in lora_tree.items() if isinstance(f, LoraFactors)}
