@@ -286,7 +286,7 @@ def _check_ids(ids: jax.Array, n: int) -> None:
 
 
 def _select(stack: AdapterStack, ids: jax.Array, base: Any) -> LoraTree:
-    """Per-example LoRA trees with a leading batch axis; id -1 gets a zero update."""
+    """Per-example LoRA trees with a leading batch axis; id -1 gets zero factors."""
     n = stack.size
     adapted = ids != -1
     # Ids outside [-1, N) index past the end, which gathers NaN: loud, never the base.
@@ -299,9 +299,11 @@ def _select(stack: AdapterStack, ids: jax.Array, base: Any) -> LoraTree:
     def where(x: jax.Array, otherwise: Any) -> jax.Array:
         return jnp.where(adapted.reshape(adapted.shape + (1,) * (x.ndim - 1)), x, otherwise)
 
+    # Base rows get A = B = 0, not adapter 0's A with B = 0: 0·NaN is NaN, so one bad
+    # adapter would otherwise poison every base row's output and input gradient.
     return {
         path: (
-            LoraFactors(take(e.a), where(take(e.b), 0), e.scale, e.layout)
+            LoraFactors(where(take(e.a), 0), where(take(e.b), 0), e.scale, e.layout)
             if isinstance(e, LoraFactors)
             else where(take(e), base_leaves[path])
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -229,6 +230,48 @@ def test_ids_out_of_range():
     assert np.isnan(out[1]).all() and np.isnan(out[3]).all()
     assert np.isfinite(out[0]).all() and np.isfinite(out[2]).all()
     np.testing.assert_allclose(out[2], x[2] @ params["w"], rtol=1e-6)
+
+
+def test_a_bad_adapter_touches_only_its_own_rows():
+    def fn(params, x):
+        return jnp.tanh(x @ params["w"]) @ params["v"] + params["bias"]
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+        "v": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+        "bias": jnp.zeros(3),
+    }
+    base, trees = adapters(params, [2, 3], ["w", "v"], trainable="bias")
+    bad = dict(trees[0])
+    bad["w"] = dataclasses.replace(bad["w"], a=bad["w"].a.at[0, 0].set(jnp.nan))
+    bad["v"] = dataclasses.replace(bad["v"], b=bad["v"].b.at[0, 0].set(jnp.inf))
+    bad["bias"] = jnp.full(3, jnp.nan)
+    stack = lorax_fn.stack_adapters([bad, trees[1]])
+    ids = jnp.array([-1, 1, 0, -1, 1])
+    good = np.array([0, 1, 3, 4])
+    x = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
+    g = lorax_fn.multi_lora(fn, batch_of_one=False)
+
+    out = jax.jit(g)(base, stack, ids, x)
+    assert not np.isfinite(out[2]).all()
+    check_rows(fn, base, [bad, trees[1]], ids[good], x[good], out[good])
+
+    def loss(stack, x):
+        return jnp.sum(g(base, stack, ids, x)[good] ** 2)
+
+    d_stack, d_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(stack, x)
+    one = stack.adapter(1)
+    for i in good:
+        params_i = base if ids[i] == -1 else lorax_fn.merge(base, one)
+        want = jax.grad(lambda xi, p=params_i: jnp.sum(fn(p, xi) ** 2))(x[i])
+        np.testing.assert_allclose(d_x[i], want, rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+    rows_1 = good[np.asarray(ids)[good] == 1]
+    want_1 = jax.grad(lambda t: jnp.sum(lorax_fn.lora(fn)(base, t, x[rows_1]) ** 2))(one)
+    for path, entry in want_1.items():
+        got = jax.tree.map(lambda s: s[1], d_stack.entries[path])
+        for gl, wl in zip(jax.tree.leaves(got), jax.tree.leaves(entry), strict=True):
+            np.testing.assert_allclose(gl, wl, rtol=1e-5, atol=1e-5, err_msg=path)
 
 
 def test_refusals_name_the_problem_and_change_nothing():
