@@ -16,6 +16,8 @@ from typing import Any, TypeAlias
 import jax
 import numpy as np
 
+from lorax_fn.errors import LoraError
+
 PathFilter: TypeAlias = str | re.Pattern[str] | Callable[[str, Any], bool]
 """A glob (``*`` one level, ``**`` any depth), ``re:``-prefixed or compiled
 regular expression (full match), or a callable ``(path, leaf) -> bool``."""
@@ -117,21 +119,30 @@ def _glob_to_regex(pattern: str) -> re.Pattern[str]:
 def compile_filter(pattern: PathFilter) -> Callable[[str, Any], bool]:
     """Turn a glob, regex or callable into a predicate ``(path, leaf) -> bool``.
 
+    A pattern that does not compile raises :class:`LoraError` naming it.
+
     Example:
         >>> match = compile_filter("**/query/kernel")
         >>> match("params/layer_0/attn/query/kernel", None), match("params/query/bias", None)
         (True, False)
+        >>> compile_filter("re:(")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: path filter 're:(' is not a valid pattern: missing ), ...
     """
     if callable(pattern) and not isinstance(pattern, re.Pattern):
         return pattern
-    if isinstance(pattern, re.Pattern):
-        regex = pattern
-    elif isinstance(pattern, str) and pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-    elif isinstance(pattern, str):
-        regex = _glob_to_regex(pattern)
-    else:
-        raise TypeError(f"a path filter must be a str, re.Pattern or callable, got {pattern!r}")
+    if not isinstance(pattern, str | re.Pattern):
+        raise LoraError(f"a path filter must be a str, re.Pattern or callable, got {pattern!r}")
+    try:
+        if isinstance(pattern, re.Pattern):
+            regex = pattern
+        elif pattern.startswith("re:"):
+            regex = re.compile(pattern[3:])
+        else:
+            regex = _glob_to_regex(pattern)
+    except re.error as err:
+        raise LoraError(f"path filter {pattern!r} is not a valid pattern: {err}") from None
     return lambda path, leaf: regex.fullmatch(path) is not None
 
 

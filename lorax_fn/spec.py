@@ -100,6 +100,11 @@ class LoraSpec:
         set_("layouts", _as_pattern_map(self.layouts, "layouts"))
         for f in self.targets + self.exclude + self.trainable:
             compile_filter(f)
+        if not self.targets and not self.trainable:
+            raise LoraError(
+                "LoraSpec has no targets and no trainable leaves, so it would train nothing: "
+                "give targets=... (e.g. '**/kernel') and/or trainable=... (e.g. ['**/bias'])"
+            )
         _check_rank("rank", self.rank)
         if self.alpha is not None:
             _check_alpha("alpha", self.alpha)

@@ -342,6 +342,28 @@ def test_spec_refusals(spec_kw, message):
         LoraSpec("**/kernel", **spec_kw)
 
 
+@pytest.mark.parametrize(
+    "spec_kw, message",
+    [
+        (dict(targets="re:("), r"path filter 're:\(' is not a valid pattern: missing \)"),
+        (dict(targets="**/kernel", exclude=["re:a[", "x"]), r"path filter 're:a\[' is not a"),
+        (dict(targets="**/kernel", rank_pattern={"re:*": 2}), r"path filter 're:\*' is not a"),
+        (dict(targets="**/[z-a]"), r"path filter '\*\*/\[z-a\]' is not a valid pattern"),
+        (dict(targets=[3]), "a path filter must be a str, re.Pattern or callable, got 3"),
+        (dict(), "no targets and no trainable leaves, so it would train nothing"),
+        (dict(rank=4, alpha=8.0), "no targets and no trainable leaves"),
+    ],
+)
+def test_spec_refuses_bad_filters_and_an_empty_spec_at_construction(spec_kw, message):
+    with pytest.raises(LoraError, match=message):
+        LoraSpec(**spec_kw)
+
+
+def test_trainable_only_spec_is_fine():  # BitFit / full fine-tuning
+    _, lt = lorax_fn.split(PARAMS, LoraSpec(trainable="**/bias"), key=KEY)
+    assert sorted(lt) == [p for p, _ in lorax_fn.leaves_with_paths(PARAMS) if p.endswith("bias")]
+
+
 def test_merge_refuses_a_tree_that_does_not_fit_and_changes_nothing():
     base, lt = lorax_fn.split(PARAMS, LoraSpec("**/kernel", rank=2, trainable="**/bias"), key=KEY)
     other_shape = {
