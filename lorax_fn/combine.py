@@ -17,7 +17,8 @@ scale included), per adapted weight and per stacked layer, as PEFT's
 
 An adapter that does not target a path contributes nothing there, so the result
 targets the union of the adapters' paths (as PEFT does). The result has scale 1.0
-and dropout 0.0 and is an ordinary LoRA tree for :func:`lorax_fn.lora`,
+and, per path, the dropout of the adapters there — they must agree, since one rate
+cannot stand for several — and is an ordinary LoRA tree for :func:`lorax_fn.lora`,
 :func:`lorax_fn.merge` or :func:`lorax_fn.stack_adapters`.
 """
 
@@ -75,7 +76,8 @@ def combine(
     negation) and may be a traced array (``cat`` is then differentiable in them). The
     adapters must agree on each shared path's layout and weight shape; leaves trained
     in full have no weighted-sum meaning and are refused. The module docstring gives
-    the derivation.
+    the derivation. The adapters at a path must also agree on its dropout rate, which
+    the result keeps; a disagreement is refused (set the dropout of the inputs first).
 
     Example:
         >>> import jax.numpy as jnp
@@ -119,6 +121,13 @@ def combine(
                     f"{path}: adapters disagree: {first.layout} for a weight of "
                     f"{first.weight_shape} vs {f.layout} for {f.weight_shape}"
                 )
+        dropouts = {i: f.dropout for i, tree in enumerate(trees) if (f := tree.get(path))}
+        if len(set(dropouts.values())) > 1:
+            rates = ", ".join(f"adapter {i}: {d:g}" for i, d in dropouts.items())
+            raise LoraError(
+                f"{path}: adapters disagree on dropout ({rates}); the combined adapter has "
+                "one rate, so give them the same one first"
+            )
         nb = len(first.layout.batch_axes)
         dtype = jnp.result_type(*(x for _, f in column for x in (f.a, f.b)))
         a = jnp.concatenate([f.a.astype(jnp.float32) for _, f in column], axis=-1)
@@ -135,5 +144,5 @@ def combine(
                     f"{path}: rank {k} > min(concatenated rank, fan_in, fan_out) = {limit}"
                 )
             a, b = _truncate(a, b, nb, k)
-        out[path] = LoraFactors(a.astype(dtype), b.astype(dtype), 1.0, first.layout)
+        out[path] = LoraFactors(a.astype(dtype), b.astype(dtype), 1.0, first.layout, first.dropout)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,19 @@ def test_refusals(trees):
     other = {"q": factors(2, 1.0, 5, Layout((1,), (2, 3), (0,)), (3, 6, 4, 2))}
     with pytest.raises(LoraError, match=r"q: adapters disagree: .* for a weight of \(3, 6, 2, 4\)"):
         lorax_fn.combine([trees[1], other], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_dropout_is_kept_when_the_adapters_agree_and_refused_when_not(trees, method):
+    with_dropout = [{p: dataclasses.replace(f, dropout=0.1) for p, f in t.items()} for t in trees]
+    out = lorax_fn.combine(with_dropout, WEIGHTS, method=method)
+    assert {p: f.dropout for p, f in out.items()} == {"q": 0.1, "v": 0.1}
+    mixed = [with_dropout[0], trees[1], with_dropout[2]]
+    with pytest.raises(
+        LoraError, match=r"q: adapters disagree on dropout \(adapter 0: 0.1, adapter 1: 0, "
+    ):
+        lorax_fn.combine(mixed, WEIGHTS, method=method)
+    # Per path, only the adapters that target it count.
+    per_path = [{"v": with_dropout[0]["v"]}, {"q": trees[1]["q"]}, {"v": with_dropout[2]["v"]}]
+    out = lorax_fn.combine(per_path, WEIGHTS, method=method)
+    assert {p: f.dropout for p, f in out.items()} == {"q": 0.0, "v": 0.1}
