@@ -392,10 +392,8 @@ def _as_filters(value: Any) -> tuple[PathFilter, ...]:
     return tuple(value)
 
 
-def _select(
-    pairs: list[tuple[str, Any]], targets: Any, exclude: Any
-) -> tuple[set[str], tuple[PathFilter, ...]]:
-    """The targeted paths, and the exclude filters in effect."""
+def _select(pairs: list[tuple[str, Any]], targets: Any, exclude: Any) -> set[str]:
+    """The targeted paths minus the excluded ones."""
     all_paths = [p for p, _ in pairs]
     exclude = _as_filters(exclude)
     if isinstance(targets, LoraSpec):
@@ -427,7 +425,9 @@ def _select(
     for f in exclude:
         match = compile_filter(f)
         selected -= {p for p, leaf in pairs if p in selected and match(p, leaf)}
-    return selected, exclude
+    if not selected:
+        raise LoraError("quantize_base: the excludes remove every target; nothing to quantize")
+    return selected
 
 
 def quantize_base(
@@ -466,7 +466,7 @@ def quantize_base(
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_quantized)
     pairs = [(path_str(k), leaf) for k, leaf in flat]
-    selected, _ = _select(pairs, targets, exclude)
+    selected = _select(pairs, targets, exclude)
     layouts = dict(layouts or {})
     plans: dict[str, _Plan] = {}
     for path, leaf in pairs:

@@ -417,6 +417,7 @@ def test_bad_arguments(call, message):
         ("**/head/kernel", {"block_size": 256}, "params/head/kernel: no trailing axes"),
         ("**/mlp/kernel", {"format": "fp4"}, "params/mlp/kernel: unknown format"),
         ({"params/mlp/kernel": jnp.ones(3)}, {}, "adapts no weight"),
+        ("**/mlp/kernel", {"exclude": "**/mlp/**"}, "remove every target"),
     ],
 )
 def test_quantize_base_refuses_bad_targets(targets, kwargs, message):
@@ -432,3 +433,20 @@ def test_quantize_base_refuses_nan_and_requantizing():
     q = quantize_base(attention_params(), "**/mlp/kernel")
     with pytest.raises(LoraError, match="params/mlp/kernel: already quantized"):
         quantize_base(q, "**/mlp/kernel")
+
+
+def test_quantize_base_on_an_nnx_state():
+    from flax import nnx
+
+    from lorax_fn.paths import path_str
+
+    model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    q = quantize_base(state, "**/kernel")
+    leaves = {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(q, is_leaf=_is_q)[0]}
+    assert _is_q(leaves["kernel"]) and leaves["kernel"].shape == (64, 128)
+    assert not _is_q(leaves["bias"])
+    x = normal((2, 64), seed=14, scale=1.0)
+    got = nnx.merge(graphdef, dequantize_base(q))(x)
+    want = x @ leaves["kernel"].dequantize() + leaves["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
