@@ -7,7 +7,8 @@ beyond the base itself); :func:`dequantize_base` turns them back into floats
 (for export or serving). A :class:`QuantizedArray` is a registered pytree: its
 leaves are plain arrays and its format, original shape, dtype and block size
 are static, so it jits, donates, shards and checkpoints (orbax) like any pytree.
-Dequantizing is always explicit: it is not an array and converts to none.
+Dequantizing is always explicit: a QuantizedArray is not an array and never
+converts to one implicitly.
 
 Formats:
 
@@ -25,8 +26,8 @@ shape[-1] // 2)`` and the absmax constants ``(*shape[:-1], shape[-1] //
 block_size)``, so both keep every axis of the weight and the weight's
 ``PartitionSpec`` applies to them unchanged whenever each shard of the last
 axis holds whole blocks. When the last axis is not a multiple of the block
-size, the smallest group of trailing axes whose size is gets flattened into one
-(``(768, 12, 32)`` → ``(768, 192)`` codes); ``pad=True`` instead zero-pads the
+size, the fewest trailing axes whose total size is a multiple of it are
+flattened into one (``(768, 12, 32)`` → ``(768, 192)`` codes); ``pad=True`` instead zero-pads the
 last axis when no group fits. :meth:`QuantizedArray.shardings` maps a weight's
 sharding onto these arrays.
 """
@@ -268,6 +269,8 @@ def _plan(
         raise LoraError(f"{name}: block_size must be an int >= 2, got {block_size!r}")
     if block_size % 2:
         raise LoraError(f"{name}: block_size must be even (two codes per byte), got {block_size}")
+    if double_quant is not None and not isinstance(double_quant, bool):
+        raise LoraError(f"{name}: double_quant must be a bool, got {double_quant!r}")
     lead = _nf4_lead_axes(shape, block_size)
     if lead is None and not pad:
         raise LoraError(
@@ -339,7 +342,8 @@ def quantize(
     """Quantize one float array (jit-compiled; traceable inside ``jax.jit`` too).
 
     Args:
-      x: a floating array (or a ``jax.ShapeDtypeStruct`` under ``jax.eval_shape``).
+      x: a floating array (``jax.eval_shape(quantize, jax.ShapeDtypeStruct(...))`` gives
+        the quantized structure without computing it).
       format: ``"nf4"`` or ``"int8"``.
       block_size: NF4 elements per absmax block (default 64, even).
       double_quant: NF4: store the absmax constants in 8 bits (default ``True``).

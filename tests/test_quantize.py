@@ -396,6 +396,7 @@ def test_quantize_base_with_exclude_and_under_eval_shape():
         (lambda: quantize(jnp.ones((4, 64)), block_size=7), "block_size must be even"),
         (lambda: quantize(jnp.ones((4, 64)), block_size=0), "block_size must be an int >= 2"),
         (lambda: quantize(jnp.ones(())), "scalar"),
+        (lambda: quantize(jnp.ones((4, 64)), double_quant="yes"), "double_quant must be a bool"),
         (lambda: quantize(jnp.ones((4, 64)), "int8", block_size=64), "apply to nf4 only"),
         (lambda: quantize(jnp.ones((4, 64)), "int8", channel_axes=(2,)), "out of range"),
         (lambda: quantize(jnp.ones((4, 64)), channel_axes=(1,)), "int8 only"),
