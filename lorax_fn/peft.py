@@ -12,8 +12,12 @@ kernel (``DenseGeneral``, e.g. attention ``(d, heads, head_dim)``) becomes a Lin
 weight's own axis order — as ``W.reshape(d, heads * head_dim)`` in PyTorch. A stacked
 (``nn.scan``) weight with one batch axis of size L becomes L modules, named through a
 ``{layer}`` placeholder. ``Embed`` tables (a path ending in ``embedding``) become
-``nn.Embedding`` adapters (``lora_embedding_A``/``lora_embedding_B``). Leaves trained in
-full become ``modules_to_save``. Nothing is pickled: safetensors and JSON only.
+``nn.Embedding`` adapters (``lora_embedding_A``/``lora_embedding_B``). Convolution
+kernels, Flax ``(*window, in, out)`` with A ``(*window, in, r)`` and B ``(r, out)``,
+become PEFT's ``ConvNd`` adapters: ``lora_A`` is a conv with the base's window,
+weight ``(r, in, *window)``, and ``lora_B`` a 1×1 conv, weight ``(out, r, 1, …)``.
+Leaves trained in full become ``modules_to_save``. Nothing is pickled: safetensors and
+JSON only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -36,7 +41,7 @@ import lorax_fn
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import check_fits
-from lorax_fn.paths import leaves_with_paths
+from lorax_fn.paths import PathFilter, compile_filter, leaves_with_paths
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import default_layout
 
@@ -140,10 +145,71 @@ def _most_common(values: list[Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], -v))
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+def _conv_layout(shape: Sequence[int], batch_axes: tuple[int, ...] = ()) -> Layout | None:
+    """Flax's convolution layout ``(*window, in, out)`` (PEFT's Conv1d/2d/3d), if it fits."""
+    rest = [a for a in range(len(shape)) if a not in batch_axes]
+    if not 3 <= len(rest) <= 5:
+        return None
+    return Layout(tuple(rest[:-1]), (rest[-1],), batch_axes)
+
+
+def _conv_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(*window, in, r)``, B ``(r, out)`` → lora_A ``(r, in, *window)``, B ``(out, r, 1…)``."""
+    n = a.ndim
+    lora_a = np.transpose(a, [n - 1, n - 2, *range(n - 2)])
+    return lora_a, b.T.reshape(b.shape[1], b.shape[0], *([1] * (n - 2)))
+
+
+def _conv_from_peft(lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_conv_to_peft`."""
+    n = lora_a.ndim
+    a = np.transpose(lora_a, [*range(2, n), 1, 0])
+    return a, lora_b.reshape(lora_b.shape[0], lora_b.shape[1]).T
+
+
+def _as_predicates(filters: PathFilter | Sequence[PathFilter]) -> list[Callable[[str, Any], bool]]:
+    if isinstance(filters, str | re.Pattern) or callable(filters):
+        filters = [filters]
+    return [compile_filter(f) for f in filters]
+
+
+def _write_directory(directory: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Write the adapter next to ``directory`` and rename it into place when complete.
+
+    As with :func:`lorax_fn.save`, existing content is replaced only with
+    ``overwrite=True``, and a crash keeps either the old adapter or the new one, never
+    half of each; an existing empty directory (nothing to lose) is written into.
+    """
+    exists = directory.exists()
+    if exists and not directory.is_dir():
+        raise LoraError(f"{directory} exists and is not a directory")
+    occupied = exists and any(directory.iterdir())
+    if occupied and not overwrite:
+        raise LoraError(f"{directory} already exists; pass overwrite=True to replace it")
+    if occupied and not (directory / CONFIG_NAME).is_file():
+        raise LoraError(
+            f"refusing to overwrite {directory}: it has no {CONFIG_NAME}, so it is not a "
+            "PEFT adapter"
+        )
+    new = directory.with_name(f".{directory.name}.lorax-new")
+    old = directory.with_name(f".{directory.name}.lorax-old")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(new, ignore_errors=True)  # left by an export killed before its rename
+    new.mkdir()
+    try:
+        write(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if occupied:
+        # Two renames: POSIX cannot swap directories atomically; a kill between them
+        # leaves the previous adapter complete at `old`.
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+        new.rename(directory)
+        shutil.rmtree(old)
+    else:
+        new.replace(directory)  # onto a missing or empty directory: one atomic rename
 
 
 def export_peft(
@@ -152,6 +218,9 @@ def export_peft(
     spec: LoraSpec | None = None,
     *,
     name_map: NameMap | None = None,
+    conv: PathFilter | Sequence[PathFilter] = (),
+    fan_in_fan_out: bool = False,
+    overwrite: bool = False,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
@@ -165,10 +234,24 @@ def export_peft(
     and layout, so :func:`import_peft` restores the tree exactly. Factors keep their
     dtype; cast the tree first for a bfloat16 file.
 
+    ``conv`` are path filters of the convolution kernels (Flax ``(*window, in, out)``,
+    1 to 3 window axes): they are written in PEFT's ``Conv1d``/``Conv2d``/``Conv3d``
+    format. A kernel's shape cannot tell a convolution from a multi-axis ``Dense``, so
+    an unlisted kernel is written as a ``Linear`` over its flattened fan-in, which PEFT
+    refuses to load into a conv (a size mismatch). ``fan_in_fan_out=True`` is PEFT's flag
+    for modules whose PyTorch weight is ``(in, out)``, like GPT-2's ``Conv1D``: it is
+    written to the config and kernels trained in full (``modules_to_save``) are then
+    stored as they are, not transposed; LoRA factors are stored the same either way.
+
+    An existing non-empty ``directory`` is refused unless ``overwrite=True`` (and it
+    holds an ``adapter_config.json``); the new adapter is written completely next to it
+    and then renamed into place, so a crash never leaves a half-written one.
+
     Example:
         >>> lorax_fn.export_peft("out/", lt, spec, name_map=[  # doctest: +SKIP
         ...     (r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")])
     """
+    is_conv = _as_predicates(conv)
     if spec is not None and spec.init == "pissa":
         raise LoraError(
             "a PiSSA adapter is relative to the residual base that split returned, but PEFT "
@@ -186,7 +269,7 @@ def export_peft(
         if name is None:
             raise LoraError(f"{path}: name_map gives no PyTorch module name for this path")
         if not isinstance(entry, LoraFactors):
-            to_save.append(_export_full(tensors, path, name, np.asarray(entry)))
+            to_save.append(_export_full(tensors, path, name, np.asarray(entry), fan_in_fan_out))
             continue
         layout, shape = entry.layout, entry.weight_shape
         layers = _stack_size(path, layout, shape)
@@ -196,6 +279,12 @@ def export_peft(
             raise LoraError(
                 f"{path}: an embedding table exports only as (vocab, features), "
                 f"got {layout} for shape {shape}"
+            )
+        convolution = any(match(path, entry) for match in is_conv)
+        if convolution and layout != _conv_layout(shape, layout.batch_axes):
+            raise LoraError(
+                f"{path}: conv= names it, but {layout} for shape {shape} is not a Flax "
+                "convolution kernel (*window, in, out) with 1 to 3 window axes"
             )
         suffix_a, suffix_b = (
             (".lora_embedding_A", ".lora_embedding_B")
@@ -207,13 +296,13 @@ def export_peft(
         alpha = entry.scale * (math.sqrt(r) if rslora else r)
         for i, module in enumerate(names):
             a_i, b_i = (a, b) if layers is None else (a[i], b[i])
-            # lora_A = Aᵀ [r, in]; lora_B = Bᵀ [out, r].
-            tensors[_PREFIX + module + suffix_a] = np.ascontiguousarray(
-                _to_matrix(a_i, layout.in_axes, r_first=False).T
-            )
-            tensors[_PREFIX + module + suffix_b] = np.ascontiguousarray(
-                _to_matrix(b_i, layout.out_axes, r_first=True).T
-            )
+            if convolution:
+                lora_a, lora_b = _conv_to_peft(a_i, b_i)
+            else:  # lora_A = Aᵀ [r, in]; lora_B = Bᵀ [out, r].
+                lora_a = _to_matrix(a_i, layout.in_axes, r_first=False).T
+                lora_b = _to_matrix(b_i, layout.out_axes, r_first=True).T
+            tensors[_PREFIX + module + suffix_a] = np.ascontiguousarray(lora_a)
+            tensors[_PREFIX + module + suffix_b] = np.ascontiguousarray(lora_b)
             if module in modules:
                 raise LoraError(f"{path}: module name {module!r} is used twice")
             modules[module] = (r, alpha)
@@ -244,7 +333,7 @@ def export_peft(
         "use_rslora": rslora,
         "lora_dropout": 0.0 if spec is None else spec.dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True if spec is None else _INITS[spec.init],
         "modules_to_save": sorted(set(to_save)) or None,
         "use_dora": False,
@@ -252,23 +341,23 @@ def export_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory).expanduser().absolute()
     header = {
         "format": "pt",
         "lorax_fn": json.dumps({"version": lorax_fn.__version__, "entries": exact}),
     }
-    _atomic_write(
-        directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata=header)
-    )
-    _atomic_write(
-        directory / CONFIG_NAME,
-        lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True)),
-    )
+
+    def write(into: Path) -> None:
+        safetensors.numpy.save_file(tensors, str(into / WEIGHTS_NAME), metadata=header)
+        (into / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    _write_directory(directory, overwrite, write)
     return directory
 
 
-def _export_full(tensors: dict[str, np.ndarray], path: str, module: str, x: np.ndarray) -> str:
+def _export_full(
+    tensors: dict[str, np.ndarray], path: str, module: str, x: np.ndarray, fan_in_fan_out: bool
+) -> str:
     """Add a fully trained leaf as a ``modules_to_save`` tensor; return its module."""
     leaf = path.split("/")[-1]
     if leaf not in _TORCH_PARAM or x.ndim != (2 if leaf in ("kernel", "embedding") else 1):
@@ -279,7 +368,7 @@ def _export_full(tensors: dict[str, np.ndarray], path: str, module: str, x: np.n
     key = f"{_PREFIX}{module}.{_TORCH_PARAM[leaf]}"
     if key in tensors:
         raise LoraError(f"{path}: {key} is written twice; check name_map")
-    tensors[key] = np.ascontiguousarray(x.T if leaf == "kernel" else x)
+    tensors[key] = np.ascontiguousarray(x.T if leaf == "kernel" and not fan_in_fan_out else x)
     return module
 
 
@@ -330,6 +419,7 @@ def import_peft(
     *,
     name_map: NameMap | None = None,
     layouts: Mapping[str, Layout] | None = None,
+    fan_in_fan_out: bool | None = None,
 ) -> dict[str, Any]:
     """Read a PEFT LoRA adapter into a LoRA tree for ``base``, checked against it.
 
@@ -337,8 +427,11 @@ def import_peft(
     :func:`export_peft` (evaluated on the base's leaves). Factor layouts come from the
     file when lorax_fn wrote it, else from ``layouts`` or :func:`lorax_fn.default_layout`;
     a stacked weight needs all of its layers, with equal rank and scale. ``scale`` is
-    ``alpha / r`` (``alpha / √r`` with ``use_rslora``) per module. ``modules_to_save``
-    tensors become fully trained leaves, in the base's dtype. Refused with
+    ``alpha / r`` (``alpha / √r`` with ``use_rslora``) per module. PEFT's conv format
+    (``lora_A`` ``(r, in, *window)``) is read as a Flax ``(*window, in, out)`` kernel.
+    ``modules_to_save`` tensors become fully trained leaves, in the base's dtype;
+    kernels among them are transposed from PyTorch's ``(out, in)`` unless
+    ``fan_in_fan_out`` (default: the config's) says they are stored ``(in, out)``. Refused with
     :class:`LoraError` naming the modules: anything that does not fit ``base``, an
     unmapped module, DoRA / LoRA biases, a missing layer.
 
@@ -350,8 +443,15 @@ def import_peft(
     config = _read_config(directory)
     tensors, exact = _read_tensors(directory)
     rslora = bool(config.get("use_rslora", False))
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     leaves = dict(leaves_with_paths(base))
     layouts = dict(layouts or {})
+    conv_modules = {
+        key[len(_PREFIX) : -len(".lora_A.weight")]
+        for key, x in tensors.items()
+        if key.startswith(_PREFIX) and key.endswith(".lora_A.weight") and x.ndim > 2
+    }
 
     # Every name a base leaf could have: for factors, the module (per layer); for full
     # leaves, module.param.
@@ -364,11 +464,14 @@ def import_peft(
         shape = tuple(np.shape(leaf))
         if path.split("/")[-1] in _TORCH_PARAM and "{layer}" not in name:
             full_names[f"{name}.{_TORCH_PARAM[path.split('/')[-1]]}"] = path
-        layout = (
-            Layout(**exact[path]["layout"])
-            if path in exact
-            else layouts.get(path) or default_layout(path, shape)
-        )
+        stacked = "{layer}" in name
+        if path in exact:
+            layout = Layout(**exact[path]["layout"])
+        elif name.replace("{layer}", "0") in conv_modules:
+            # PEFT's conv format says what the kernel is: Flax (*window, in, out).
+            layout = layouts.get(path) or _conv_layout(shape, (0,) if stacked else ())
+        else:
+            layout = layouts.get(path) or default_layout(path, shape)
         if (
             layout is None
             or len(shape) < 2
@@ -377,7 +480,7 @@ def import_peft(
         ):
             continue
         layers = _stack_size(path, layout, shape)
-        if (layers is None) == ("{layer}" in name):
+        if (layers is None) == stacked:
             continue  # this path is not a stacked weight named per layer, or vice versa
         for i, module in enumerate(_layer_names(name, path, layers)):
             factor_names[module] = (path, None if layers is None else i, layout)
@@ -416,7 +519,7 @@ def import_peft(
         tree[path] = _factors(path, got, leaves[path], config, rslora, exact.get(path))
     for path, x in sorted(full.items()):
         leaf = leaves[path]
-        value = x.T if path.split("/")[-1] == "kernel" else x
+        value = x.T if path.split("/")[-1] == "kernel" and not fan_in_fan_out else x
         if value.shape != tuple(np.shape(leaf)):
             raise LoraError(
                 f"{path}: modules_to_save tensor of shape {x.shape} does not fit "
@@ -425,6 +528,26 @@ def import_peft(
         tree[path] = jax.numpy.asarray(value, leaf.dtype)
     check_fits(base, tree)
     return tree
+
+
+def _conv_factors(
+    module: str, path: str, a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], layout: Layout
+) -> tuple[np.ndarray, np.ndarray]:
+    """A and B of one conv module, checked: lora_A ``(r, in, *window)``, lora_B ``(out, r, 1…)``."""
+    rest = [shape[i] for i in range(len(shape)) if i not in layout.batch_axes]
+    r = a.shape[0]
+    want_a = (r, rest[-2], *rest[:-2])
+    want_b = (rest[-1], r, *([1] * (len(rest) - 2)))
+    if layout != _conv_layout(shape, layout.batch_axes) or (a.shape, b.shape) != (
+        want_a,
+        want_b,
+    ):
+        raise LoraError(
+            f"{module} → {path}: conv lora_A {list(a.shape)} / lora_B {list(b.shape)} do "
+            f"not fit a Flax convolution kernel of shape {shape} with {layout} (expected "
+            f"{list(want_a)} / {list(want_b)} for a (*window, in, out) kernel)"
+        )
+    return _conv_from_peft(a, b)
 
 
 def _factors(
@@ -452,8 +575,10 @@ def _factors(
             raise LoraError(f"{module}: the adapter has only one of lora_A / lora_B")
         a, b = got["a"], got["b"]
         r = a.shape[0]
-        if (
-            (a.ndim, b.ndim) != (2, 2)
+        if a.ndim > 2:
+            a, b = _conv_factors(module, path, a, b, shape, layout)
+        elif (
+            b.ndim != 2
             or b.shape[1] != r
             or (a.shape[1], b.shape[0]) != (math.prod(in_dims), math.prod(out_dims))
         ):
@@ -463,8 +588,11 @@ def _factors(
                 f"{layout} (expected [r, {math.prod(in_dims)}] / "
                 f"[{math.prod(out_dims)}, r])"
             )
-        a_blocks.append(_from_matrix(a.T, layout.in_axes, in_dims, r_first=False))
-        b_blocks.append(_from_matrix(b.T, layout.out_axes, out_dims, r_first=True))
+        else:
+            a = _from_matrix(a.T, layout.in_axes, in_dims, r_first=False)
+            b = _from_matrix(b.T, layout.out_axes, out_dims, r_first=True)
+        a_blocks.append(a)
+        b_blocks.append(b)
         scales.add(_peft_alpha(config, module) / (math.sqrt(r) if rslora else r))
     if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
         raise LoraError(

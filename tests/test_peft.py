@@ -315,3 +315,272 @@ def test_adapter_saved_by_peft_imports_and_matches(tmp_path):
     got = np.asarray(forward(lorax_fn.merge(base, lt), jnp.asarray(tokens)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert isinstance(lt["params/layers/kernel"], LoraFactors)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+CONV = "**/conv*/kernel"
+CONV_SPEC = lorax_fn.LoraSpec(targets=CONV, rank=2, alpha=3.0, trainable="**/head/*")
+
+
+def conv_params(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s) / math.sqrt(math.prod(s[:-1])))  # noqa: E731
+    return {
+        "params": {
+            "conv2": {"kernel": normal(3, 3, 3, 4), "bias": normal(4)},  # HWIO
+            "conv1": {"kernel": normal(3, 4, 5), "bias": normal(5)},  # WIO
+            "head": {"kernel": normal(5, 2), "bias": normal(2)},
+        }
+    }
+
+
+def conv_forward(params: dict, x: jax.Array) -> jax.Array:
+    """NHWC images: a 3x3 conv (padding 1), then a stride-2 1-D conv over the pixels."""
+    p = params["params"]
+    y = jax.lax.conv_general_dilated(
+        x,
+        p["conv2"]["kernel"],
+        (1, 1),
+        [(1, 1), (1, 1)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    y = jnp.tanh(y + p["conv2"]["bias"]).reshape(x.shape[0], -1, 4)
+    z = jax.lax.conv_general_dilated(
+        y, p["conv1"]["kernel"], (2,), [(1, 1)], dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    return jnp.tanh(z + p["conv1"]["bias"]).mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def conv_lora() -> tuple[dict, dict, jax.Array]:
+    params = conv_params()
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, 6, 3)), jnp.float32)
+    layouts = lorax_fn.infer_layouts(conv_forward, params, x)
+    base, lt = lorax_fn.split(params, CONV_SPEC, key=jax.random.key(0), layouts=layouts)
+    rng = np.random.default_rng(3)
+    noise = lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape), x.dtype)  # noqa: E731
+    return base, jax.tree.map(noise, lt), x
+
+
+def test_conv_kernels_export_in_peft_conv_format_and_round_trip(tmp_path):
+    base, lt, _ = conv_lora()
+    export_peft(tmp_path, lt, CONV_SPEC, conv=CONV)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    p = "base_model.model."
+    assert tensors[p + "conv2.lora_A.weight"].shape == (2, 3, 3, 3)  # (r, in, kh, kw)
+    assert tensors[p + "conv2.lora_B.weight"].shape == (4, 2, 1, 1)  # (out, r, 1, 1)
+    assert tensors[p + "conv1.lora_A.weight"].shape == (2, 4, 3)
+    assert tensors[p + "conv1.lora_B.weight"].shape == (5, 2, 1)
+    # PEFT's ΔW = scale · B·A over r, in PyTorch's (out, in, *window): the Flax ΔW transposed.
+    f = lt["params/conv2/kernel"]
+    peft_delta = f.scale * np.einsum(
+        "or,rihw->oihw",
+        tensors[p + "conv2.lora_B.weight"][:, :, 0, 0],
+        tensors[p + "conv2.lora_A.weight"],
+    )
+    np.testing.assert_allclose(
+        peft_delta, np.asarray(lorax_fn.delta(f)).transpose(3, 2, 0, 1), rtol=1e-5, atol=1e-6
+    )
+    assert_same_tree(import_peft(tmp_path, base), lt)
+    # As PEFT writes it, without lorax_fn's header: the conv format alone says what it is.
+    safetensors.numpy.save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    got = import_peft(tmp_path, base)
+    for path in ("params/conv2/kernel", "params/conv1/kernel"):
+        assert got[path].layout == lt[path].layout
+        np.testing.assert_array_equal(got[path].a, lt[path].a)
+        np.testing.assert_array_equal(got[path].b, lt[path].b)
+
+
+def test_conv_refusals(tmp_path):
+    base, lt, _ = conv_lora()
+    dense = {
+        "params/head/kernel": LoraFactors(
+            jnp.ones((5, 1)), jnp.ones((1, 2)), 1.0, Layout((0,), (1,))
+        )
+    }
+    with pytest.raises(LoraError, match=r"params/head/kernel: conv= names it, but .* is not a "):
+        export_peft(tmp_path, dense, conv="**/head/kernel")
+    export_peft(tmp_path / "a", lt, CONV_SPEC, conv=CONV)
+    other = jax.tree.map(lambda x: x, base)
+    other["params"]["conv2"]["kernel"] = jnp.ones((3, 3, 3, 6))
+    with pytest.raises(
+        LoraError,
+        match=r"conv2 → params/conv2/kernel: conv lora_A \[2, 3, 3, 3\] / lora_B \[4, 2, 1, 1\]",
+    ):
+        import_peft(tmp_path / "a", other)
+
+
+# --------------------------------------------------------------------------- overwriting
+
+
+def test_export_refuses_to_overwrite_unless_asked_and_never_leaves_half_an_adapter(
+    tmp_path, monkeypatch
+):
+    base, lt = make_lora()
+    out = tmp_path / "adapter"
+    export_peft(out, lt, make_spec(), name_map=NAME_MAP)
+    first = (out / "adapter_model.safetensors").read_bytes()
+    _, other = make_lora(seed=1)
+    with pytest.raises(LoraError, match=rf"{out} already exists; pass overwrite=True"):
+        export_peft(out, other, make_spec(), name_map=NAME_MAP)
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+
+    def killed(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", killed)
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(out, other, make_spec(), name_map=NAME_MAP, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left
+
+    export_peft(out, other, make_spec(), name_map=NAME_MAP, overwrite=True)
+    assert_same_tree(import_peft(out, base, name_map=NAME_MAP), other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(LoraError, match=rf"refusing to overwrite {notes}: it has no adapter_"):
+        export_peft(notes, lt, make_spec(), name_map=NAME_MAP, overwrite=True)
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
+# --------------------------------------------------------------------------- fan_in_fan_out
+
+
+def test_fan_in_fan_out_keeps_full_kernels_in_in_out_order(tmp_path):
+    base, lt = make_lora()
+    export_peft(tmp_path, lt, make_spec(), name_map=NAME_MAP, fan_in_fan_out=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    p = "base_model.model."
+    np.testing.assert_array_equal(tensors[p + "head.weight"], lt["params/head/kernel"])  # (in, out)
+    assert tensors[p + "attn.query_proj.lora_A.weight"].shape == (4, D)  # factors: unchanged
+    assert tensors[p + "attn.query_proj.lora_B.weight"].shape == (H * K, 4)
+    assert_same_tree(import_peft(tmp_path, base, name_map=NAME_MAP), lt)  # read from the config
+    with pytest.raises(LoraError, match=r"params/head/kernel: modules_to_save tensor of shape"):
+        import_peft(tmp_path, base, name_map=NAME_MAP, fan_in_fan_out=False)
+
+
+# --------------------------------------------------------------------------- PyTorch parity: conv
+
+
+def torch_conv_model(params: dict):
+    torch = pytest.importorskip("torch")
+    p = {k: np.asarray(v) for k, v in lorax_fn.leaves_with_paths(params)}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.conv1 = torch.nn.Conv1d(4, 5, 3, stride=2, padding=1)
+            self.head = torch.nn.Linear(5, 2)
+
+        def forward(self, x):  # x: NHWC, as the Flax model takes it
+            n = x.shape[0]
+            y = torch.tanh(self.conv2(x.permute(0, 3, 1, 2)))  # NCHW
+            y = y.permute(0, 2, 3, 1).reshape(n, -1, 4).permute(0, 2, 1)  # pixels in Flax order
+            return self.head(torch.tanh(self.conv1(y)).mean(dim=2))
+
+    model = Model()
+    weights = {  # Flax (*window, in, out) → PyTorch (out, in, *window)
+        "conv2.weight": p["params/conv2/kernel"].transpose(3, 2, 0, 1),
+        "conv2.bias": p["params/conv2/bias"],
+        "conv1.weight": p["params/conv1/kernel"].transpose(2, 1, 0),
+        "conv1.bias": p["params/conv1/bias"],
+        "head.weight": p["params/head/kernel"].T,
+        "head.bias": p["params/head/bias"],
+    }
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return model.eval()
+
+
+def test_peft_conv_model_with_exported_adapter_matches_flax(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base, lt, x = conv_lora()
+    with torch.no_grad():  # the two base models agree before any adapter
+        torch_base = torch_conv_model(base)(torch.from_numpy(np.asarray(x))).numpy()
+    np.testing.assert_allclose(torch_base, conv_forward(base, x), rtol=1e-5, atol=1e-5)
+    export_peft(tmp_path, lt, CONV_SPEC, conv=CONV)
+    model = peft.PeftModel.from_pretrained(torch_conv_model(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = model(torch.from_numpy(np.asarray(x))).numpy()
+    want = np.asarray(lorax_fn.lora(conv_forward, on_fallback="error")(base, lt, x))
+    assert np.abs(want - torch_base).max() > 0.05  # the adapter matters
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_adapter_saved_by_peft_imports_and_matches(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base, _, x = conv_lora()
+    config = peft.LoraConfig(
+        r=2, lora_alpha=5, target_modules=["conv2", "conv1"], modules_to_save=["head"]
+    )
+    model = peft.get_peft_model(torch_conv_model(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path))
+    lt = import_peft(tmp_path, base)
+    assert set(lt) == {
+        "params/conv2/kernel",
+        "params/conv1/kernel",
+        "params/head/kernel",
+        "params/head/bias",
+    }
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(np.asarray(x))).numpy()
+    got = np.asarray(lorax_fn.lora(conv_forward, on_fallback="error")(base, lt, x))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- GPT-2's Conv1D
+
+
+def test_fan_in_fan_out_adapter_loads_into_conv1d_modules(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    rng = np.random.default_rng(0)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s) / 4, jnp.float32)  # noqa: E731
+    params = {
+        "params": {m: {"kernel": normal(D, D), "bias": normal(D)} for m in ("c_attn", "c_proj")}
+    }
+    spec = lorax_fn.LoraSpec("**/c_attn/kernel", rank=3, trainable="**/c_proj/*")
+    base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+    lt = jax.tree.map(lambda x: x + normal(*x.shape), lt)
+
+    class Model(torch.nn.Module):  # GPT-2's layout: Conv1D weights are (in, out)
+        def __init__(self):
+            super().__init__()
+            self.c_attn = conv1d(D, D)
+            self.c_proj = conv1d(D, D)
+
+        def forward(self, x):
+            return self.c_proj(torch.tanh(self.c_attn(x)))
+
+    torch_model = Model()
+    weights = {f"{m}.weight": base["params"][m]["kernel"] for m in ("c_attn", "c_proj")}
+    weights |= {f"{m}.bias": base["params"][m]["bias"] for m in ("c_attn", "c_proj")}
+    torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    export_peft(tmp_path, lt, spec, fan_in_fan_out=True)
+    model = peft.PeftModel.from_pretrained(torch_model.eval(), str(tmp_path)).eval()
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+
+    def forward(params, x):
+        p = params["params"]
+        h = jnp.tanh(x @ p["c_attn"]["kernel"] + p["c_attn"]["bias"])
+        return h @ p["c_proj"]["kernel"] + p["c_proj"]["bias"]
+
+    want = forward(lorax_fn.merge(base, lt), x)
+    assert np.abs(want - forward(base, x)).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert_same_tree(import_peft(tmp_path, base), lt)
