@@ -25,10 +25,11 @@ NF4 layout. Blocks run along the last axis: ``codes`` is ``(*shape[:-1],
 shape[-1] // 2)`` and the absmax constants ``(*shape[:-1], shape[-1] //
 block_size)``, so both keep every axis of the weight and the weight's
 ``PartitionSpec`` applies to them unchanged whenever each shard of the last
-axis holds whole blocks. When the last axis is not a multiple of the block
-size, the fewest trailing axes whose total size is a multiple of it are
-flattened into one (``(768, 12, 32)`` → ``(768, 192)`` codes); ``pad=True`` instead zero-pads the
-last axis when no group fits. :meth:`QuantizedArray.shardings` maps a weight's
+axis holds whole blocks (else the absmax constants are replicated along it).
+When the last axis is not a multiple of the block size, the fewest trailing
+axes whose total size is a multiple of it are flattened into one (``(768, 12,
+32)`` → ``(768, 192)`` codes); ``pad=True`` instead zero-pads the last axis
+when no group fits. :meth:`QuantizedArray.shardings` maps a weight's
 sharding onto these arrays.
 """
 
@@ -138,10 +139,12 @@ class QuantizedArray:
 
         A ``NamedSharding``'s spec carries over axis by axis: int8 codes take it as is
         and their scale drops the entries of its size-1 axes; NF4 codes and absmax keep
-        the entries of the leading axes, and the trailing (flattened) axis keeps the
-        entry of its first axis when the other trailing axes are unsharded and each
-        shard holds whole blocks (else it is replicated). The double-quantization
-        constants (one float32 per 16,384 elements) are replicated. A fully
+        the entries of the leading axes. Their trailing (flattened) axis keeps the entry
+        of its first axis when the other trailing axes are unsharded: for the codes when
+        each shard holds whole bytes, for the absmax when it holds whole blocks (else
+        that axis is replicated: 1/64 of the elements, one byte each). The
+        double-quantization constants (one float32 per 16,384 elements) are replicated.
+        Dequantizing into the weight's sharding then needs no communication. A fully
         replicated sharding of another kind applies to every leaf.
 
         Example:
@@ -174,6 +177,7 @@ class QuantizedArray:
             )
         lead, trailing = spec[: self.lead_axes], spec[self.lead_axes :]
         first = trailing[0] if trailing and all(e is None for e in trailing[1:]) else None
+        codes_entry = scale_entry = None
         if first is not None:
             shards = math.prod(
                 mesh.shape[a] for a in ((first,) if isinstance(first, str) else first)
@@ -181,13 +185,13 @@ class QuantizedArray:
             dim = self.shape[self.lead_axes]
             per_shard = dim // shards * math.prod(self.shape[self.lead_axes + 1 :])
             padded = 2 * self.codes.shape[-1] != math.prod(self.shape[self.lead_axes :])
-            if padded or dim % shards or per_shard % self.block_size:
-                first = None
-        blocked = NamedSharding(mesh, PartitionSpec(*lead, first))
+            if not (padded or dim % shards or per_shard % 2):
+                codes_entry = first
+                scale_entry = None if per_shard % self.block_size else first
         return dataclasses.replace(
             self,
-            codes=blocked,
-            scale=blocked,
+            codes=NamedSharding(mesh, PartitionSpec(*lead, codes_entry)),
+            scale=NamedSharding(mesh, PartitionSpec(*lead, scale_entry)),
             scale_scale=replicated if self.double_quant else None,
             scale_offset=replicated if self.double_quant else None,
         )
@@ -454,7 +458,9 @@ def quantize_base(
     quantized or non-finite leaf, or a shape the block size does not fit raises a
     :class:`lorax_fn.LoraError` naming the path. Other leaves are kept as they are.
 
-    Weights are quantized one at a time, each by one jitted call. int8 scales are per
+    Weights are quantized one at a time, each by one jitted call; a weight with a
+    ``NamedSharding`` is quantized in place, its leaves sharded as
+    :meth:`QuantizedArray.shardings` says. int8 scales are per
     output channel as laid out by ``layouts[path]`` (e.g. from
     :func:`lorax_fn.infer_layouts`), else :func:`lorax_fn.default_layout`, else the last
     axis: one scale per index of the layout's out and batch axes. Works under
@@ -500,8 +506,18 @@ def quantize_base(
     for path, leaf in pairs:
         if path in plans and not isinstance(ok := _all_finite(leaf), jax.core.Tracer) and not ok:
             raise LoraError(f"{path}: has NaN or Inf values; refusing to quantize it")
-    leaves = [_quantize_jit(leaf, plans[p]) if p in plans else leaf for p, leaf in pairs]
+    leaves = [_quantize_leaf(leaf, plans[p]) if p in plans else leaf for p, leaf in pairs]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _quantize_leaf(x: Any, plan: _Plan) -> QuantizedArray:
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return _quantize_jit(x, plan)
+    # A sharded weight is quantized where it lies: each device only ever holds its own
+    # shard (and its codes), never the whole weight.
+    out = jax.eval_shape(_quantize_jit, x, plan).shardings(sharding)
+    return jax.jit(_quantize_array, static_argnums=1, out_shardings=out)(x, plan)
 
 
 def dequantize_base(tree: Any, dtype: Any = None) -> Any:

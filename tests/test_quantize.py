@@ -248,8 +248,9 @@ def _collectives(hlo: str) -> list[str]:
     [
         ("nf4", (64, 1024), P("x", None), P("x", None), P("x", None)),
         ("nf4", (64, 1024), P(None, "x"), P(None, "x"), P(None, "x")),  # 128 per shard: 2 blocks
-        ("nf4", (64, 256), P(None, "x"), P(None, None), P(None, None)),  # 32 per shard < a block
+        ("nf4", (64, 256), P(None, "x"), P(None, "x"), P(None, None)),  # 32 per shard < a block
         ("nf4", (8, 16, 32), P(None, "x", None), P(None, "x"), P(None, "x")),  # flattened (16, 32)
+        ("nf4", (8, 16, 32), P(None, None, "x"), P(None, None), P(None, None)),  # not contiguous
         ("int8", (64, 1024), P("x", None), P("x", None), P(None, None)),
         ("int8", (64, 1024), P(None, "x"), P(None, "x"), P(None, "x")),
     ],
@@ -265,8 +266,7 @@ def test_sharded_like_the_weight(fmt, shape, spec, codes_spec, scale_spec):
     dequant = jax.jit(dequantize, out_shardings=weight_sharding)
     # Another program: equal up to one rounding of the scale arithmetic.
     np.testing.assert_allclose(dequant(placed), q.dequantize(), rtol=3e-7, atol=0)
-    if codes_spec == spec:  # whole blocks per shard: dequantizing needs no communication
-        assert _collectives(dequant.lower(placed).compile().as_text()) == []
+    assert _collectives(dequant.lower(placed).compile().as_text()) == []
 
 
 def test_quantized_shardings_follow_the_float_base():
@@ -451,3 +451,29 @@ def test_quantize_base_on_an_nnx_state():
     got = nnx.merge(graphdef, dequantize_base(q))(x)
     want = x @ leaves["kernel"].dequantize() + leaves["bias"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_base_keeps_a_sharded_weight_sharded():
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = normal((64, 512), seed=15)
+    for spec, fmt, kwargs in ((P("x", None), "int8", {}), (P(None, "x"), "nf4", {})):
+        sharded = {"w": jax.device_put(x, NamedSharding(mesh, spec))}
+        q = quantize_base(sharded, "w", format=fmt, **kwargs)["w"]
+        want = quantize(x, fmt, **kwargs)
+        expected = want.shardings(NamedSharding(mesh, spec))
+        assert q.codes.sharding.spec == spec
+        for got, leaf in zip(jax.tree.leaves(q), jax.tree.leaves(expected), strict=True):
+            assert got.sharding.is_equivalent_to(leaf, got.ndim)
+        if kwargs.get("double_quant", True) and fmt == "nf4":
+            # The mean of the absmax constants is summed in another order: the scales
+            # agree to float rounding, the codes wherever an element is not at a tie.
+            scale = reconstructed_scale(q)
+            np.testing.assert_allclose(scale, reconstructed_scale(want), rtol=1e-6)
+            v = ref_blocks(x, 64, q.lead_axes) / scale[:, None]
+            mid = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
+            tie = np.abs(v.reshape(-1)[:, None] - mid).min(axis=1) < 1e-5
+            differ = unpack_codes(q) != unpack_codes(want)
+            assert not np.any(differ & ~tie)
+        else:
+            np.testing.assert_array_equal(q.codes, want.codes)
+            np.testing.assert_array_equal(q.dequantize(), want.dequantize())
