@@ -15,26 +15,36 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lorax_fn.checkpoint_format import (
+    EXTRA_ITEM,
     LORA_ITEM,
     META_ITEM,
+    CheckpointDamaged,
     Shardings,
+    abstract_extra,
     abstract_lora,
+    apply_extra,
     check_against_base,
     check_entries,
     checkpoint_path,
     decode,
     encode,
+    encode_extra,
     leaf_specs,
+    one_clear_error,
     read_error,
+    seal,
+    select_extra,
+    warn_unsaved,
 )
 from lorax_fn.checkpoint_manager import LoraCheckpointManager, TrainState
 from lorax_fn.errors import LoraError
@@ -42,6 +52,7 @@ from lorax_fn.spec import LoraSpec
 
 # The training-checkpoint names are re-exported: they have always been importable from here.
 __all__ = [
+    "CheckpointDamaged",
     "CheckpointInfo",
     "LoraCheckpointManager",
     "Shardings",
@@ -62,6 +73,7 @@ class CheckpointInfo:
       base_fingerprint: SHA-256 over the targeted base leaves' paths, shapes and dtypes.
       base_leaves: ``{path: (shape, dtype)}`` of those leaves (dtype ``None`` if unknown).
       entries: ``{path: "factors" | "array"}``.
+      extra: ``{path: (shape, dtype)}`` of the base leaves saved beside it (``extra=``).
     """
 
     spec: LoraSpec | None
@@ -69,6 +81,7 @@ class CheckpointInfo:
     base_fingerprint: str
     base_leaves: dict[str, tuple[tuple[int, ...], str | None]]
     entries: dict[str, str]
+    extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -104,11 +117,12 @@ def _load_meta(directory: Path) -> dict[str, Any]:
         )
     try:
         # The JSON item alone, through its own handler: no array is touched yet.
-        meta = ocp.JsonCheckpointHandler().restore(directory / META_ITEM)
-    except Exception as err:  # orbax/tensorstore/json raise many types; all mean unreadable
+        with one_clear_error():
+            meta = ocp.JsonCheckpointHandler().restore(directory / META_ITEM)
+    except Exception as err:  # orbax/tensorstore/json raise many types
         raise read_error(f"the metadata of {where}", err) from err
     if not isinstance(meta, dict):
-        raise LoraError(f"{where}: malformed lorax_fn metadata (not a JSON object)")
+        raise CheckpointDamaged(f"{where}: malformed lorax_fn metadata (not a JSON object)")
     check_entries(meta, where)
     return meta
 
@@ -130,6 +144,7 @@ def checkpoint_info(directory: str | os.PathLike) -> CheckpointInfo:
         base_fingerprint=meta["base_fingerprint"],
         base_leaves={b["path"]: (tuple(b["shape"]), b["dtype"]) for b in meta["base_leaves"]},
         entries={e["path"]: e["kind"] for e in meta["entries"]},
+        extra={x["path"]: (tuple(x["shape"]), x["dtype"]) for x in meta.get("extra", [])},
     )
 
 
@@ -139,38 +154,60 @@ def save(
     spec: LoraSpec | None,
     *,
     base: Any = None,
+    extra: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Save the LoRA tree alone (not the base) with orbax, plus JSON metadata.
 
     The metadata holds ``spec``, each entry's ``scale``/``layout``/``dropout``, a
     fingerprint of the base leaves the adapter targets (paths, shapes and — when
-    ``base`` is given — dtypes), a SHA-256 per array and ``lorax_fn.__version__``.
-    With ``base``, the tree is first checked to fit it. An existing ``directory`` is
-    refused unless ``overwrite=True``; then the new checkpoint is written completely
-    next to it before it replaces the old one, so a crash mid-save keeps the old one.
+    ``base`` is given — dtypes), a SHA-256 per array, ``lorax_fn.__version__`` and a
+    SHA-256 of the metadata itself. ``spec`` must agree with the tree (targets, trained
+    leaves, ranks, scales, dropout) or be ``None``. With ``base``, the tree is first
+    checked to fit it.
+
+    ``extra`` (path filters over ``base``, e.g. ``"batch_stats/**"``) saves those base
+    leaves beside the adapter — non-parameter state such as BatchNorm statistics, which
+    the LoRA tree does not hold (PEFT's ``modules_to_save``); ``restore(extra=True)``
+    puts them back. Saving with a ``base`` that carries such state without ``extra``
+    warns, naming the paths left out.
+
+    An existing ``directory`` is refused unless ``overwrite=True``; then the new
+    checkpoint is written completely next to it before it replaces the old one, so a
+    crash mid-save keeps the old one.
 
     Example:
-        >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))  # doctest: +SKIP
-        >>> lorax_fn.save("/tmp/adapter", lt, spec, base=base)  # doctest: +SKIP
-        >>> lt2 = lorax_fn.restore("/tmp/adapter", base=base)  # doctest: +SKIP
+        >>> base, lt = lorax_fn.split(variables, spec, key=jax.random.key(0))  # doctest: +SKIP
+        >>> lorax_fn.save("/tmp/adapter", lt, spec, base=base,  # doctest: +SKIP
+        ...               extra="batch_stats/**")
+        >>> lt2, base2 = lorax_fn.restore("/tmp/adapter", base=base, extra=True)  # doctest: +SKIP
     """
     directory = checkpoint_path(directory)
     arrays, meta = encode(lora_tree, spec, None if base is None else leaf_specs(base))
+    extra_leaves = {} if extra is None else select_extra(base, extra, lora_tree)
+    extra_arrays, meta["extra"] = encode_extra(extra_leaves)
+    meta = seal(meta)
     if directory.exists() and not overwrite:
         raise LoraError(f"{directory} already exists; pass overwrite=True to replace it")
     if directory.exists() and not (directory / META_ITEM).is_dir():
         raise LoraError(f"refusing to overwrite {directory}: it is not a lorax_fn checkpoint")
+    if base is not None:
+        warn_unsaved(base, set(extra_leaves), f"the checkpoint at {directory}")
     new, old = _swap_names(directory)
     target = new if directory.exists() else directory
     primary = jax.process_index() == 0
     if primary:
         shutil.rmtree(new, ignore_errors=True)  # left by a save killed before its swap
     _barrier("lorax_fn.save:cleaned")
-    args = ocp.args.Composite(
-        **{LORA_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(meta)}
-    )
-    _checkpointer().save(target, args=args)
+    items = {LORA_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(meta)}
+    if extra_arrays:
+        items[EXTRA_ITEM] = ocp.args.StandardSave(extra_arrays)
+    try:
+        _checkpointer().save(target, args=ocp.args.Composite(**items))
+    except OSError as err:  # an unwritable path surfaces as orbax's tmp-directory error
+        raise LoraError(
+            f"cannot write a checkpoint at {directory}: {type(err).__name__}: {err}"
+        ) from err
     if target == new:
         _barrier("lorax_fn.save:written")
         if primary:
@@ -184,21 +221,46 @@ def save(
     return directory
 
 
+@overload
 def restore(
     directory: str | os.PathLike,
     *,
     base: Any = None,
     shardings: Shardings = None,
-) -> dict[str, Any]:
+    extra: Literal[False] = False,
+) -> dict[str, Any]: ...
+
+
+@overload
+def restore(
+    directory: str | os.PathLike, *, base: Any, shardings: Shardings = None, extra: Literal[True]
+) -> tuple[dict[str, Any], Any]: ...
+
+
+def restore(
+    directory: str | os.PathLike,
+    *,
+    base: Any = None,
+    shardings: Shardings = None,
+    extra: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], Any]:
     """Restore a LoRA tree saved by :func:`save`: the same paths, arrays and static fields.
 
-    Everything is validated before an array is read: the metadata, the format
-    version, and — with ``base`` — that the adapter was made for this base (every path
-    present with the recorded shape and dtype, and no base leaf that the stored spec
-    selects missing from the adapter). Arrays are then checked against their SHA-256.
-    Any failure raises :class:`LoraError`; nothing of the caller's is modified.
-    ``shardings`` places the arrays (see :data:`Shardings`): replicated over a mesh, or
-    each factor following its base weight's sharding.
+    Everything is validated before an array is read: the metadata (against its own
+    SHA-256, so an edited ``scale`` or ``spec`` is refused), the format version, and —
+    with ``base`` — that the adapter was made for this base, by :func:`lorax_fn.merge`'s
+    rules: every path present with the recorded shape; factors accept any floating
+    base dtype (a float32 adapter fits a bfloat16 copy of its base), a leaf trained in
+    full must have its base leaf's dtype; no base leaf that the stored spec selects
+    missing from the adapter. Every array is then checked against its SHA-256. Any
+    failure raises :class:`LoraError` (:class:`CheckpointDamaged` for damaged files);
+    nothing of the caller's is modified. ``shardings`` places the arrays (see
+    :data:`Shardings`; default: this process's first local device).
+
+    With ``extra=True`` this returns ``(lora_tree, base_with_extra)``: a copy of ``base``
+    holding the leaves saved with ``save(extra=...)`` (checked, cast to the base leaves'
+    dtypes, placed like them). A checkpoint that holds such leaves warns when they are
+    not asked for.
 
     Example:
         >>> lt = lorax_fn.restore("/tmp/adapter", base=base,  # doctest: +SKIP
@@ -211,11 +273,27 @@ def restore(
     meta = _load_meta(directory)
     if base is not None:
         check_against_base(meta, leaf_specs(base), where)
-    abstract = abstract_lora(meta, shardings)
+    saved_extra = meta.get("extra", [])
+    if extra and base is None:
+        raise LoraError("restore(extra=True) puts saved leaves into a base: pass base= too")
+    if saved_extra and not extra:
+        warnings.warn(
+            f"{where} also holds base leaves {[x['path'] for x in saved_extra]} (saved with "
+            "extra=); pass extra=True to restore them into the base",
+            UserWarning,
+            stacklevel=2,
+        )
+    items = {LORA_ITEM: ocp.args.StandardRestore(abstract_lora(meta, shardings))}
+    if extra and saved_extra:
+        items[EXTRA_ITEM] = ocp.args.StandardRestore(abstract_extra(saved_extra, base, where))
     try:
-        arrays = _checkpointer().restore(
-            directory, args=ocp.args.Composite(**{LORA_ITEM: ocp.args.StandardRestore(abstract)})
-        )[LORA_ITEM]
-    except Exception as err:  # orbax/tensorstore raise many types; all mean unreadable
+        with one_clear_error():
+            restored = _checkpointer().restore(directory, args=ocp.args.Composite(**items))
+    except Exception as err:  # orbax/tensorstore raise many types
         raise read_error(where, err) from err
-    return decode(meta, arrays, where)
+    lora_tree = decode(meta, restored[LORA_ITEM], where)
+    if not extra:
+        return lora_tree
+    if not saved_extra:
+        return lora_tree, base
+    return lora_tree, apply_extra(saved_extra, restored[EXTRA_ITEM], base, where)

@@ -2,12 +2,16 @@
 
 A checkpoint directory holds orbax items only: ``lora`` (the factor arrays, keyed
 by entry index because LoRA paths contain ``/``), optionally ``opt_state`` (the
-optimizer state's leaves, keyed by leaf index) and ``lorax_fn`` (JSON metadata:
+optimizer state's leaves, keyed by leaf index), optionally ``extra`` (chosen base
+leaves such as ``batch_stats``, keyed by index) and ``lorax_fn`` (JSON metadata:
 the spec, each entry's static fields, a fingerprint of the base leaves it was
-made for, a SHA-256 of every array and the library version). Nothing is ever
-unpickled: arrays go through orbax's standard (tensorstore) handler, the rest is
-JSON. orbax does not checksum array data, which is why the metadata carries
-SHA-256 digests.
+made for, a SHA-256 of every array, the library version, and a SHA-256 of the
+metadata itself). Nothing is ever unpickled: arrays go through orbax's standard
+(tensorstore) handler, the rest is JSON. orbax checksums neither array data nor
+metadata, which is why both carry SHA-256 digests. A digest covers the whole
+global array, so any process layout can verify what it reads: an array that is
+not fully addressable (sharded over several processes) is gathered to every
+process for hashing, which LoRA-sized arrays afford.
 
 This module turns a LoRA tree into those items and back, and validates the
 metadata (and, given a base, the adapter's fit to it) before any array is read;
@@ -16,26 +20,48 @@ metadata (and, given a base, the adapter's fit to it) before any array is read;
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import lorax_fn
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
-from lorax_fn.paths import compile_filter, leaves_with_paths
+from lorax_fn.paths import compile_filter, leaves_with_paths, path_str
 from lorax_fn.spec import LoraSpec
 
 FORMAT = "lorax_fn.checkpoint"
-FORMAT_VERSION = 1
+# 2: the metadata carries its own SHA-256 and may list `extra` base leaves. Version-1
+# checkpoints (no metadata digest) are still read.
+FORMAT_VERSION = 2
 # The names of the orbax items in a checkpoint directory (see the module docstring).
-LORA_ITEM, OPT_ITEM, META_ITEM = "lora", "opt_state", "lorax_fn"
+LORA_ITEM, OPT_ITEM, META_ITEM, EXTRA_ITEM = "lora", "opt_state", "lorax_fn", "extra"
+
+
+class CheckpointDamaged(LoraError):
+    """A checkpoint whose files are truncated, corrupted or edited (not a caller error).
+
+    :meth:`lorax_fn.LoraCheckpointManager.restore` with ``fallback=True`` skips steps
+    that raise it.
+
+    Example:
+        >>> issubclass(CheckpointDamaged, LoraError)
+        True
+    """
+
 
 Shardings = (
     jax.sharding.Sharding | Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
@@ -62,15 +88,16 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
 # Metadata: built from a LoRA tree at save time, checked before anything is read.
 
 
-def _digest(x: Any) -> str | None:
-    # A non-fully-addressable array (multi-host) cannot be hashed on one process.
+def _digest(x: Any) -> str:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
+        # Every process takes part (save and restore run on all of them, in the same
+        # order), so each one hashes the whole global array and verifies all of it.
+        x = multihost_utils.process_allgather(x, tiled=True)
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
 def array_info(x: Any) -> dict[str, Any]:
-    """The metadata recorded for one array: shape, dtype name and SHA-256 (or ``None``).
+    """The metadata recorded for one array: shape, dtype name and SHA-256.
 
     Example:
         >>> import numpy as np
@@ -98,6 +125,28 @@ def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
 def _fingerprint(base_leaves: list[dict[str, Any]]) -> str:
     canonical = json.dumps(base_leaves, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(
+        json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def seal(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as it will read back from JSON, with the SHA-256 of everything else added.
+
+    Call it last, once every field is set; :func:`check_entries` refuses metadata whose
+    digest does not match (an edited ``scale``, ``spec``, ``step`` ...).
+
+    Example:
+        >>> sealed = seal({"scale": 2.0, "key": (1, 2)})
+        >>> sealed["key"], len(sealed["metadata_sha256"])
+        ([1, 2], 64)
+    """
+    meta = json.loads(json.dumps(meta))  # the digest must be of what is read back
+    return meta | {"metadata_sha256": _meta_digest(meta)}
 
 
 def encode(
@@ -169,16 +218,65 @@ def encode(
         "base_leaves": fingerprint,
         "base_fingerprint": _fingerprint(fingerprint),
     }
-    check_entries(meta, "the LoRA tree")
+    check_entries(meta, "the LoRA tree", sealed=False)
+    if spec_json is not None:
+        check_spec(meta, spec_json, "the LoRA tree", "the spec given with it")
     if base_leaves is not None:
         check_against_base(meta, base_leaves, "the LoRA tree")
     return arrays, meta
 
 
-def check_entries(meta: dict[str, Any], where: str) -> None:
-    """Raise unless the metadata is well formed and each entry's shapes agree.
+def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
+    """Refuse entries that contradict a spec: targets, trained-in-full leaves, rank, scale, dropout.
 
-    ``where`` names the checkpoint in the error message.
+    A checkpoint stores one spec for its tree, so the two must agree: a rank-2 tree
+    saved with ``LoraSpec(rank=8)`` would otherwise restore under a spec it was not
+    made with.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 1.0, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> check_spec(meta, LoraSpec("w", rank=1).to_json(), "the tree", "its spec")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the tree contradicts its spec:
+          w: rank 2, the spec says 1
+    """
+    spec = LoraSpec.from_json(spec_json)
+
+    def selects(filters: tuple[Any, ...], path: str) -> bool:
+        return any(compile_filter(f)(path, None) for f in filters)
+
+    problems = []
+    for e in meta["entries"]:
+        path = e["path"]
+        if e["kind"] == "array":
+            if not selects(spec.trainable, path):
+                problems.append(f"{path}: trained in full, but not in the spec's trainable")
+            continue
+        if not selects(spec.targets, path) or selects(spec.exclude, path):
+            problems.append(f"{path}: has factors, but the spec does not target it")
+            continue
+        rank, want_rank = e["a"]["shape"][-1], spec.rank_for(path)
+        if rank != want_rank:
+            problems.append(f"{path}: rank {rank}, the spec says {want_rank}")
+        elif not np.isclose(e["scale"], spec.scale_for(path), rtol=1e-6, atol=0):
+            problems.append(f"{path}: scale {e['scale']:g}, the spec says {spec.scale_for(path):g}")
+        if not np.isclose(e["dropout"], spec.dropout, rtol=1e-6, atol=0):
+            problems.append(f"{path}: dropout {e['dropout']:g}, the spec says {spec.dropout:g}")
+    if problems:
+        raise LoraError(f"{where} contradicts {whose}:\n  " + "\n  ".join(problems))
+
+
+def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> None:
+    """Raise unless the metadata is well formed, untouched and each entry's shapes agree.
+
+    ``where`` names the checkpoint in the error message; ``sealed=False`` skips the
+    metadata digest (for metadata being built, before :func:`seal`). Damage raises
+    :class:`CheckpointDamaged`.
 
     Example:
         >>> check_entries({"format": "other"}, "/tmp/x")
@@ -194,6 +292,15 @@ def check_entries(meta: dict[str, Any], where: str) -> None:
                 f"written by lorax_fn {meta.get('library_version')} in format version "
                 f"{meta['format_version']}; this lorax_fn {lorax_fn.__version__} reads up to "
                 f"{FORMAT_VERSION}"
+            )
+        if (
+            sealed
+            and ("metadata_sha256" in meta or int(meta["format_version"]) >= 2)
+            and meta.get("metadata_sha256") != _meta_digest(meta)
+        ):
+            raise CheckpointDamaged(
+                "its metadata does not match the SHA-256 recorded with it: it was edited "
+                "or corrupted after it was written"
             )
         base = {b["path"]: b for b in meta["base_leaves"]}
         if sorted(base) != sorted(e["path"] for e in meta["entries"]):
@@ -226,9 +333,9 @@ def check_entries(meta: dict[str, Any], where: str) -> None:
         if meta["spec"] is not None:
             LoraSpec.from_json(meta["spec"])
     except LoraError as err:
-        raise LoraError(f"{where}: {err}") from None
+        raise type(err)(f"{where}: {err}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise LoraError(
+        raise CheckpointDamaged(
             f"{where}: malformed lorax_fn metadata ({type(err).__name__}: {err})"
         ) from None
 
@@ -251,6 +358,12 @@ def check_against_base(
 ) -> None:
     """Refuse an adapter made for a different base, naming every offending path.
 
+    The rules are :func:`lorax_fn.merge`'s: every path must be in the base with the
+    recorded shape. Factors are dtype-agnostic (the base weight only has to be
+    floating: an adapter trained on a float32 base fits its bfloat16 copy), while a
+    leaf trained in full replaces its base leaf and must have its dtype. No base leaf
+    that the stored spec selects may be missing from the adapter.
+
     Example:
         >>> import numpy as np
         >>> from lorax_fn import Layout, LoraFactors
@@ -265,15 +378,22 @@ def check_against_base(
     """
     problems = []
     recorded = {b["path"]: b for b in meta["base_leaves"]}
+    entries = {e["path"]: e for e in meta["entries"]}
     if missing := sorted(set(recorded) - set(base_leaves)):
         problems.append(f"paths not in the base: {missing}")
     for path in sorted(set(recorded) & set(base_leaves)):
         shape, dtype = base_leaves[path]
-        want_shape, want_dtype = tuple(recorded[path]["shape"]), recorded[path]["dtype"]
+        want_shape = tuple(recorded[path]["shape"])
         if shape != want_shape:
             problems.append(f"{path}: made for shape {want_shape}, the base has {shape}")
-        elif want_dtype is not None and dtype != want_dtype:
-            problems.append(f"{path}: made for dtype {want_dtype}, the base has {dtype}")
+        elif entries[path]["kind"] == "array":
+            if dtype != entries[path]["array"]["dtype"]:
+                problems.append(
+                    f"{path}: trained in full as {entries[path]['array']['dtype']}, "
+                    f"the base has {dtype}"
+                )
+        elif dtype is None or not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+            problems.append(f"{path}: adapted weight, the base has non-floating dtype {dtype}")
     selected = set() if meta["spec"] is None else _spec_paths(meta["spec"], base_leaves)
     if extra := sorted(selected - set(recorded)):
         problems.append(f"base paths its spec selects but it lacks: {extra}")
@@ -289,7 +409,7 @@ def _sharding(
     shardings: Shardings, path: str, role: str | None, shape: tuple[int, ...]
 ) -> jax.sharding.Sharding:
     if shardings is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return default_sharding()
     what = "the array" if role is None else role.upper()
     if isinstance(shardings, jax.sharding.Sharding):
         s = shardings
@@ -308,6 +428,18 @@ def _sharding(
             f"{path}: sharding {s} does not fit {what} of shape {shape}: {err}"
         ) from None
     return s
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where arrays go when no sharding is given: this process's first local device.
+
+    (``jax.devices()[0]`` would be process 0's device, which other processes cannot hold.)
+
+    Example:
+        >>> default_sharding().device_set == {jax.local_devices()[0]}
+        True
+    """
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
@@ -373,12 +505,13 @@ def verify_array(path: str, info: dict[str, Any], x: Any, where: str) -> None:
         lorax_fn.errors.LoraError: the checkpoint: w is corrupted (its SHA-256 does not ...
     """
     if tuple(np.shape(x)) != tuple(info["shape"]) or np.dtype(x.dtype).name != info["dtype"]:
-        raise LoraError(
+        raise CheckpointDamaged(
             f"{where}: {path} restored as {np.shape(x)} {x.dtype}, the metadata "
             f"says {tuple(info['shape'])} {info['dtype']}"
         )
+    # Format 1 wrote no digest for arrays sharded over several processes.
     if info.get("sha256") is not None and _digest(x) != info["sha256"]:
-        raise LoraError(
+        raise CheckpointDamaged(
             f"{where}: {path} is corrupted (its SHA-256 does not match the one "
             "recorded at save time)"
         )
@@ -411,14 +544,283 @@ def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[
     return tree
 
 
-def read_error(where: str, err: BaseException) -> LoraError:
-    """The :class:`LoraError` to raise when orbax cannot read (part of) a checkpoint.
+# ---------------------------------------------------------------------------
+# Extra base leaves (e.g. BatchNorm statistics) saved beside the adapter.
+
+
+def select_extra(base: Any, filters: Any, lora_tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{path: leaf}`` of the base leaves that ``filters`` select, to save beside the adapter.
+
+    ``filters`` are path filters as in :class:`LoraSpec` (``"batch_stats/**"``, a list...).
+    Selecting nothing, or a leaf the LoRA tree already holds, is refused.
 
     Example:
-        >>> print(read_error("the checkpoint at /tmp/x", OSError("short read")))
-        the checkpoint at /tmp/x is truncated or corrupted; could not read it: OSError: short read
+        >>> import numpy as np
+        >>> base = {"params": {"w": np.ones(2)}, "batch_stats": {"mean": np.zeros(2)}}
+        >>> sorted(select_extra(base, "batch_stats/**", {}))
+        ['batch_stats/mean']
     """
-    return LoraError(
-        f"{where} is truncated or corrupted; could not read it: "
-        f"{type(err).__name__}: {str(err)[:500]}"
+    if base is None:
+        raise LoraError("extra= saves leaves of the base: pass base= too")
+    filters = (filters,) if isinstance(filters, str) or callable(filters) else tuple(filters)
+    predicates = [compile_filter(f) for f in filters]
+    leaves = leaves_with_paths(base)
+    chosen = {p: x for p, x in leaves if any(match(p, x) for match in predicates)}
+    if not chosen:
+        raise LoraError(
+            f"extra={list(filters)!r} selects no leaf of the base; its paths: "
+            f"{[p for p, _ in leaves][:20]}"
+        )
+    if both := sorted(set(chosen) & set(lora_tree)):
+        raise LoraError(f"extra= selects leaves the LoRA tree already holds: {both}")
+    return chosen
+
+
+def encode_extra(leaves: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The orbax ``extra`` item (keyed by index) and its metadata, one entry per path.
+
+    Example:
+        >>> import numpy as np
+        >>> arrays, infos = encode_extra({"batch_stats/mean": np.zeros(2, np.float32)})
+        >>> list(arrays), infos[0]["path"], infos[0]["shape"]
+        (['0'], 'batch_stats/mean', [2])
+    """
+    paths = sorted(leaves)
+    arrays = {str(i): leaves[p] for i, p in enumerate(paths)}
+    return arrays, [{"path": p} | array_info(leaves[p]) for p in paths]
+
+
+def _placement(leaf: Any) -> jax.sharding.Sharding:
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, jax.sharding.Sharding) and not isinstance(
+        getattr(s, "mesh", None), jax.sharding.AbstractMesh
+    ):
+        return s
+    return default_sharding()
+
+
+def abstract_extra(infos: list[dict[str, Any]], base: Any, where: str) -> dict[str, Any]:
+    """The orbax restore target for the ``extra`` item, placed like the base leaves.
+
+    Each saved path must be a leaf of ``base`` with the saved shape (the dtype may
+    differ; the value is cast to the base leaf's dtype, as :func:`lorax_fn.merge` casts).
+
+    Example:
+        >>> import numpy as np
+        >>> _, infos = encode_extra({"s": np.zeros(2, np.float32)})
+        >>> abstract_extra(infos, {"s": np.ones(3)}, "the checkpoint")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the checkpoint: its extra leaf s is (2,), the base has (3,)
+    """
+    leaves = dict(leaves_with_paths(base))
+    out = {}
+    for i, info in enumerate(infos):
+        path, shape = info["path"], tuple(info["shape"])
+        if path not in leaves:
+            raise LoraError(f"{where}: its extra leaf {path} is not in the base")
+        if tuple(np.shape(leaves[path])) != shape:
+            raise LoraError(
+                f"{where}: its extra leaf {path} is {shape}, the base has "
+                f"{tuple(np.shape(leaves[path]))}"
+            )
+        out[str(i)] = jax.ShapeDtypeStruct(
+            shape, np.dtype(info["dtype"]), sharding=_placement(leaves[path])
+        )
+    return out
+
+
+def apply_extra(
+    infos: list[dict[str, Any]], arrays: Mapping[str, Any], base: Any, where: str
+) -> Any:
+    """A copy of ``base`` with the verified extra leaves put in; ``base`` is not modified.
+
+    Example:
+        >>> import numpy as np
+        >>> arrays, infos = encode_extra({"s": np.full(2, 7.0, np.float32)})
+        >>> apply_extra(infos, arrays, {"s": np.zeros(2), "w": np.ones(1)}, "ckpt")["s"]
+        array([7., 7.])
+    """
+    saved = {}
+    for i, info in enumerate(infos):
+        verify_array(f"extra {info['path']}", info, arrays[str(i)], where)
+        saved[info["path"]] = arrays[str(i)]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base)
+    leaves = []
+    for key, leaf in flat:
+        x = saved.get(path_str(key), leaf)
+        dtype = getattr(leaf, "dtype", None)
+        leaves.append(x.astype(dtype) if x is not leaf and dtype is not None else x)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def unsaved_state(base: Any, saved: set[str]) -> list[str]:
+    """Paths of the base's non-parameter state (mutable collections) not in ``saved``.
+
+    Linen: every leaf outside the ``params`` collection of a ``{"params": ...}`` dict;
+    NNX: every variable that is not an ``nnx.Param`` (RNG state aside).
+
+    Example:
+        >>> import numpy as np
+        >>> unsaved_state({"params": {"w": 1.0}, "batch_stats": {"mean": 0.0}}, set())
+        ['batch_stats/mean']
+    """
+    if isinstance(base, Mapping) and "params" in base:
+        return [
+            p for p, _ in leaves_with_paths(base) if not p.startswith("params/") and p not in saved
+        ]
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return []
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        base, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
+    return [
+        path_str(k)
+        for k, v in flat
+        if isinstance(v, nnx.Variable)
+        and not isinstance(v, nnx.Param | nnx.RngState)
+        and path_str(k) not in saved
+    ]
+
+
+def warn_unsaved(base: Any, saved: set[str], what: str) -> None:
+    """Warn, naming the paths, when ``base`` carries state that ``what`` will not hold.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_unsaved({"params": {}, "batch_stats": {"m": 0.0}}, set(), "the checkpoint")
+        >>> "batch_stats/m" in str(caught[0].message)
+        True
+    """
+    if paths := unsaved_state(base, saved):
+        shown = paths[:8] + [f"... {len(paths) - 8} more"] * (len(paths) > 8)
+        warnings.warn(
+            f"{what} does not hold the base's non-parameter state {shown} (e.g. BatchNorm "
+            "statistics): a model restored from it uses whatever values its base has then. "
+            "Pass extra=[filters] (e.g. extra='batch_stats/**') to save them with the adapter.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Read failures: damaged files versus everything else, told once.
+
+# tensorstore/orbax texts that mean the files are missing, short or unparsable.
+_DAMAGE_MARKERS = (
+    "OUT_OF_RANGE",
+    "NOT_FOUND",
+    "DATA_LOSS",
+    "not compatible with the stored shape",
+    "was not found in the checkpoint",
+)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return out
+
+
+def read_error(where: str, err: BaseException) -> LoraError:
+    """The :class:`LoraError` to raise when orbax fails to read (part of) a checkpoint.
+
+    Missing, short or unparsable files give :class:`CheckpointDamaged` ("truncated or
+    corrupted"); any other failure (a placement error, a dead peer process) names its
+    cause instead. Raise it ``from err``: the chained cause keeps its type and message
+    but not orbax's traceback, whose frames keep failed reads alive.
+
+    Example:
+        >>> print(read_error("/x", OSError("DATA_LOSS: short read")))
+        /x is truncated or corrupted; could not read it: OSError: DATA_LOSS: short read
+        >>> print(read_error("/x", RuntimeError("DEADLINE_EXCEEDED: barrier")))
+        could not restore /x (not a sign of damaged files): RuntimeError: DEADLINE_EXCEEDED: barrier
+    """
+    chain = _chain(err)
+    for e in chain:
+        e.__traceback__ = None
+    cause = f"{type(err).__name__}: {str(err)[:500]}"
+    if any(
+        isinstance(e, FileNotFoundError | json.JSONDecodeError)
+        or any(marker in str(e) for marker in _DAMAGE_MARKERS)
+        for e in chain
+    ):
+        return CheckpointDamaged(f"{where} is truncated or corrupted; could not read it: {cause}")
+    return LoraError(f"could not restore {where} (not a sign of damaged files): {cause}")
+
+
+class _DropOrbaxLeftovers(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + repr(record.exc_info)
+        return not ("never retrieved" in text and ("tensorstore" in text or "orbax" in text))
+
+
+def _from_orbax(unraisable: Any) -> bool:
+    files = [getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")]
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return any(f"{os.sep}orbax{os.sep}" in f for f in files)
+
+
+def _closed_loop_leftover(exc_type: type, exc: BaseException, tb: Any) -> bool:
+    if not (exc_type is RuntimeError and str(exc) == "Event loop is closed"):
+        return False
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in names
+
+
+def _mute_orbax_leftovers() -> None:
+    """Install (once) filters for exactly what orbax's abandoned reads print, nothing else."""
+    if getattr(sys.unraisablehook, "lorax_fn_filter", False):
+        return
+    unraisablehook = sys.unraisablehook
+
+    def unraisable_hook(u: Any) -> None:
+        if not (_from_orbax(u) or _closed_loop_leftover(u.exc_type, u.exc_value, u.exc_traceback)):
+            unraisablehook(u)
+
+    unraisable_hook.lorax_fn_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = unraisable_hook
+    logging.getLogger("asyncio").addFilter(_DropOrbaxLeftovers())
+
+
+@contextlib.contextmanager
+def one_clear_error() -> Iterator[None]:
+    """Keep a failed orbax read from printing anything besides the LoraError raised for it.
+
+    When a read fails, orbax abandons the others: their coroutines, futures and
+    tensorstore callbacks finish or are garbage-collected later, each printing a
+    traceback ("Future exception was never retrieved", "Exception ignored in
+    <coroutine ...>", "RuntimeError: Event loop is closed"), possibly after the error
+    has been raised. So the first failure installs filters for exactly those messages
+    (orbax coroutines, tensorstore errors nobody retrieved, asyncio's closed-loop error
+    in ``call_soon_threadsafe``) in front of ``sys.unraisablehook`` and the ``asyncio``
+    logger; everything else passes through.
+
+    Example:
+        >>> with one_clear_error():
+        ...     pass
+    """
+    try:
+        yield
+    except BaseException:
+        _mute_orbax_leftovers()
+        with warnings.catch_warnings():  # the abandoned coroutines orbax never started
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            gc.collect()
+        raise

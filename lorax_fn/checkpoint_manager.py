@@ -4,7 +4,8 @@
 directory holds the ``lora`` and ``lorax_fn`` items of
 :mod:`lorax_fn.checkpoint_format` plus an ``opt_state`` item (the optimizer
 state's leaves, keyed by leaf index), and the metadata also records the step,
-metrics, data-iterator state and each optimizer leaf's shape, dtype and SHA-256.
+metrics, data-iterator state and each optimizer leaf's shape, dtype and SHA-256
+(and optionally an ``extra`` item of chosen base leaves, e.g. BatchNorm statistics).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -21,20 +23,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorax_fn.checkpoint_format import (
+    EXTRA_ITEM,
     LORA_ITEM,
     META_ITEM,
     OPT_ITEM,
+    CheckpointDamaged,
     Shardings,
+    abstract_extra,
     abstract_lora,
+    apply_extra,
     array_info,
     check_against_base,
     check_entries,
+    check_spec,
     checkpoint_path,
     decode,
+    default_sharding,
     encode,
+    encode_extra,
     leaf_specs,
+    one_clear_error,
     read_error,
+    seal,
+    select_extra,
     verify_array,
+    warn_unsaved,
 )
 from lorax_fn.errors import LoraError
 from lorax_fn.spec import LoraSpec
@@ -46,13 +59,18 @@ _DELETED = "_lorax_deleted"
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """What :meth:`LoraCheckpointManager.restore` returns."""
+    """What :meth:`LoraCheckpointManager.restore` returns.
+
+    ``base`` is the base given to ``restore(extra=True)`` with the step's saved extra
+    leaves put in (``None`` without ``extra=True``).
+    """
 
     step: int
     lora_tree: dict[str, Any]
     opt_state: Any
     data_state: Any
     metrics: dict[str, float] | None
+    base: Any = None
 
 
 def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
@@ -60,6 +78,27 @@ def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
     # Python scalars in custom states become 0-d arrays, which orbax and JSON both describe.
     leaves = [leaf if hasattr(leaf, "dtype") else np.asarray(leaf) for _, leaf in flat]
     return [jax.tree_util.keystr(k) for k, _ in flat], leaves
+
+
+def _lora_key(key_path: tuple[Any, ...]) -> tuple[str, str | None] | None:
+    """The LoRA leaf an optimizer-state leaf mirrors: ``(path, "a" | "b" | None)``.
+
+    optax states hold param-shaped trees (``mu``, ``nu``, ``trace`` ...), so such a
+    leaf's key path ends with the LoRA tree's own: ``[path]`` or ``[path].a``/``.b``.
+    """
+    keys = list(key_path)
+    role = None
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name in ("a", "b"):
+        role = keys.pop().name
+    if keys and isinstance(keys[-1], jax.tree_util.DictKey) and isinstance(keys[-1].key, str):
+        return keys[-1].key, role
+    return None
+
+
+def _concrete(sharding: Any) -> bool:
+    return isinstance(sharding, jax.sharding.Sharding) and not isinstance(
+        getattr(sharding, "mesh", None), jax.sharding.AbstractMesh
+    )
 
 
 class LoraCheckpointManager:
@@ -74,7 +113,9 @@ class LoraCheckpointManager:
     Old steps are renamed aside before they are deleted, so a kill mid-delete (orbax
     deletes with a plain ``rmtree``) never leaves a half-deleted step listed.
     A step directory is also a valid :func:`lorax_fn.restore` / :func:`lorax_fn.checkpoint_info`
-    target.
+    target. ``spec`` must agree with every tree saved or restored (ranks, scales,
+    targets); ``extra`` (path filters over the base, e.g. ``"batch_stats/**"``) saves
+    those base leaves with every step, taken from the ``base`` given to :meth:`save`.
 
     Example:
         >>> mngr = lorax_fn.LoraCheckpointManager("/tmp/run", spec, base=base,  # doctest: +SKIP
@@ -98,6 +139,7 @@ class LoraCheckpointManager:
         best_mode: Literal["min", "max"] = "min",
         keep_best: int = 1,
         async_save: bool = False,
+        extra: Any = None,
     ) -> None:
         if max_to_keep < 1 or keep_best < 1:
             raise LoraError(
@@ -107,7 +149,15 @@ class LoraCheckpointManager:
             raise LoraError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = checkpoint_path(directory)
         self._spec = spec
+        try:
+            self._spec_json = None if spec is None else spec.to_json()
+        except LoraError:  # callable filters: nothing is stored, so nothing can contradict it
+            self._spec_json = None
+        self._extra = extra
         self._base_leaves = None if base is None else leaf_specs(base)
+        if base is not None:
+            saved = set() if extra is None else set(select_extra(base, extra, {}))
+            warn_unsaved(base, saved, f"the checkpoints in {self.directory}")
         self._best_metric = best_metric
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn: Callable[[Any], float] | None = None
@@ -129,15 +179,21 @@ class LoraCheckpointManager:
             enable_async_checkpointing=async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                LORA_ITEM: ocp.StandardCheckpointHandler(),
-                OPT_ITEM: ocp.StandardCheckpointHandler(),
-                META_ITEM: ocp.JsonCheckpointHandler(),
-            },
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    LORA_ITEM: ocp.StandardCheckpointHandler(),
+                    OPT_ITEM: ocp.StandardCheckpointHandler(),
+                    EXTRA_ITEM: ocp.StandardCheckpointHandler(),
+                    META_ITEM: ocp.JsonCheckpointHandler(),
+                },
+            )
+        except OSError as err:
+            raise LoraError(
+                f"cannot keep checkpoints in {self.directory}: {type(err).__name__}: {err}"
+            ) from err
         self._purge_deleted()
 
     def _purge_deleted(self) -> None:
@@ -180,21 +236,33 @@ class LoraCheckpointManager:
         *,
         metrics: Mapping[str, float] | None = None,
         data_state: Any = None,
+        base: Any = None,
     ) -> None:
         """Save one step. ``data_state`` must be JSON-able (e.g. an iterator position).
 
-        Everything is validated (and, with ``base``, checked to fit it) before any
-        file is written. With ``async_save=True`` this returns once the arrays are
-        copied to host memory; call :meth:`wait_until_finished` or :meth:`close`.
+        Everything is validated (and, with ``base`` here or at construction, checked to
+        fit it) before any file is written. A manager made with ``extra=`` saves those
+        leaves of ``base`` (the current one: BatchNorm statistics change as you train),
+        so ``base`` is then required. With ``async_save=True`` this returns once the
+        arrays are copied to host memory; call :meth:`wait_until_finished` or :meth:`close`.
 
         Example:
             >>> mngr.save(100, lt, opt_state, metrics={"loss": 1.7},  # doctest: +SKIP
-            ...           data_state={"index": 3200})
+            ...           data_state={"index": 3200}, base=base)
         """
         step = int(step)
         if step in self._manager.all_steps():
             raise LoraError(f"step {step} is already saved in {self.directory}")
-        arrays, meta = encode(lora_tree, self._spec, self._base_leaves)
+        base_leaves = self._base_leaves if base is None else leaf_specs(base)
+        arrays, meta = encode(lora_tree, self._spec, base_leaves)
+        if self._extra is not None and base is None:
+            raise LoraError(
+                f"step {step}: this manager saves extra={self._extra!r} from the base: "
+                "pass base= to save()"
+            )
+        extra_leaves = {} if self._extra is None else select_extra(base, self._extra, lora_tree)
+        if base is not None and self._extra is None:
+            warn_unsaved(base, set(), f"step {step} in {self.directory}")
         if metrics is not None:
             metrics = {str(k): float(v) for k, v in metrics.items()}
         if self._best_metric is not None and self._best_metric not in (metrics or {}):
@@ -206,22 +274,32 @@ class LoraCheckpointManager:
         except (TypeError, ValueError) as err:
             raise LoraError(f"step {step}: data_state is not JSON-able: {err}") from None
         names, leaves = _opt_leaves(opt_state)
+        extra_arrays, extra_infos = encode_extra(extra_leaves)
         meta |= {
             "step": step,
             "metrics": metrics,
             "data_state": data_state,
             "opt_state": [{"path": n} | array_info(x) for n, x in zip(names, leaves, strict=True)],
+            "extra": extra_infos,
         }
+        meta = seal(meta)
         self._manager.wait_until_finished()  # orbax's save would wait for it anyway
         self._purge_deleted()
         items = {LORA_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(meta)}
         if leaves:
             items[OPT_ITEM] = ocp.args.StandardSave({str(i): x for i, x in enumerate(leaves)})
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**items),
-            metrics=metrics if self._best_metric is not None else None,
-        )
+        if extra_arrays:
+            items[EXTRA_ITEM] = ocp.args.StandardSave(extra_arrays)
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(**items),
+                metrics=metrics if self._best_metric is not None else None,
+            )
+        except OSError as err:
+            raise LoraError(
+                f"cannot write step {step} in {self.directory}: {type(err).__name__}: {err}"
+            ) from err
 
     def restore(
         self,
@@ -230,14 +308,24 @@ class LoraCheckpointManager:
         opt_state: Any = None,
         base: Any = None,
         shardings: Shardings = None,
+        extra: bool = False,
+        fallback: bool = False,
     ) -> TrainState:
         """Restore ``step`` (default: the latest) after validating it.
 
         ``opt_state`` is a template of the optimizer state (concrete, or abstract from
         ``jax.eval_shape(optimizer.init, lora_tree)``): its structure, shapes and dtypes
-        must match the checkpoint, and its leaves' shardings (if any) place the restored
-        leaves. With ``opt_state=None`` only the LoRA tree is read. ``base`` (default:
-        the manager's) and ``shardings`` work as in :func:`lorax_fn.restore`.
+        must match the checkpoint. Each restored leaf goes where the template's leaf is
+        (when that is a concrete sharding), else where the restored LoRA leaf it mirrors
+        goes (``mu``/``nu`` of a factor follow that factor), else replicated like the
+        LoRA tree (step counts). With ``opt_state=None`` only the LoRA tree is read.
+        ``base`` (default: the manager's), ``shardings`` and ``extra`` work as in
+        :func:`lorax_fn.restore`; with ``extra=True``, ``state.base`` is ``base`` with the
+        step's saved extra leaves put in. The step must agree with the manager's spec.
+
+        A damaged latest step (truncated, corrupted or edited files) is an error that
+        says so; ``fallback=True`` instead resumes from the newest undamaged step, with
+        a warning naming each damaged step skipped.
 
         Example:
             >>> state = mngr.restore(opt_state=jax.eval_shape(tx.init, lt))  # doctest: +SKIP
@@ -245,33 +333,85 @@ class LoraCheckpointManager:
             (1200, {'index': 38400})
         """
         self._manager.wait_until_finished()  # an async save of the step asked for may be pending
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise LoraError(f"no checkpoint in {self.directory}")
+        args = dict(opt_state=opt_state, base=base, shardings=shardings, extra=extra)
+        if step is not None:
+            if fallback:
+                raise LoraError("fallback=True chooses the step itself; do not pass step=")
+            return self._restore_step(int(step), **args)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise LoraError(f"no checkpoint in {self.directory}")
+        if not fallback:
+            try:
+                return self._restore_step(steps[0], **args)
+            except CheckpointDamaged as err:
+                if len(steps) == 1:
+                    raise
+                raise CheckpointDamaged(
+                    f"{err}\n(pass fallback=True to resume from the newest undamaged step)"
+                ) from err.__cause__
+        skipped = []
+        for candidate in steps:
+            try:
+                state = self._restore_step(candidate, **args)
+            except CheckpointDamaged as err:
+                skipped.append(str(err))
+                continue
+            if skipped:
+                warnings.warn(
+                    f"resuming from step {candidate}, skipping damaged newer steps:\n  "
+                    + "\n  ".join(skipped),
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return state
+        raise CheckpointDamaged(
+            f"every step in {self.directory} is damaged:\n  " + "\n  ".join(skipped)
+        )
+
+    def _restore_step(
+        self, step: int, *, opt_state: Any, base: Any, shardings: Shardings, extra: bool
+    ) -> TrainState:
         if step not in self._manager.all_steps():
             raise LoraError(f"no step {step} in {self.directory}; steps: {self.all_steps()}")
         where = f"step {step} in {self.directory}"
         try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
-            )[META_ITEM]
+            with one_clear_error():
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+                )[META_ITEM]
         except Exception as err:  # orbax/tensorstore/json raise many types
             raise read_error(f"the metadata of {where}", err) from err
         if not isinstance(meta, dict) or "opt_state" not in meta:
-            raise LoraError(f"{where}: malformed metadata (not a training checkpoint)")
+            raise CheckpointDamaged(f"{where}: malformed metadata (not a training checkpoint)")
         check_entries(meta, where)
+        if self._spec_json is not None:
+            check_spec(meta, self._spec_json, where, "this manager's spec")
         base_leaves = self._base_leaves if base is None else leaf_specs(base)
         if base_leaves is not None:
             check_against_base(meta, base_leaves, where)
-        items = {LORA_ITEM: ocp.args.StandardRestore(abstract_lora(meta, shardings))}
+        saved_extra = meta.get("extra", [])
+        if extra and base is None:
+            raise LoraError("restore(extra=True) puts saved leaves into a base: pass base= too")
+        if saved_extra and not extra:
+            warnings.warn(
+                f"{where} also holds base leaves {[x['path'] for x in saved_extra]} (saved "
+                "with extra=); pass extra=True to restore them into the base",
+                UserWarning,
+                stacklevel=3,
+            )
+        lora_target = abstract_lora(meta, shardings)
+        items = {LORA_ITEM: ocp.args.StandardRestore(lora_target)}
         if opt_state is not None:
-            abstract_opt = self._abstract_opt(meta["opt_state"], opt_state, where)
+            abstract_opt = self._abstract_opt(meta, opt_state, lora_target, where)
             if abstract_opt:
                 items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt)
+        if extra and saved_extra:
+            items[EXTRA_ITEM] = ocp.args.StandardRestore(abstract_extra(saved_extra, base, where))
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as err:  # orbax/tensorstore raise many types; all mean unreadable
+            with one_clear_error():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax/tensorstore raise many types
             raise read_error(where, err) from err
         lora_tree = decode(meta, restored[LORA_ITEM], where)
         new_opt = None
@@ -282,16 +422,25 @@ class LoraCheckpointManager:
                 verify_array(f"opt_state{info['path']}", info, x, where)
                 leaves.append(x)
             new_opt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), leaves)
+        new_base = None
+        if extra:
+            new_base = (
+                apply_extra(saved_extra, restored[EXTRA_ITEM], base, where) if saved_extra else base
+            )
         return TrainState(
             step=int(meta["step"]),
             lora_tree=lora_tree,
             opt_state=new_opt,
             data_state=meta["data_state"],
             metrics=meta["metrics"],
+            base=new_base,
         )
 
     @staticmethod
-    def _abstract_opt(saved: list[dict[str, Any]], template: Any, where: str) -> dict[str, Any]:
+    def _abstract_opt(
+        meta: dict[str, Any], template: Any, lora_target: dict[str, Any], where: str
+    ) -> dict[str, Any]:
+        saved = meta["opt_state"]
         names, leaves = _opt_leaves(template)
         if names != [s["path"] for s in saved]:
             missing = sorted(set(s["path"] for s in saved) - set(names))
@@ -301,8 +450,25 @@ class LoraCheckpointManager:
                 f"optimizer state: saved-only leaves {missing}, template-only "
                 f"leaves {extra} (same optimizer and LoRA tree?)"
             )
+        # Where each restored LoRA array goes, by (path, "a" | "b" | None).
+        placed: dict[tuple[str, str | None], jax.ShapeDtypeStruct] = {}
+        for i, e in enumerate(meta["entries"]):
+            target = lora_target[str(i)]
+            if e["kind"] == "factors":
+                placed |= {(e["path"], r): target[r] for r in ("a", "b")}
+            else:
+                placed[(e["path"], None)] = target
+        first = next(iter(placed.values())).sharding
+        replicated = (
+            jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+            if isinstance(first, jax.sharding.NamedSharding)
+            else first
+            if isinstance(first, jax.sharding.SingleDeviceSharding)
+            else default_sharding()
+        )
+        keys = [k for k, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
         out = {}
-        for i, (name, leaf, info) in enumerate(zip(names, leaves, saved, strict=True)):
+        for i, (name, key, leaf, info) in enumerate(zip(names, keys, leaves, saved, strict=True)):
             shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype).name
             if shape != tuple(info["shape"]) or dtype != info["dtype"]:
                 raise LoraError(
@@ -310,9 +476,14 @@ class LoraCheckpointManager:
                     f"{info['dtype']} in the checkpoint, {shape} {dtype} in the "
                     "template"
                 )
-            sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
-                jax.devices()[0]
-            )
+            sharding = getattr(leaf, "sharding", None)
+            if not _concrete(sharding):
+                mirrored = placed.get(_lora_key(key) or ("", "none"))
+                sharding = (
+                    mirrored.sharding
+                    if mirrored is not None and mirrored.shape == shape
+                    else replicated
+                )
             out[str(i)] = jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
         return out
 

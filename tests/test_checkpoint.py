@@ -1,15 +1,22 @@
 """lorax_fn.save / restore / LoraCheckpointManager: exact round trips and every refusal."""
 
+import dataclasses
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from helpers import randomize_b
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +28,7 @@ from lorax_fn.checkpoint import (
     restore,
     save,
 )
+from lorax_fn.checkpoint_format import CheckpointDamaged, seal
 
 STACK = {"params/stack/kernel": Layout(in_axes=(1,), out_axes=(2,), batch_axes=(0,))}
 SPEC = lorax_fn.LoraSpec(
@@ -163,11 +171,15 @@ def test_bad_shardings_are_refused_naming_the_path(tmp_path, model):
             r"params/attn/query/kernel: made for shape \(16, 4, 8\), the base has \(16, 4, 9\)",
         ),
         (
-            lambda p: p["params"]["stack"].update(kernel=jnp.ones((3, 16, 16), jnp.bfloat16)),
-            r"params/stack/kernel: made for dtype float32, the base has bfloat16",
+            lambda p: p["params"]["head"].update(bias=jnp.zeros(3, jnp.bfloat16)),
+            r"params/head/bias: trained in full as float32, the base has bfloat16",
+        ),
+        (
+            lambda p: p["params"]["stack"].update(kernel=jnp.ones((3, 16, 16), jnp.int8)),
+            r"params/stack/kernel: adapted weight, the base has non-floating dtype int8",
         ),
     ],
-    ids=["missing-path", "extra-path", "shape", "dtype"],
+    ids=["missing-path", "extra-path", "shape", "trained-leaf-dtype", "integer-weight"],
 )
 def test_adapter_for_a_different_base_is_refused(tmp_path, model, change, match):
     base, lt = model
@@ -215,16 +227,21 @@ def drop_metadata(directory: Path) -> None:
     shutil.rmtree(directory / "lorax_fn")
 
 
-def drop_entries(directory: Path) -> None:
+def edit_metadata(directory: Path, edit, *, reseal: bool) -> None:
+    """Edit the JSON metadata; ``reseal`` recomputes its digest, as a buggy writer would."""
     meta = json.loads((directory / "lorax_fn" / "metadata").read_text())
-    del meta["entries"]
+    edit(meta)
+    if reseal:
+        meta = seal({k: v for k, v in meta.items() if k != "metadata_sha256"})
     (directory / "lorax_fn" / "metadata").write_text(json.dumps(meta))
+
+
+def drop_entries(directory: Path) -> None:
+    edit_metadata(directory, lambda meta: meta.pop("entries"), reseal=True)
 
 
 def future_version(directory: Path) -> None:
-    meta = json.loads((directory / "lorax_fn" / "metadata").read_text())
-    meta["format_version"] = 99
-    (directory / "lorax_fn" / "metadata").write_text(json.dumps(meta))
+    edit_metadata(directory, lambda meta: meta.update(format_version=99), reseal=False)
 
 
 def drop_arrays(directory: Path) -> None:
@@ -238,7 +255,7 @@ def drop_arrays(directory: Path) -> None:
         (corrupt_metadata, "metadata of the checkpoint .* truncated or corrupted"),
         (drop_metadata, "has no lorax_fn metadata"),
         (drop_entries, "malformed lorax_fn metadata .*'entries'"),
-        (future_version, "format version 99; this lorax_fn .* reads up to 1"),
+        (future_version, "format version 99; this lorax_fn .* reads up to 2"),
         (drop_arrays, "truncated or corrupted"),
     ],
 )
@@ -396,3 +413,263 @@ def test_manager_async_save_and_interrupted_deletion_is_invisible(tmp_path, mode
     assert_same_tree(state.lora_tree, jax.tree.map(lambda x: x + 2, lt))
     m.close()
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["2"]
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: meta["entries"][0].update(scale=meta["entries"][0]["scale"] * 2),
+        lambda meta: meta["entries"][0].update(dropout=0.5),
+        lambda meta: meta["spec"].update(rank=2),
+        lambda meta: meta.update(step=7),
+    ],
+    ids=["scale", "dropout", "spec", "step"],
+)
+def test_edited_metadata_is_refused(tmp_path, model, edit):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    with LoraCheckpointManager(tmp_path / "run", SPEC, base=base) as manager:
+        manager.save(3, lt, optax.sgd(1e-3).init(lt))
+    for directory in (tmp_path / "ad", tmp_path / "run" / "3"):
+        edit_metadata(directory, edit, reseal=False)
+        with pytest.raises(CheckpointDamaged, match="metadata does not match the SHA-256"):
+            restore(directory, base=base)
+        with pytest.raises(CheckpointDamaged, match="metadata does not match the SHA-256"):
+            checkpoint_info(directory)
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    with pytest.raises(CheckpointDamaged, match="metadata does not match the SHA-256"):
+        manager.restore()
+    manager.close()
+
+
+def test_stored_spec_must_agree_with_the_tree(tmp_path):
+    params = make_params()
+    spec4 = lorax_fn.LoraSpec(targets=["**/dense/kernel"], rank=4, trainable=["**/head/bias"])
+    _, lt2 = lorax_fn.split(params, dataclasses.replace(spec4, rank=2), key=jax.random.key(0))
+    base, lt4 = lorax_fn.split(params, spec4, key=jax.random.key(0))
+    contradictions = [
+        (
+            lorax_fn.LoraSpec(targets=["**/dense/kernel"], rank=8, trainable=["**/head/bias"]),
+            r"params/dense/kernel: rank 4, the spec says 8",
+        ),
+        (dataclasses.replace(spec4, alpha=8.0), r"params/dense/kernel: scale 1, the spec says 2"),
+        (dataclasses.replace(spec4, dropout=0.2), r"dropout 0, the spec says 0.2"),
+        (dataclasses.replace(spec4, trainable=()), r"params/head/bias: trained in full, but not"),
+        (dataclasses.replace(spec4, targets=["**/stack/kernel"]), r"the spec does not target it"),
+    ]
+    for wrong, match in contradictions:
+        with pytest.raises(LoraError, match=match):
+            save(tmp_path / "ad", lt4, wrong, base=base)
+    assert not (tmp_path / "ad").exists()
+    save(tmp_path / "ad", lt4, spec4)  # the right spec, and no spec at all, are accepted
+    save(tmp_path / "none", lt4, None)
+
+    # A manager records its spec with every step: a tree or a run made with another
+    # rank is refused instead of being restored (and later saved) under the wrong spec.
+    with LoraCheckpointManager(tmp_path / "run", spec4) as manager:
+        with pytest.raises(LoraError, match=r"rank 2, the spec says 4"):
+            manager.save(1, lt2, optax.sgd(1e-3).init(lt2))
+        manager.save(1, lt4, optax.sgd(1e-3).init(lt4))
+    rank2 = dataclasses.replace(spec4, rank=2)
+    manager = LoraCheckpointManager(tmp_path / "run", rank2)
+    with pytest.raises(LoraError, match=r"contradicts this manager's spec:\n  .*rank 4"):
+        manager.restore()
+    manager.close()
+
+
+def test_restore_accepts_a_base_copy_in_another_dtype_as_merge_does(tmp_path, model):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    # Factors fit any floating copy of their base (merge computes in float32 and casts
+    # back); a leaf trained in full replaces its base leaf, so both refuse a dtype change.
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    bf16["params"]["head"]["bias"] = base["params"]["head"]["bias"]
+    got = restore(tmp_path / "ad", base=bf16)
+    assert_same_tree(got, lt)
+    merged = lorax_fn.merge(bf16, got)
+    assert_same_tree(merged, lorax_fn.merge(bf16, lt))
+    assert merged["params"]["dense"]["kernel"].dtype == jnp.bfloat16
+    all_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    with pytest.raises(LoraError, match="params/head/bias"):
+        lorax_fn.merge(all_bf16, lt)
+    with pytest.raises(LoraError, match="params/head/bias: trained in full as float32"):
+        restore(tmp_path / "ad", base=all_bf16)
+
+
+def test_unwritable_path_is_a_lora_error_naming_it(tmp_path, model):
+    _, lt = model
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(LoraError, match=r"cannot write a checkpoint at .*file/ad"):
+        save(tmp_path / "file" / "ad", lt, SPEC)
+
+
+# --------------------------------------------------------------------------- extra state
+
+
+class BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        return nn.Dense(2)(x)
+
+
+def test_batch_stats_saved_with_extra_restore_the_same_eval_output(tmp_path):
+    net = BatchNormNet()
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    variables = net.init(jax.random.key(1), x)
+    spec = lorax_fn.LoraSpec(targets=["**/kernel"], rank=2)
+    base, lt = lorax_fn.split(variables, spec, key=jax.random.key(2))
+    lt = randomize_b(lt)
+    # "Training": the running statistics move away from their init values.
+    fn = lorax_fn.lora(net.apply)
+    _, updates = fn(base, lt, 3.0 * x + 1.0, train=True, mutable=["batch_stats"])
+    trained = {**base, **updates}
+    want = fn(trained, lt, x)
+    assert not np.allclose(np.asarray(fn(base, lt, x)), np.asarray(want))  # stats matter
+
+    with pytest.warns(UserWarning, match=r"non-parameter state \['batch_stats/BatchNorm_0/"):
+        save(tmp_path / "plain", lt, spec, base=trained)
+    with pytest.warns(UserWarning, match=r"also holds base leaves \['batch_stats/BatchNorm_0/"):
+        save(tmp_path / "ad", lt, spec, base=trained, extra="batch_stats/**")
+        restore(tmp_path / "ad", base=base)
+    assert sorted(checkpoint_info(tmp_path / "ad").extra) == [
+        "batch_stats/BatchNorm_0/mean",
+        "batch_stats/BatchNorm_0/var",
+    ]
+    fresh = net.init(jax.random.key(1), x)  # a new process: base weights, init statistics
+    before = snapshot(fresh)
+    got_lt, got_base = restore(tmp_path / "ad", base=fresh, extra=True)
+    np.testing.assert_array_equal(np.asarray(fn(got_base, got_lt, x)), np.asarray(want))
+    assert_untouched(before, fresh)
+
+    # The same through a training manager: the statistics are taken at each save.
+    with LoraCheckpointManager(tmp_path / "run", spec, base=base, extra="batch_stats/**") as m:
+        with pytest.raises(LoraError, match="pass base= to save"):
+            m.save(1, lt, optax.sgd(1e-3).init(lt))
+        m.save(1, lt, optax.sgd(1e-3).init(lt), base=trained)
+        state = m.restore(base=fresh, extra=True)
+    np.testing.assert_array_equal(np.asarray(fn(state.base, state.lora_tree, x)), np.asarray(want))
+    with pytest.raises(LoraError, match="selects no leaf of the base"):
+        save(tmp_path / "x", lt, spec, base=trained, extra="cache/**")
+    other = jax.tree.map(lambda v: v, fresh)
+    other["batch_stats"]["BatchNorm_0"]["mean"] = jnp.zeros(9)
+    with pytest.raises(LoraError, match=r"extra leaf batch_stats/BatchNorm_0/mean is \(8,\)"):
+        restore(tmp_path / "ad", base=other, extra=True)
+
+
+# --------------------------------------------------------------------------- placement, errors
+
+
+def test_resume_on_a_mesh_with_the_readme_template(tmp_path, model):
+    # The README's template, jax.eval_shape(tx.init, lt), carries abstract meshes (and no
+    # sharding at all for the step count): optimizer leaves follow the LoRA leaves instead.
+    base, lt = model
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(lt)
+    with LoraCheckpointManager(tmp_path / "run", SPEC, base=base) as manager:
+        manager.save(1, lt, opt_state)
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    replicated = NamedSharding(mesh, P())
+    on_mesh = jax.device_put(lt, replicated)
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    state = manager.restore(opt_state=jax.eval_shape(tx.init, on_mesh), shardings=replicated)
+    manager.close()
+    assert all(x.sharding == replicated for x in jax.tree.leaves(state.opt_state))
+    for g, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # The restored state trains: no "incompatible devices" between LoRA and optimizer leaves.
+    grads = jax.tree.map(jnp.ones_like, state.lora_tree)
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.lora_tree)
+    want, _ = tx.update(jax.tree.map(jnp.ones_like, lt), opt_state, lt)
+    for g, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+
+
+def test_failures_other_than_damage_are_not_called_corruption(tmp_path, model, monkeypatch):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    with LoraCheckpointManager(tmp_path / "run", SPEC, base=base) as manager:
+        manager.save(1, lt, optax.sgd(1e-3).init(lt))
+    dead_peer = RuntimeError("DEADLINE_EXCEEDED: Barrier timed out (a peer process died)")
+
+    def fail(*args, **kwargs):
+        if "lora" in kwargs["args"]:  # the metadata is read first, through the same call
+            raise dead_peer
+        return real(*args, **kwargs)
+
+    for cls, call in [
+        (ocp.Checkpointer, lambda: restore(tmp_path / "ad", base=base)),
+        (ocp.CheckpointManager, lambda: LoraCheckpointManager(tmp_path / "run", SPEC).restore()),
+    ]:
+        real = cls.restore
+        monkeypatch.setattr(cls, "restore", fail)
+        with pytest.raises(LoraError, match=r"not a sign of damaged files.*DEADLINE_EXCEEDED") as e:
+            call()
+        assert not isinstance(e.value, CheckpointDamaged) and "corrupted" not in str(e.value)
+        assert e.value.__cause__ is dead_peer and str(tmp_path) in str(e.value)
+        monkeypatch.undo()
+
+
+def test_damaged_latest_step_error_and_fallback(tmp_path, model):
+    base, lt = model
+    tx = optax.sgd(1e-3)
+    with LoraCheckpointManager(tmp_path / "run", SPEC, base=base, max_to_keep=3) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, jax.tree.map(lambda x, s=step: x + s, lt), tx.init(lt))
+    corrupt_truncate(tmp_path / "run" / "3")
+    edit_metadata(tmp_path / "run" / "2", lambda meta: meta.update(step=9), reseal=False)
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    with pytest.raises(CheckpointDamaged, match=r"step 3 .*truncated.*\n\(pass fallback=True"):
+        manager.restore()
+    with pytest.warns(
+        UserWarning,
+        match=r"resuming from step 1, skipping damaged newer steps:\n"
+        r"  step 3 in .*truncated or corrupted.*\n  step 2 in .*SHA-256",
+    ) as w:
+        state = manager.restore(opt_state=tx.init(lt), fallback=True)
+    assert len(w) == 1 and state.step == 1
+    assert_same_tree(state.lora_tree, jax.tree.map(lambda x: x + 1, lt))
+    corrupt_truncate(tmp_path / "run" / "1")
+    with pytest.raises(CheckpointDamaged, match=r"every step in .* is damaged"):
+        manager.restore(fallback=True)
+    with pytest.raises(LoraError, match="do not pass step="):
+        manager.restore(1, fallback=True)
+    manager.close()
+
+
+FLOOD = """
+import shutil, sys
+from pathlib import Path
+import jax, numpy as np
+import lorax_fn
+rng = np.random.default_rng(0)
+params = {f"l{i}": {"w": jax.numpy.asarray(rng.standard_normal((64, 32)))} for i in range(12)}
+_, lt = lorax_fn.split(params, lorax_fn.LoraSpec("**/w", rank=2), key=jax.random.key(0))
+d = Path(sys.argv[1])
+lorax_fn.save(d, lt, None)
+files = [f for f in (d / "lora").rglob("*") if f.parent.name == "d"]
+for f in sorted(files, key=lambda f: f.stat().st_size)[len(files) // 2:]:
+    f.write_bytes(f.read_bytes()[:10])
+for _ in range(10):  # orbax's leftovers print at garbage-collection time, not on every read
+    try:
+        lorax_fn.restore(d)
+    except lorax_fn.LoraError as err:
+        print(str(err).split(";")[0])
+"""
+
+
+def test_a_damaged_checkpoint_prints_nothing_but_its_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOD, str(tmp_path / "ad")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("truncated or corrupted") == 10
+    assert out.stderr == ""
