@@ -16,6 +16,7 @@ layouts. The recipe is QLoRA's (Dettmers et al., 2023, arXiv 2305.14314):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,12 +99,12 @@ def nf4_decode(codes: jax.Array, scale: jax.Array, block_size: int) -> jax.Array
     return blocks.reshape(*lead, 2 * m)
 
 
-def _expand(per_group: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _expand(per_group: jax.Array, shape: tuple[int, ...], first: Any = 0) -> jax.Array:
     # Each second-level scale looked up for its 256 constants, by row-major index, in the
     # constants' own shape: elementwise with them, so sharded constants need no
     # communication (jnp.repeat would compile to a cumsum that gathers across shards).
-    group = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape) // DQ_BLOCK
-    return per_group[group]
+    index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape) + first
+    return per_group[index // DQ_BLOCK]
 
 
 def fp8_encode(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -124,8 +125,14 @@ def fp8_encode(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return scaled.astype(FP8).reshape(c.shape), group_scale, mean
 
 
-def fp8_decode(codes: jax.Array, group_scale: jax.Array, mean: jax.Array) -> jax.Array:
+def fp8_decode(
+    codes: jax.Array, group_scale: jax.Array, mean: jax.Array, first: Any = 0
+) -> jax.Array:
     """Inverse of :func:`fp8_encode` (float32, ``codes``' shape).
+
+    ``first`` (an int or a traced int32) is the row-major index of ``codes``' first
+    element among the constants ``group_scale`` was computed for, to decode a slice
+    (e.g. one layer of a stacked weight) against the whole array's groups.
 
     Example:
         >>> import jax.numpy as jnp
@@ -133,4 +140,5 @@ def fp8_decode(codes: jax.Array, group_scale: jax.Array, mean: jax.Array) -> jax
         >>> bool((fp8_decode(*fp8_encode(c)) == c).all())  # mean 2, offsets ±1: exact
         True
     """
-    return codes.astype(jnp.float32) * _expand(group_scale, codes.shape) * (1 / FP8_RANGE) + mean
+    scale = _expand(group_scale, codes.shape, first)
+    return codes.astype(jnp.float32) * scale * (1 / FP8_RANGE) + mean

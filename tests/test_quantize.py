@@ -117,6 +117,22 @@ def test_nf4_double_quant_error_bound():
     assert np.all(err <= best + 1e-6 * np.abs(scale[:, None]))
 
 
+def test_double_quant_constants_of_a_slice_decode_against_the_whole_array():
+    # One layer of a stacked weight: its absmax codes start mid-group (100·2 = 200 per
+    # layer, groups of 256), so decoding needs the slice's row-major offset.
+    q = quantize(normal((3, 100, 128), seed=16) * jnp.arange(1.0, 4.0)[:, None, None])
+    whole = fp8_decode(q.scale, q.scale_scale, q.scale_offset)
+    per_layer = math.prod(q.scale.shape[1:])
+    for layer in range(3):
+        part = fp8_decode(q.scale[layer], q.scale_scale, q.scale_offset, layer * per_layer)
+        np.testing.assert_array_equal(part, whole[layer])
+        traced = jax.jit(fp8_decode)(
+            q.scale[layer], q.scale_scale, q.scale_offset, jnp.int32(layer * per_layer)
+        )
+        np.testing.assert_array_equal(traced, whole[layer])
+    assert np.any(fp8_decode(q.scale[2], q.scale_scale, q.scale_offset) != whole[2])
+
+
 def test_int8_error_at_most_half_a_step_per_channel():
     x = normal((96, 40), seed=3) * jnp.arange(1.0, 41.0)  # channels of different ranges
     q = quantize(x, "int8")
