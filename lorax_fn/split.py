@@ -128,6 +128,8 @@ def split(
     except with ``init="pissa"``, where targeted weights are replaced by their residual
     ``W0 - scale·A·B`` — in a fresh container of the same structure: for NNX, fresh
     Variables, so ``nnx.update(model, merge(base, lora))`` leaves the base as it was.
+    (``nnx.merge(graphdef, base)`` itself hands the base's Variables to the new module,
+    by NNX's rule: pass ``copy=True`` for a module you will modify.)
 
     Factor shapes follow how each weight is contracted: from ``layouts`` (e.g. from
     :func:`lorax_fn.infer_layouts`), else the spec's ``layouts``, else

@@ -84,6 +84,8 @@ def test_updating_the_model_never_changes_the_base_or_the_lora_tree():
     unmerged = lorax_fn.unmerge(lorax_fn.merge(base, lt), lt)
     nnx.update(model, unmerged)
     model.down.kernel[...] = model.down.kernel[...] + 1.0
+    pretrained = nnx.merge(graphdef, base, copy=True)  # as split's docstring advises
+    pretrained.up.bias[...] = pretrained.up.bias[...] - 1.0
 
     for got, was in zip(jax.tree.leaves(base), original, strict=True):
         np.testing.assert_array_equal(np.asarray(got), was)
