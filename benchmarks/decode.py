@@ -12,16 +12,20 @@ machine hits them all):
 - ``single``: one adapter for the whole batch, unmerged (``lorax_fn.lora``);
 - ``multi``: ``lorax_fn.multi_lora(apply, batch_of_one=False)`` over an N-adapter stack —
   per-request factors gathered, one program for any N;
-- ``multi/chunkK``: the same with ``chunk_size=K`` (``--chunk``).
+- ``multi/chunkK``: the same with ``chunk_size=K`` (``--chunk``);
+- ``decode loop``: per step of a whole ``serve.generate`` (prefill, then ``lax.scan``):
+  the time of a long loop minus a one-token loop, over the extra steps. Within one
+  program XLA may hoist work that does not change between steps.
 
 ``ideal`` is the issue's bound ``1/(1+2Nr/d)``: the fraction of the merged throughput
 left when decoding is limited by reading weights and each step reads the base weights
 (~d² per matrix) plus the factors of each of the N distinct adapters (2·d·r per matrix),
 as a kernel that reads each adapter once per batch (Punica/S-LoRA) would. ``bytes`` is
 the same bound computed exactly for this model: all weights read by a step vs those plus
-N adapters. The gather in ``multi_lora`` reads one copy of the factors per *request*, so
-its cost follows B, not N; on a CPU a decode step of B=64 is bound by arithmetic rather
-than by weight reads, so the measured fraction stays near 1 − 2r/d for every N.
+N adapters. ``multi_lora`` gathers one copy of the factors per *request*, so a step
+moves B copies whatever N is: it is bounded like N = B. In a decode step (one token per
+request) that is a lot: per d×d matrix B·2dr = 2d² numbers at B=64, r=8, d=512, twice
+the weight itself. In prefill the same gather is shared by the prompt's tokens.
 
 Also checks that replacing an adapter (``lorax_fn.replace_adapter``) does not recompile
 the decode step (a counter inside the traced function). Prints JSON lines, then a table.
@@ -118,6 +122,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument("--loop-steps", type=int, default=49, help="tokens of a decode loop")
+    parser.add_argument("--loop-prompt", type=int, default=16, help="prompt of a decode loop")
     args = parser.parse_args()
 
     config = serve.Config(
@@ -152,6 +158,12 @@ def main() -> None:
         x.size for p, x in lorax_fn.leaves_with_paths(variables) if not p.endswith("embedding")
     )
     adapter_bytes = sum(f.a.size + f.b.size for f in trees[0].values())
+
+    def bounds(n: int) -> dict[str, float]:
+        return {
+            "ideal": 1 / (1 + 2 * n * args.rank / config.d),
+            "bytes": base_bytes / (base_bytes + n * adapter_bytes),
+        }
 
     fns = steppers(config, args.chunk)
     chunk = f"multi/chunk{args.chunk}"
@@ -213,10 +225,52 @@ def main() -> None:
                 "vs_single": best["single 1"] / best[name],
             }
             if benchmark == "decode" and method != "merged":
-                row["ideal"] = 1 / (1 + 2 * n * args.rank / config.d)
-                row["bytes"] = base_bytes / (base_bytes + n * adapter_bytes)
+                row.update(bounds(n))
             rows.append(row)
             print(json.dumps(row), flush=True)
+
+    # The whole loop, serve.generate: prefill, then a lax.scan over the steps. Per step:
+    # the difference of a long and a one-token loop (the same prefill), over the extra
+    # steps. In one program XLA can hoist what does not change from step to step, such
+    # as the per-request gather of the factors.
+    loop_prompts = prompts[:, : args.loop_prompt]
+    lengths = jnp.full((b,), args.loop_prompt, jnp.int32)
+    greedy = serve.sampling_of(
+        {"seeds": np.arange(b), "temperature": np.zeros(b), "top_k": np.zeros(b, np.int32)}
+    )
+
+    def loop(method: str, n: int, steps: int) -> Callable[[], jax.Array]:
+        if method == "merged":
+            return lambda: serve.generate_plain(
+                config, merged, loop_prompts, lengths, greedy, steps=steps
+            )[0]
+        return lambda: serve.generate_with_adapters(
+            config, base, stacks[n], ids[n], loop_prompts, lengths, greedy, steps=steps
+        )[0]
+
+    variants = [("merged", 1)] + [
+        ("multi", n) for n in sorted({min(args.adapters), max(args.adapters)})
+    ]
+    loops = {f"{m} {n} {s}": loop(m, n, s) for m, n in variants for s in (1, args.loop_steps)}
+    times = timings(loops, args.prefill_repeats)
+    per_step = {
+        (m, n): (min(times[f"{m} {n} {args.loop_steps}"]) - min(times[f"{m} {n} 1"]))
+        / (args.loop_steps - 1)
+        for m, n in variants
+    }
+    for (method, n), ms_step in per_step.items():
+        row = {
+            "benchmark": "decode loop",
+            "method": method,
+            "adapters": n,
+            "ms_min": ms_step,
+            "best_tokens_per_s": 1e3 * b / ms_step,
+            "vs_merged": per_step["merged", 1] / ms_step,
+        }
+        if method != "merged":
+            row.update(bounds(n))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     # Hot swap: a new adapter in slot 0 of the largest stack, then the same decode step.
     n = max(args.adapters)
