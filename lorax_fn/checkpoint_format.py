@@ -66,8 +66,8 @@ class CheckpointDamaged(LoraError):
 Shardings = (
     jax.sharding.Sharding | Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
 )
-"""Where restored arrays go: ``None`` (the default device); one ``Sharding`` for every
-array; ``{path: Sharding | LoraFactors-of-Shardings}`` covering every entry (what
+"""Where restored arrays go: ``None`` (this process's first local device); one ``Sharding``
+for every array; ``{path: Sharding | LoraFactors-of-Shardings}`` covering every entry (what
 :func:`lorax_fn.lora_shardings` and ``jax.tree.map(lambda x: x.sharding, lora_tree)``
 return); or a function from the abstract LoRA tree (``LoraFactors`` of
 ``jax.ShapeDtypeStruct``) to such a dict, e.g.
@@ -467,7 +467,7 @@ def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
         >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
         ...                 0.5, Layout((0,), (1,)))
         >>> _, meta = encode({"w": f}, None, None)
-        >>> target = abstract_lora(meta, None)  # None: the default device
+        >>> target = abstract_lora(meta, None)  # None: a local device
         >>> target["0"]["a"].shape, target["0"]["b"].shape
         ((4, 2), (2, 3))
     """
@@ -502,7 +502,7 @@ def verify_array(path: str, info: dict[str, Any], x: Any, where: str) -> None:
         >>> verify_array("w", array_info(x), x + 1, "the checkpoint")
         Traceback (most recent call last):
         ...
-        lorax_fn.errors.LoraError: the checkpoint: w is corrupted (its SHA-256 does not ...
+        lorax_fn.checkpoint_format.CheckpointDamaged: the checkpoint: w is corrupted (its ...
     """
     if tuple(np.shape(x)) != tuple(info["shape"]) or np.dtype(x.dtype).name != info["dtype"]:
         raise CheckpointDamaged(

@@ -261,8 +261,8 @@ class LoraCheckpointManager:
                 "pass base= to save()"
             )
         extra_leaves = {} if self._extra is None else select_extra(base, self._extra, lora_tree)
-        if base is not None and self._extra is None:
-            warn_unsaved(base, set(), f"step {step} in {self.directory}")
+        if base is not None:
+            warn_unsaved(base, set(extra_leaves), f"step {step} in {self.directory}")
         if metrics is not None:
             metrics = {str(k): float(v) for k, v in metrics.items()}
         if self._best_metric is not None and self._best_metric not in (metrics or {}):
