@@ -13,39 +13,36 @@ import sys
 import traceback
 
 import jax
+import multihost_model as mm
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, process_id, num_processes, workdir = sys.argv[1:5]
-process_id = int(process_id)
-jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=int(num_processes),
-    process_id=process_id,
-    initialization_timeout=60,
-)
-
-import multihost_model as mm  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import lorax_fn  # noqa: E402
-
-mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-replicated, by_row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+import lorax_fn
 
 
-def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x)[index])
+def put(tree, sharding: NamedSharding):
+    """Global arrays from host values every process has (the model and data are seeded)."""
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
 
 
-def put(tree, sharding=replicated):
-    return jax.tree.map(lambda x: global_array(np.asarray(x), sharding), tree)
-
-
-def main() -> None:
+def main(port: str, process_id: int, num_processes: int, workdir: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, by_row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     base, lt = mm.model()
-    base, lt = put(base), put(lt)
+    base, lt = put(base, replicated), put(lt, replicated)
     assert not jax.tree.leaves(lt)[0].is_fully_addressable  # a truly multi-process array
     opt_state = jax.jit(mm.tx.init)(lt)
     step = jax.jit(mm.train_step)
@@ -81,7 +78,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     except BaseException:
         # Exit at once: a normal exit would wait in jax.distributed's shutdown barrier for
         # the peer, which itself waits for this process inside orbax; the parent kills it.
