@@ -79,8 +79,13 @@ def _module_name(name_map: NameMap | None, path: str) -> str | None:
     if callable(name_map):
         return name_map(path)
     for pattern, template in name_map:
-        if m := re.fullmatch(pattern, path):
-            return m.expand(template)
+        try:
+            if m := re.fullmatch(pattern, path):
+                return m.expand(template)
+        except re.error as err:
+            raise LoraError(
+                f"name_map rule ({pattern!r}, {template!r}) is not a valid regex rule: {err}"
+            ) from None
     return None
 
 

@@ -220,6 +220,10 @@ def test_export_refusals(tmp_path):
     both = [(r"params/head/bias", "attn.query_proj")] + NAME_MAP
     with pytest.raises(LoraError, match=r"both adapted and trained in full: \['attn.query_proj'"):
         export_peft(tmp_path, lt, make_spec(), name_map=both)
+    with pytest.raises(LoraError, match=r"name_map rule \('params/\(', 'x'\) is not a valid"):
+        export_peft(tmp_path, lt, make_spec(), name_map=[("params/(", "x")])
+    with pytest.raises(LoraError, match=r"rule \('params/\(\.\*\)', 'x\\\\2'\) is not a valid"):
+        export_peft(tmp_path, lt, make_spec(), name_map=[("params/(.*)", r"x\2")])
     pissa = lorax_fn.LoraSpec(targets="**/attn/*/kernel", init="pissa")
     with pytest.raises(LoraError, match="PiSSA adapter is relative to the residual base"):
         export_peft(tmp_path, lt, pissa, name_map=NAME_MAP)
