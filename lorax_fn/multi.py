@@ -345,8 +345,9 @@ def multi_lora(
 
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
     :class:`LoraError`, traced ones (under ``jit``) turn that example's output into
-    NaN. ``on_fallback`` is as in :func:`lorax_fn.lora`; note that a fallback here forms
-    one full weight per example.
+    NaN. Base rows (id ``-1``) use no adapter's values at all, so a NaN/Inf in one
+    adapter reaches only the rows (and gradients) that use it. ``on_fallback`` is as in
+    :func:`lorax_fn.lora`; note that a fallback here forms one full weight per example.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn
