@@ -25,7 +25,11 @@ the same bound computed exactly for this model: all weights read by a step vs th
 N adapters. ``multi_lora`` gathers one copy of the factors per *request*, so a step
 moves B copies whatever N is: it is bounded like N = B. In a decode step (one token per
 request) that is a lot: per d×d matrix B·2dr = 2d² numbers at B=64, r=8, d=512, twice
-the weight itself. In prefill the same gather is shared by the prompt's tokens.
+the weight itself. In prefill the same gather is shared by the prompt's tokens, and in
+a whole decode loop XLA hoists it out of the ``lax.scan`` (in the compiled
+``serve.generate_with_adapters`` every factor gather sits outside the while loop), so
+the loop pays it once per generation; a jitted step called once per token pays it
+every time.
 
 Also checks that replacing an adapter (``lorax_fn.replace_adapter``) does not recompile
 the decode step (a counter inside the traced function). Prints JSON lines, then a table.
