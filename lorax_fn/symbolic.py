@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from lorax_fn.factors import LoraFactors
+from lorax_fn.lazy import LazyWeight
 
 
 @jax.tree_util.register_dataclass
@@ -29,7 +30,7 @@ from lorax_fn.factors import LoraFactors
 class SymbolicWeight:
     """``w0 + scale·A·B`` with per-axis roles ``kinds`` (see the module docstring)."""
 
-    w0: jax.Array
+    w0: jax.Array | LazyWeight
     a: jax.Array
     b: jax.Array
     path: str = dataclasses.field(metadata={"static": True})
@@ -72,7 +73,8 @@ class SymbolicWeight:
             self.b.astype(jnp.float32),
             precision=lax.Precision.HIGHEST,
         )
-        return (self.w0.astype(jnp.float32) + self.scale * d).astype(self.w0.dtype)
+        w0 = self.w0.value() if isinstance(self.w0, LazyWeight) else self.w0
+        return (w0.astype(jnp.float32) + self.scale * d).astype(w0.dtype)
 
 
 # ---------------------------------------------------------------- layout rules
@@ -85,7 +87,7 @@ def transpose(w: SymbolicWeight, permutation: Sequence[int]) -> SymbolicWeight:
         old = w.axes_of(group)
         new = [p for p in permutation if p in old]
         factors[group] = jnp.transpose(getattr(w, group), [old.index(p) for p in new] + [len(old)])
-    return w.replace(w0=jnp.transpose(w.w0, permutation), kinds=kinds, **factors)
+    return w.replace(w0=w.w0.transpose(tuple(permutation)), kinds=kinds, **factors)
 
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list, list]] | None:
@@ -140,7 +142,7 @@ def reshape(w: SymbolicWeight, new_shape: Sequence[int]) -> SymbolicWeight | Non
     if not any(r == "i" for r in kinds) or not any(r == "o" for r in kinds):
         return None
     return w.replace(
-        w0=jnp.reshape(w.w0, new_shape),
+        w0=w.w0.reshape(tuple(new_shape)),
         a=w.a.reshape(a_shape),
         b=w.b.reshape(b_shape),
         kinds=tuple(kinds),

@@ -26,11 +26,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core
 
-from lorax_fn import primitives, symbolic
+from lorax_fn import lazy, primitives, symbolic
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
+from lorax_fn.lazy import LazyWeight
 from lorax_fn.merge import check_fits, merge
-from lorax_fn.paths import leaves_with_paths
+from lorax_fn.paths import path_str
+from lorax_fn.quantize import QuantizedArray, dequantize_base
 from lorax_fn.signature import Trace, aval_key, describe, split_static
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
@@ -59,23 +61,32 @@ class _Context:
         ctx.consumers = self.consumers
         return ctx
 
-    def fallback(self, w: SymbolicWeight, primitive: str, why: str = "") -> jax.Array:
+    def fallback(self, w: SymbolicWeight | LazyWeight, primitive: str, why: str = "") -> jax.Array:
         if (w.path, primitive) not in self.reported:
             self.reported.add((w.path, primitive))
+            formed = (
+                "the quantized weight is dequantized in full outside its consumer"
+                if isinstance(w, LazyWeight)
+                else "the full weight W0 + scale·A·B is formed"
+            )
             message = (
                 f"lorax_fn: {w.path} is consumed by `{primitive}`, "
-                f"{why or 'which has no factorized rule'}; the full weight W0 + scale·A·B "
-                f"is formed there (inputs {self.signature})"
+                f"{why or 'which has no factorized rule'}; {formed} there "
+                f"(inputs {self.signature})"
             )
             if self.on_fallback == "error":
                 raise LoraError(message)
             if self.on_fallback == "warn":
                 warnings.warn(message, stacklevel=4)
-        return w.materialize()
+        return w.value() if isinstance(w, LazyWeight) else w.materialize()
 
 
 def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
-    return ctx.fallback(value, primitive) if isinstance(value, SymbolicWeight) else value
+    return ctx.fallback(value, primitive) if isinstance(value, _HELD) else value
+
+
+# What the evaluator holds in place of an array: an adapted weight, a quantized one.
+_HELD = (SymbolicWeight, LazyWeight)
 
 
 # --------------------------------------------------------------- evaluation
@@ -95,7 +106,7 @@ def _eval_jaxpr(
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, SymbolicWeight) for x in invals):
+        if any(isinstance(x, _HELD) for x in invals):
             outvals = _eval_symbolic(eqn, invals, ctx)
         else:
             outvals = _bind_plain(eqn, invals)
@@ -115,13 +126,37 @@ def _bind_plain(eqn: core.JaxprEqn, invals: Sequence[Any]) -> Any:
     return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
+def _bind_frozen(eqn: core.JaxprEqn, invals: Sequence[Any]) -> Any:
+    # A quantized weight is dequantized inside the operation that reads it.
+    if any(isinstance(x, LazyWeight) for x in invals):
+        return lazy.bind(eqn, invals)
+    return _bind_plain(eqn, invals)
+
+
 def _eval_symbolic(eqn: core.JaxprEqn, invals: list[Any], ctx: _Context) -> Any:
     name = eqn.primitive.name
-    rule = _RULES.get(name)
+    if not any(isinstance(x, SymbolicWeight) for x in invals):
+        rule = _FROZEN_RULES.get(name)
+    else:
+        rule = _RULES.get(name)
     result = rule(eqn, invals, ctx) if rule else None
     if result is not None:
         return result
-    return _bind_plain(eqn, [_concrete(x, ctx, name) for x in invals])
+    return _bind_frozen(
+        eqn, [ctx.fallback(x, name) if isinstance(x, SymbolicWeight) else x for x in invals]
+    )
+
+
+def _layout_w0(eqn: core.JaxprEqn, w0: Any) -> Any:
+    return w0.apply(eqn) if isinstance(w0, LazyWeight) else _bind_plain(eqn, [w0])
+
+
+def _frozen_layout(eqn, invals, ctx):
+    # Any unary layout op stays pending on a quantized weight, so that the checkpoint
+    # around its consumer covers it too; dynamic_slice takes traced starts: dequantized.
+    if len(invals) == 1 and isinstance(invals[0], LazyWeight):
+        return invals[0].apply(eqn)
+    return None
 
 
 # ------------------------------------------------------------ layout rules
@@ -136,7 +171,7 @@ def _same(eqn, invals, ctx):
         # A cast or copy acts on W0; the low-rank path keeps the factors' dtype, as
         # for a bfloat16 base with float32 factors.
         w = invals[0]
-        return w.replace(w0=_bind_plain(eqn, [w.w0]))
+        return w.replace(w0=_layout_w0(eqn, w.w0))
     # optimization_barrier: the same barrier over every array, factors included.
     leaves, treedef = jax.tree_util.tree_flatten(invals)
     return jax.tree_util.tree_unflatten(treedef, _bind_plain(eqn, leaves))
@@ -177,12 +212,12 @@ def _slice(eqn, invals, ctx):
             [strides[k] for k in axes] + [1],
         )
 
-    return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0]))
+    return symbolic.slice_axes(w, slicer, _layout_w0(eqn, w.w0))
 
 
 def _dynamic_slice(eqn, invals, ctx):
     w, starts = invals[0], invals[1:]
-    if any(isinstance(s, SymbolicWeight) for s in starts):
+    if isinstance(w.w0, LazyWeight) or any(isinstance(s, _HELD) for s in starts):
         return None
     sizes = eqn.params["slice_sizes"]
 
@@ -200,7 +235,7 @@ def _dot_general(eqn, invals, ctx):
         return None
     weight_is_lhs = isinstance(lhs, SymbolicWeight)
     w, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
-    base_out = _bind_plain(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
+    base_out = _bind_frozen(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
     return symbolic.dot_general(
         x,
         w,
@@ -217,7 +252,7 @@ def _conv(eqn, invals, ctx):
     x, w = invals
     if isinstance(x, SymbolicWeight) or not isinstance(w, SymbolicWeight):
         return None
-    base_out = _bind_plain(eqn, [x, w.w0])
+    base_out = _bind_frozen(eqn, [x, w.w0])
     return symbolic.conv(x, w, eqn.params, base_out, ctx.next_key())
 
 
@@ -225,7 +260,7 @@ def _gather(eqn, invals, ctx):
     w, indices = invals
     if isinstance(indices, SymbolicWeight):
         return None
-    base_out = _bind_plain(eqn, [w.w0, indices])
+    base_out = _bind_frozen(eqn, [w.w0, indices])
     return symbolic.gather(w, indices, eqn.params, base_out, ctx.next_key())
 
 
@@ -248,7 +283,7 @@ def _custom(eqn, invals, ctx):
     why = f"the custom-derivative function `{func}`, whose rule is defined on the full weight"
     name = eqn.primitive.name
     return _bind_plain(
-        eqn, [ctx.fallback(x, name, why) if isinstance(x, SymbolicWeight) else x for x in invals]
+        eqn, [ctx.fallback(x, name, why) if isinstance(x, _HELD) else x for x in invals]
     )
 
 
@@ -270,35 +305,49 @@ def _scan(eqn, invals, ctx):
     consts = invals[:n_consts]
     carry = [_concrete(x, ctx, "scan carry") for x in invals[n_consts : n_consts + n_carry]]
     xs = invals[n_consts + n_carry :]
-    # A weight scanned over its leading axis: slice W0, and each factor holding that axis.
+    # A weight scanned over its leading axis: slice W0 (a quantized one's stored arrays),
+    # and each factor holding that axis.
+    rebuilds = {}
+
+    def scanned_w0(k, w0):
+        parts = lazy.scan_parts(w0) if isinstance(w0, LazyWeight) else None
+        if parts is None:
+            return _concrete(w0, ctx, "scan")
+        rebuilds[k] = parts[1]
+        return parts[0]
+
     sliced = []
-    for x in xs:
+    for k, x in enumerate(xs):
         if isinstance(x, SymbolicWeight):
-            sliced.append(
-                (x.w0, x.a if x.kinds[0] in "bi" else None, x.b if x.kinds[0] in "bo" else None)
-            )
+            a, b = (x.a if x.kinds[0] in "bi" else None, x.b if x.kinds[0] in "bo" else None)
+            sliced.append((scanned_w0(k, x.w0), a, b))
         else:
-            sliced.append(x)
+            sliced.append(scanned_w0(k, x))
     key = ctx.key
-    xs_in = (sliced, jnp.arange(p["length"]) if key is not None else None)
+    step_index = key is not None or bool(rebuilds)
+    xs_in = (sliced, jnp.arange(p["length"]) if step_index else None)
 
     def body(carry_vals, xs_vals):
         per_step, step = xs_vals
         step_ctx = ctx.with_key(None if key is None else jax.random.fold_in(key, step))
+
+        def step_w0(k, w0):
+            return rebuilds[k](w0, step) if k in rebuilds else w0
+
         args = []
-        for orig, x in zip(xs, per_step, strict=True):
+        for k, (orig, x) in enumerate(zip(xs, per_step, strict=True)):
             if isinstance(orig, SymbolicWeight):
                 w0, a, b = x
                 args.append(
                     orig.replace(
-                        w0=w0,
+                        w0=step_w0(k, w0),
                         a=orig.a if a is None else a,
                         b=orig.b if b is None else b,
                         kinds=orig.kinds[1:],
                     )
                 )
             else:
-                args.append(x)
+                args.append(step_w0(k, x))
         out = _eval_jaxpr(
             p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry_vals, *args], step_ctx
         )
@@ -362,8 +411,25 @@ _RULES: dict[str, Callable] = primitives.dispatch(
     }
 )
 
+# Rules for operations reading quantized weights but no adapted one: control flow as
+# above, layout ops pending; every other consumer dequantizes in place (_bind_frozen).
+_FROZEN_RULES: dict[str, Callable] = {
+    name: _frozen_layout if kind in ("same", "layout") else _RULES[name]
+    for name, kind in primitives.PRIMITIVES.items()
+    if kind != "consumer"
+}
+
 
 # ------------------------------------------------------------ the transform
+
+
+def _quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def _aval(x: Any) -> Any:
+    # fn is traced on a quantized weight's float shape and dtype.
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if _quantized(x) else x
 
 
 def lora(
@@ -464,8 +530,12 @@ def lora(
         @functools.partial(jax.jit, static_argnums=0)
         def evaluate(paths, param_leaves, factors, arg_leaves, lora_key):
             inputs = [
-                SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
+                LazyWeight.of(p, x) if _quantized(x) else x
                 for p, x in zip(paths, param_leaves, strict=True)
+            ]
+            inputs = [
+                SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
+                for p, x in zip(paths, inputs, strict=True)
             ]
             ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
             outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
@@ -489,16 +559,18 @@ def lora(
         if not factorized:
             if lora_key is not None:
                 raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
-            return fn(merge(base, lora_tree), *args, **kwargs)
-        check_fits(base, lora_tree)
-        paths = tuple(p for p, _ in leaves_with_paths(base))
-        base_leaves, params_def = jax.tree_util.tree_flatten(base)
+            return fn(merge(dequantize_base(base), lora_tree), *args, **kwargs)
+        flat, params_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=_quantized)
+        paths = tuple(path_str(k) for k, _ in flat)
+        check_fits(jax.tree_util.tree_unflatten(params_def, [_aval(x) for _, x in flat]), lora_tree)
         param_leaves = [
             lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], LoraFactors) else x
-            for p, x in zip(paths, base_leaves, strict=True)
+            for p, (_, x) in zip(paths, flat, strict=True)
         ]
         arg_leaves, args_static, args_def = split_static((args, kwargs))
-        entry = trace(paths, params_def, param_leaves, args_static, args_def, arg_leaves)
+        entry = trace(
+            paths, params_def, list(map(_aval, param_leaves)), args_static, args_def, arg_leaves
+        )
         entry.check_usage(tuple(lora_tree))
         factors = {p: f for p, f in lora_tree.items() if isinstance(f, LoraFactors)}
         return entry.evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
