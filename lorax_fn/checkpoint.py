@@ -172,9 +172,10 @@ def save(
     puts them back. Saving with a ``base`` that carries such state without ``extra``
     warns, naming the paths left out.
 
-    An existing ``directory`` is refused unless ``overwrite=True``; then the new
-    checkpoint is written completely next to it before it replaces the old one, so a
-    crash mid-save keeps the old one.
+    An existing non-empty ``directory`` is refused unless ``overwrite=True`` (and then
+    only if it holds a lorax_fn checkpoint); the new checkpoint is written completely
+    next to it before it replaces the old one, so a crash mid-save keeps the old one.
+    An existing empty directory is written into, as :func:`lorax_fn.export_peft` does.
 
     Example:
         >>> base, lt = lorax_fn.split(variables, spec, key=jax.random.key(0))  # doctest: +SKIP
@@ -187,17 +188,21 @@ def save(
     extra_leaves = {} if extra is None else select_extra(base, extra, lora_tree)
     extra_arrays, meta["extra"] = encode_extra(extra_leaves)
     meta = seal(meta)
-    if directory.exists() and not overwrite:
+    # The rule export_peft follows too: an empty directory holds nothing to lose.
+    occupied = directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+    if occupied and not overwrite:
         raise LoraError(f"{directory} already exists; pass overwrite=True to replace it")
-    if directory.exists() and not (directory / META_ITEM).is_dir():
+    if occupied and not (directory / META_ITEM).is_dir():
         raise LoraError(f"refusing to overwrite {directory}: it is not a lorax_fn checkpoint")
     if base is not None:
         warn_unsaved(base, set(extra_leaves), f"the checkpoint at {directory}")
     new, old = _swap_names(directory)
-    target = new if directory.exists() else directory
+    target = new if occupied else directory
     primary = jax.process_index() == 0
     if primary:
         shutil.rmtree(new, ignore_errors=True)  # left by a save killed before its swap
+        if directory.is_dir() and not occupied:
+            directory.rmdir()  # orbax writes the directory itself
     _barrier("lorax_fn.save:cleaned")
     items = {LORA_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(meta)}
     if extra_arrays:

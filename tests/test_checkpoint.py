@@ -314,8 +314,26 @@ def test_overwrite(tmp_path, model):
     assert_same_tree(restore(tmp_path / "ad", base=base), lt2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
     (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(LoraError, match="not a lorax_fn checkpoint"):
         save(tmp_path / "notes", lt, SPEC, overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_save_and_export_peft_share_one_rule_for_existing_directories(tmp_path):
+    spec = lorax_fn.LoraSpec("w", rank=2)
+    _, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+    writers = {
+        "save": lambda d, **kw: save(d, lt, spec, **kw),
+        "export_peft": lambda d, **kw: lorax_fn.export_peft(d, lt, spec, name_map={"w": "w"}, **kw),
+    }
+    for name, write in writers.items():
+        empty = tmp_path / name
+        empty.mkdir()
+        write(empty)  # an empty directory holds nothing to lose
+        with pytest.raises(LoraError, match="already exists; pass overwrite=True"):
+            write(empty)
+        write(empty, overwrite=True)
 
 
 def test_callable_filters_save_without_a_spec(tmp_path):
