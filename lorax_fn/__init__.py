@@ -8,9 +8,15 @@ Example:
     >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
 """
 
-from lorax_fn import analysis
+from lorax_fn import analysis, presets
 from lorax_fn.accounting import ParamCount, count_params, summary
-from lorax_fn.checkpoint import CheckpointInfo, checkpoint_info, restore, save
+from lorax_fn.checkpoint import (
+    CheckpointDamaged,
+    CheckpointInfo,
+    checkpoint_info,
+    restore,
+    save,
+)
 from lorax_fn.checkpoint_manager import LoraCheckpointManager, TrainState
 from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
@@ -28,6 +34,15 @@ from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
 from lorax_fn.parallel import replicate, shard_batch, unreplicate
 from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
 from lorax_fn.peft import export_peft, import_peft
+from lorax_fn.quantize import (
+    QuantizedArray,
+    bits_per_param,
+    dequantize,
+    dequantize_base,
+    quantize,
+    quantize_base,
+    quantized_shardings,
+)
 from lorax_fn.sharding import fsdp_shardings, lora_shardings, put_batch
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import LoraTree, default_layout, split
@@ -37,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterStack",
+    "CheckpointDamaged",
     "CheckpointInfo",
     "Layout",
     "LoraCheckpointManager",
@@ -46,15 +62,19 @@ __all__ = [
     "LoraTree",
     "ParamCount",
     "PathFilter",
+    "QuantizedArray",
     "TrainState",
     "__version__",
     "analysis",
+    "bits_per_param",
     "check_fits",
     "checkpoint_info",
     "combine",
     "count_params",
     "default_layout",
     "delta",
+    "dequantize",
+    "dequantize_base",
     "describe",
     "export_peft",
     "fsdp_shardings",
@@ -68,7 +88,11 @@ __all__ = [
     "multi_lora",
     "optimizer",
     "path_str",
+    "presets",
     "put_batch",
+    "quantize",
+    "quantize_base",
+    "quantized_shardings",
     "replace_adapter",
     "replicate",
     "restore",
