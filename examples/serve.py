@@ -12,7 +12,8 @@ an adapter of an :class:`lorax_fn.AdapterStack` (or ``-1``: the base model) and
 2. replacing an adapter with ``lorax_fn.replace_adapter`` does not recompile (a counter
    in the traced function counts traces), and the swapped adapter takes effect.
 
-About 20 s of CPU time, mostly compiling: ``python examples/serve.py [--temperature 0.8 --top-k 20]``.
+About 20 s of CPU time, mostly compiling:
+``python examples/serve.py [--temperature 0.8 --top-k 20]``.
 """
 
 from __future__ import annotations
