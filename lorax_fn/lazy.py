@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core
 
 from lorax_fn import nf4
@@ -98,6 +99,47 @@ class LazyWeight:
         aval = eqn.outvars[0].aval
         return self._then(("bind", eqn.primitive, tuple(params.items())), aval.shape, aval.dtype)
 
+    def dynamic_slice(self, starts: Sequence[Any], sizes: Sequence[int]) -> LazyWeight | None:
+        """``lax.dynamic_slice`` of one index along leading axes (``w[i]`` of a stack).
+
+        Only a prefix of size-1 slices of axes the stored arrays keep, with every other
+        axis whole, is a slice of the stored arrays (and of NF4's absmax constants in
+        row-major order); anything else returns ``None``.
+        """
+        cut = next((k for k, n in enumerate(sizes) if n != 1), len(sizes))
+        if (
+            self.ops
+            or cut == 0
+            or cut > self.lead_axes
+            or list(sizes[cut:]) != list(self.stored_shape[cut:])
+        ):
+            return None
+        # dynamic_slice clamps each start into range; the constants' offset must agree.
+        starts = [
+            jnp.clip(s, 0, n - 1) for s, n in zip(starts[:cut], self.stored_shape, strict=False)
+        ]
+
+        def take(x: jax.Array) -> jax.Array:
+            index = [s if x.shape[k] > 1 else 0 for k, s in enumerate(starts)]
+            return lax.dynamic_slice(
+                x, [*index, *[0] * (x.ndim - cut)], [1] * cut + list(x.shape[cut:])
+            )
+
+        first = None
+        if self.scale_scale is not None:
+            strides = np.cumprod((*self.scale.shape[1:], 1)[::-1])[::-1][:cut]
+            first = sum(s.astype(jnp.int32) * int(n) for s, n in zip(starts, strides, strict=True))
+            first = first if self.first is None else first + self.first
+        shape = (1,) * cut + tuple(self.stored_shape[cut:])
+        return dataclasses.replace(
+            self,
+            codes=take(self.codes),
+            scale=take(self.scale),
+            first=first,
+            stored_shape=shape,
+            shape=shape,
+        )
+
     def value(self) -> jax.Array:
         """The weight in float: dequantized (computed in float32), then the pending ops."""
         if self.format == "int8":
@@ -118,14 +160,8 @@ class LazyWeight:
     def _absmax(self) -> jax.Array:
         if self.scale_scale is None:
             return self.scale
-        # nf4.fp8_decode, with each constant's row-major index counted from `first`.
-        index = jnp.arange(self.scale.size, dtype=jnp.int32).reshape(self.scale.shape)
-        if self.first is not None:
-            index = index + self.first
-        group_scale = self.scale_scale[index // nf4.DQ_BLOCK]
-        return (
-            self.scale.astype(jnp.float32) * group_scale * (1 / nf4.FP8_RANGE) + self.scale_offset
-        )
+        first = 0 if self.first is None else self.first
+        return nf4.fp8_decode(self.scale, self.scale_scale, self.scale_offset, first)
 
 
 def scan_parts(w: LazyWeight) -> tuple[Any, Callable[[Any, jax.Array], LazyWeight]] | None:

@@ -31,6 +31,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import leaves_with_paths
+from lorax_fn.quantize import weight_leaves
 from lorax_fn.split import LoraTree
 from lorax_fn.transform import FallbackMode, lora
 
@@ -291,7 +292,7 @@ def _select(stack: AdapterStack, ids: jax.Array, base: Any) -> LoraTree:
     adapted = ids != -1
     # Ids outside [-1, N) index past the end, which gathers NaN: loud, never the base.
     index = jnp.where(ids < 0, jnp.where(adapted, n, 0), ids)
-    base_leaves = dict(leaves_with_paths(base))
+    base_leaves = dict(weight_leaves(base))
 
     def take(x: jax.Array) -> jax.Array:
         return jnp.take(x, index, axis=0, mode="fill")

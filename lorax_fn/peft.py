@@ -41,7 +41,8 @@ import lorax_fn
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import check_fits
-from lorax_fn.paths import PathFilter, compile_filter, leaves_with_paths
+from lorax_fn.paths import PathFilter, compile_filter
+from lorax_fn.quantize import weight_leaves
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import default_layout
 
@@ -450,7 +451,7 @@ def import_peft(
     rslora = bool(config.get("use_rslora", False))
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    leaves = dict(leaves_with_paths(base))
+    leaves = dict(weight_leaves(base))
     layouts = dict(layouts or {})
     conv_modules = {
         key[len(_PREFIX) : -len(".lora_A.weight")]

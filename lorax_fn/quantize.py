@@ -221,6 +221,21 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
+def weight_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of ``tree`` with each :class:`QuantizedArray` as one leaf.
+
+    The paths LoRA trees use: a quantized weight keeps its float weight's path (and
+    ``np.shape`` of it is the original shape), not one path per stored array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [(p, x.shape) for p, x in weight_leaves({"w": quantize(jnp.ones((2, 64)))})]
+        [('w', (2, 64))]
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_quantized)
+    return [(path_str(k), leaf) for k, leaf in flat]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything static about quantizing one array, validated."""

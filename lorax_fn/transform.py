@@ -152,11 +152,14 @@ def _layout_w0(eqn: core.JaxprEqn, w0: Any) -> Any:
 
 
 def _frozen_layout(eqn, invals, ctx):
-    # Any unary layout op stays pending on a quantized weight, so that the checkpoint
-    # around its consumer covers it too; dynamic_slice takes traced starts: dequantized.
-    if len(invals) == 1 and isinstance(invals[0], LazyWeight):
-        return invals[0].apply(eqn)
-    return None
+    # Layout ops stay pending on a quantized weight, so that the checkpoint around its
+    # consumer covers them too; a dynamic slice of one layer slices the stored arrays.
+    w = invals[0]
+    if not isinstance(w, LazyWeight) or any(isinstance(x, _HELD) for x in invals[1:]):
+        return None
+    if eqn.primitive.name == "dynamic_slice":
+        return w.dynamic_slice(invals[1:], eqn.params["slice_sizes"])
+    return w.apply(eqn) if len(invals) == 1 else None
 
 
 # ------------------------------------------------------------ layout rules
@@ -217,16 +220,22 @@ def _slice(eqn, invals, ctx):
 
 def _dynamic_slice(eqn, invals, ctx):
     w, starts = invals[0], invals[1:]
-    if isinstance(w.w0, LazyWeight) or any(isinstance(s, _HELD) for s in starts):
+    if any(isinstance(s, _HELD) for s in starts):
         return None
     sizes = eqn.params["slice_sizes"]
+    if isinstance(w.w0, LazyWeight):
+        w0 = w.w0.dynamic_slice(starts, sizes)
+        if w0 is None:
+            return None
+    else:
+        w0 = _bind_plain(eqn, [w.w0, *starts])
 
     def slicer(x, axes):
         return lax.dynamic_slice(
             x, [starts[k] for k in axes] + [0], [sizes[k] for k in axes] + [x.shape[-1]]
         )
 
-    return symbolic.slice_axes(w, slicer, _bind_plain(eqn, [w.w0, *starts]))
+    return symbolic.slice_axes(w, slicer, w0)
 
 
 def _dot_general(eqn, invals, ctx):
