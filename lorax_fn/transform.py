@@ -8,9 +8,11 @@ embedding ``gather``) compute ``x·W0 + scale·(x·A)·B``, ``jit``, ``remat``,
 ``scan``, ``cond`` and ``while`` are evaluated recursively (the table is
 :mod:`lorax_fn.primitives`, shared with layout inference), and anything else —
 custom-derivative functions included, whose rule needs the full weight —
-materializes that one weight and reports it. The result is ordinary JAX code, so
-``jit``, ``grad``, ``vmap`` and ``pmap`` compose with it, and the gradient never
-holds a full-size weight where the weight stays symbolic.
+materializes that one weight and reports it. A quantized weight
+(:class:`~lorax_fn.lazy.LazyWeight`) is dequantized inside the operation reading it.
+The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and ``pmap`` compose
+with it, and the gradient never holds a full-size weight where the weight stays
+symbolic.
 """
 
 from __future__ import annotations
@@ -467,6 +469,16 @@ def lora(
     per (input signature, path, primitive) by ``on_fallback``: ``"warn"``, ``"error"``
     (raise :class:`LoraError`) or ``"ignore"``. ``factorized=False`` is plain
     merge-then-call (the reference, and a baseline for benchmarks).
+
+    A base holding :class:`~lorax_fn.QuantizedArray` weights (from
+    :func:`lorax_fn.quantize_base`: QLoRA) gives ``fn(merge(dequantize_base(base),
+    lora_tree), ...)``. ``fn`` is traced on their float shapes and dtypes; each is
+    dequantized inside the one operation that reads it, under a ``jax.checkpoint`` of
+    that operation alone, so no float copy of the model exists and the backward pass
+    recomputes each weight from its codes instead of saving it. Layout ops stay pending
+    on it, ``scan`` over stacked layers and ``w[i]`` with a traced ``i`` slice the
+    stored arrays; a quantized weight used any other way (a ``scan`` carry, an output)
+    is dequantized in full there and reported by ``on_fallback``.
 
     ``fn`` must read its weights from its params argument: a LoRA-tree entry that no
     output depends on (the jaxpr decides, sub-jaxprs included) would train with a zero
