@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -42,6 +41,7 @@ from lorax_fn.checkpoint_format import (
     leaf_specs,
     one_clear_error,
     read_error,
+    requested_extra,
     seal,
     select_extra,
     warn_unsaved,
@@ -278,18 +278,9 @@ def restore(
     meta = _load_meta(directory)
     if base is not None:
         check_against_base(meta, leaf_specs(base), where)
-    saved_extra = meta.get("extra", [])
-    if extra and base is None:
-        raise LoraError("restore(extra=True) puts saved leaves into a base: pass base= too")
-    if saved_extra and not extra:
-        warnings.warn(
-            f"{where} also holds base leaves {[x['path'] for x in saved_extra]} (saved with "
-            "extra=); pass extra=True to restore them into the base",
-            UserWarning,
-            stacklevel=2,
-        )
+    saved_extra = requested_extra(meta, extra, base, where, stacklevel=3)
     items = {LORA_ITEM: ocp.args.StandardRestore(abstract_lora(meta, shardings))}
-    if extra and saved_extra:
+    if saved_extra:
         items[EXTRA_ITEM] = ocp.args.StandardRestore(abstract_extra(saved_extra, base, where))
     try:
         with one_clear_error():

@@ -599,6 +599,31 @@ def _placement(leaf: Any) -> jax.sharding.Sharding:
     return default_sharding()
 
 
+def requested_extra(
+    meta: dict[str, Any], extra: bool, base: Any, where: str, stacklevel: int = 2
+) -> list[dict]:
+    """The saved extra leaves to restore: all of them with ``extra=True`` (which needs a
+    ``base`` to put them into), none otherwise — with a warning that some were saved.
+
+    Example:
+        >>> requested_extra({"extra": []}, True, None, "ckpt")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: restore(extra=True) puts saved leaves into a base: pass base= too
+    """
+    if extra and base is None:
+        raise LoraError("restore(extra=True) puts saved leaves into a base: pass base= too")
+    saved = meta.get("extra", [])
+    if saved and not extra:
+        warnings.warn(
+            f"{where} also holds base leaves {[x['path'] for x in saved]} (saved with "
+            "extra=); pass extra=True to restore them into the base",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return saved if extra else []
+
+
 def abstract_extra(infos: list[dict[str, Any]], base: Any, where: str) -> dict[str, Any]:
     """The orbax restore target for the ``extra`` item, placed like the base leaves.
 

@@ -44,6 +44,7 @@ from lorax_fn.checkpoint_format import (
     leaf_specs,
     one_clear_error,
     read_error,
+    requested_extra,
     seal,
     select_extra,
     verify_array,
@@ -390,23 +391,14 @@ class LoraCheckpointManager:
         base_leaves = self._base_leaves if base is None else leaf_specs(base)
         if base_leaves is not None:
             check_against_base(meta, base_leaves, where)
-        saved_extra = meta.get("extra", [])
-        if extra and base is None:
-            raise LoraError("restore(extra=True) puts saved leaves into a base: pass base= too")
-        if saved_extra and not extra:
-            warnings.warn(
-                f"{where} also holds base leaves {[x['path'] for x in saved_extra]} (saved "
-                "with extra=); pass extra=True to restore them into the base",
-                UserWarning,
-                stacklevel=3,
-            )
+        saved_extra = requested_extra(meta, extra, base, where, stacklevel=4)
         lora_target = abstract_lora(meta, shardings)
         items = {LORA_ITEM: ocp.args.StandardRestore(lora_target)}
         if opt_state is not None:
             abstract_opt = self._abstract_opt(meta, opt_state, lora_target, where)
             if abstract_opt:
                 items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt)
-        if extra and saved_extra:
+        if saved_extra:
             items[EXTRA_ITEM] = ocp.args.StandardRestore(abstract_extra(saved_extra, base, where))
         try:
             with one_clear_error():
