@@ -259,3 +259,19 @@ def test_layer_picked_by_a_traced_index_in_cond_and_fori_loop(fmt):
     qbase = quantize_base(base, ["w", "v"], format=fmt, layouts=layouts, **block)
     assert_qlora_matches(fn, qbase, randomize_b(lt), x)
     assert_qlora_matches(fn, qbase, randomize_b(lt), -x)
+
+
+def test_a_quantized_weight_dequantized_outside_a_consumer_is_reported():
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 64)), "v": jnp.ones((64, 64))}
+    base, lt = lorax_fn.split(params, LoraSpec("v", rank=2), key=jax.random.key(1))
+    qbase = quantize_base(base, ["w", "v"])
+
+    def fn(p, x):
+        return x @ p["v"], p["w"]  # the frozen weight itself is an output
+
+    x = jnp.ones((2, 64))
+    with pytest.raises(LoraError, match=r"w is consumed by `output`.*dequantized in full"):
+        lorax_fn.lora(fn, on_fallback="error")(qbase, lt, x)
+    with pytest.warns(UserWarning, match="w is consumed by `output`"):
+        _, w = lorax_fn.lora(fn)(qbase, lt, x)
+    np.testing.assert_array_equal(w, qbase["w"].dequantize())
