@@ -91,3 +91,16 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
         for r in rows
     ]
     return "\n".join([head, rule, *body])
+
+
+def timings(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each call; the calls take turns, so a busy moment hits them all."""
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile outside the timed runs
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times

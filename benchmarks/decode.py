@@ -43,7 +43,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, table  # noqa: E402
+from common import machine, table, timings  # noqa: E402
 
 import lorax_fn  # noqa: E402
 from examples import serve  # noqa: E402
@@ -89,19 +88,6 @@ def steppers(config: serve.Config, chunk: int) -> dict[str, Callable]:
         f"multi/chunk{chunk}": multi_chunked,
     }
     return {name: jax.jit(fn, donate_argnums=(2,)) for name, fn in fns.items()}
-
-
-def timings(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times (ms) of each call, after one untimed (compiling) call; calls take turns."""
-    for call in calls.values():
-        jax.block_until_ready(call())
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def runner(fn: Callable, weights, tokens, cache, pos) -> Callable[[], jax.Array]:

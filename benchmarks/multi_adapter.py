@@ -35,12 +35,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import timings
 from flax import linen as nn
 
 import lorax_fn
@@ -100,19 +100,6 @@ def make_adapters(variables, n: int, rank: int) -> tuple[dict, list[dict]]:
             }
         )
     return base, trees
-
-
-def timings(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times (ms) of each call; the calls take turns, so a busy moment hits them all."""
-    for call in calls.values():
-        jax.block_until_ready(call())  # compile outside the timed runs
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def main() -> None:
