@@ -5,7 +5,8 @@ batch 8, 4 layers, 8192-token vocabulary by default), in bfloat16, LoRA r=8 on e
 attention and MLP matrix, Adam. For ``int8`` and ``nf4`` those matrices are stored
 quantized (:func:`lorax_fn.quantize_base`; embeddings, norms and biases stay bf16) and
 ``lora(fn)`` dequantizes each inside the product that reads it, recomputing it in the
-backward pass. Each configuration runs in its own process. Reported: the base's
+backward pass; ``nf4_whole`` instead dequantizes the whole base at the start of the
+step, for comparison. Each configuration runs in its own process. Reported: the base's
 stored bytes, the compiled step's argument and temporary bytes
 (``compiled.memory_analysis()``), peak RSS, and step time, as ratios to bf16.
 
@@ -31,7 +32,8 @@ from models import ATTENTION_AND_MLP, Decoder, DecoderConfig
 import lorax_fn
 from lorax_fn.quantize import storage_bytes
 
-CONFIGS = ("bf16", "int8", "nf4")
+# nf4_whole: the naive alternative, the whole base dequantized at the start of the step.
+CONFIGS = ("bf16", "int8", "nf4", "nf4_whole")
 
 
 def loss_fn(logits, ids):
@@ -50,8 +52,14 @@ def measure(config: str, args: argparse.Namespace) -> dict:
     spec = lorax_fn.LoraSpec(ATTENTION_AND_MLP, rank=args.rank)
     base, lt = lorax_fn.split(variables, spec, key=jax.random.key(2))
     if config != "bf16":
-        base = lorax_fn.quantize_base(base, lt, format=config)
-    apply = lorax_fn.lora(model.apply, on_fallback="error")
+        base = lorax_fn.quantize_base(base, lt, format=config.removesuffix("_whole"))
+    lora_apply = lorax_fn.lora(model.apply, on_fallback="error")
+
+    def apply(base, lt, ids):
+        if config == "nf4_whole":
+            base = lorax_fn.dequantize_base(base)
+        return lora_apply(base, lt, ids)
+
     tx = lorax_fn.optimizer(optax.adam(1e-4), lt)
 
     def step(lt, opt_state, ids, base):
@@ -59,6 +67,11 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         updates, opt_state = tx.update(grads, opt_state, lt)
         return optax.apply_updates(lt, updates), opt_state, loss
 
+    # What autodiff keeps for the backward pass (jaxpr level, before XLA): the leaves of
+    # the VJP closure of the loss w.r.t. the LoRA tree.
+    residuals = jax.eval_shape(
+        lambda lt: jax.vjp(lambda t: loss_fn(apply(base, t, ids), ids), lt)[1], lt
+    )
     run_args = (lt, tx.init(lt), ids, base)
     compiled = jax.jit(step).lower(*run_args).compile()
     memory = compiled.memory_analysis()
@@ -74,6 +87,11 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         "rank": args.rank,
         "base_mib": storage_bytes(base) / 2**20,
         "argument_mib": memory.argument_size_in_bytes / 2**20,
+        "residual_mib": storage_bytes(residuals) / 2**20,
+        "float_residual_mib": storage_bytes(
+            [x for x in jax.tree.leaves(residuals) if jnp.issubdtype(x.dtype, jnp.floating)]
+        )
+        / 2**20,
         "compiled_mib": (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**20,
         **result,
     }
@@ -113,6 +131,7 @@ def main() -> None:
                 ("base_mib", "base MiB", ".1f"),
                 ("base_mib_ratio", "× bf16", ".2f"),
                 ("argument_mib", "step args MiB", ".1f"),
+                ("residual_mib", "VJP residuals MiB", ".1f"),
                 ("temp_mib", "XLA temp MiB", ".1f"),
                 ("compiled_mib", "args + temp MiB", ".1f"),
                 ("compiled_mib_ratio", "× bf16", ".2f"),
