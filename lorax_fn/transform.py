@@ -34,7 +34,7 @@ from lorax_fn.factors import LoraFactors
 from lorax_fn.lazy import LazyWeight
 from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import path_str
-from lorax_fn.quantize import QuantizedArray, dequantize_base
+from lorax_fn.quantize import QuantizedArray
 from lorax_fn.signature import Trace, aval_key, describe, split_static
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
@@ -580,7 +580,7 @@ def lora(
         if not factorized:
             if lora_key is not None:
                 raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
-            return fn(merge(dequantize_base(base), lora_tree), *args, **kwargs)
+            return fn(merge(base, lora_tree), *args, **kwargs)
         flat, params_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=_quantized)
         paths = tuple(path_str(k) for k, _ in flat)
         check_fits(jax.tree_util.tree_unflatten(params_def, [_aval(x) for _, x in flat]), lora_tree)
