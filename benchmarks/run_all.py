@@ -31,7 +31,14 @@ from common import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SCRIPTS = ("train_step.py", "latency.py", "adapter_size.py", "multi_adapter.py", "decode.py")
+SCRIPTS = (
+    "train_step.py",
+    "latency.py",
+    "adapter_size.py",
+    "multi_adapter.py",
+    "decode.py",
+    "qlora.py",
+)
 # Columns that identify a row rather than measure it; kept first in each table.
 _KEY_COLUMNS = ("config", "method", "benchmark")
 
