@@ -23,28 +23,29 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lorax_fn.checkpoint_errors import one_clear_error, read_error
+from lorax_fn.checkpoint_extra import (
+    abstract_extra,
+    apply_extra,
+    encode_extra,
+    requested_extra,
+    select_extra,
+    warn_unsaved,
+)
 from lorax_fn.checkpoint_format import (
     EXTRA_ITEM,
     LORA_ITEM,
     META_ITEM,
     CheckpointDamaged,
     Shardings,
-    abstract_extra,
     abstract_lora,
-    apply_extra,
     check_against_base,
     check_entries,
     checkpoint_path,
     decode,
     encode,
-    encode_extra,
     leaf_specs,
-    one_clear_error,
-    read_error,
-    requested_extra,
     seal,
-    select_extra,
-    warn_unsaved,
 )
 from lorax_fn.checkpoint_manager import LoraCheckpointManager, TrainState
 from lorax_fn.errors import LoraError

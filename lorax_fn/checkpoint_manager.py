@@ -22,6 +22,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lorax_fn.checkpoint_errors import one_clear_error, read_error
+from lorax_fn.checkpoint_extra import (
+    abstract_extra,
+    apply_extra,
+    encode_extra,
+    requested_extra,
+    select_extra,
+    warn_unsaved,
+)
 from lorax_fn.checkpoint_format import (
     EXTRA_ITEM,
     LORA_ITEM,
@@ -29,9 +38,7 @@ from lorax_fn.checkpoint_format import (
     OPT_ITEM,
     CheckpointDamaged,
     Shardings,
-    abstract_extra,
     abstract_lora,
-    apply_extra,
     array_info,
     check_against_base,
     check_entries,
@@ -40,15 +47,9 @@ from lorax_fn.checkpoint_format import (
     decode,
     default_sharding,
     encode,
-    encode_extra,
     leaf_specs,
-    one_clear_error,
-    read_error,
-    requested_extra,
     seal,
-    select_extra,
     verify_array,
-    warn_unsaved,
 )
 from lorax_fn.errors import LoraError
 from lorax_fn.spec import LoraSpec
