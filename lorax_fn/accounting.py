@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from lorax_fn.factors import LoraFactors
-from lorax_fn.paths import leaves_with_paths
+from lorax_fn.quantize import QuantizedArray, weight_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,19 @@ class ParamCount:
 
 
 def _size(x: Any) -> tuple[int, int]:
+    """Parameters and bytes held; a quantized weight counts its original parameters and
+    its stored bytes."""
     n = math.prod(np.shape(x))
+    if isinstance(x, QuantizedArray):
+        return n, x.nbytes
     return n, n * np.dtype(getattr(x, "dtype", np.float32)).itemsize
 
 
 def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
     """Count trainable vs total parameters (and bytes) of a base and its LoRA tree.
+
+    A quantized base weight (:func:`lorax_fn.quantize_base`) counts its original
+    parameters and the bytes it is stored in.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -53,11 +60,8 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
         >>> count_params(base, lora).trainable  # r·(fan_in + fan_out)
         384
     """
-    base_n, base_b = (
-        map(sum, zip(*(_size(x) for x in jax.tree_util.tree_leaves(base)), strict=True))
-        if jax.tree_util.tree_leaves(base)
-        else (0, 0)
-    )
+    sizes = [_size(x) for _, x in weight_leaves(base)]
+    base_n, base_b = (sum(n for n, _ in sizes), sum(b for _, b in sizes))
     train_n = train_b = factor_n = factor_b = 0
     for entry in lora.values():
         for x in jax.tree_util.tree_leaves(entry):
@@ -79,7 +83,7 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
         >>> print(summary(base, lora).splitlines()[-1])
         trainable params: 384 || all params: 2,432 || trainable%: 15.7895
     """
-    shapes = {p: tuple(np.shape(x)) for p, x in leaves_with_paths(base)}
+    shapes = {p: tuple(np.shape(x)) for p, x in weight_leaves(base)}
     rows = [("path", "weight", "kind", "rank", "scale", "A", "B", "params")]
     for path, entry in lora.items():
         if isinstance(entry, LoraFactors):

@@ -493,3 +493,14 @@ def test_quantize_base_keeps_a_sharded_weight_sharded():
         else:
             np.testing.assert_array_equal(q.codes, want.codes)
             np.testing.assert_array_equal(q.dequantize(), want.dequantize())
+
+
+def test_count_params_counts_a_quantized_weight_by_its_original_parameters():
+    params = {"w": jnp.ones((64, 128)), "v": jnp.ones((128, 64))}
+    base, lt = lorax_fn.split(params, lorax_fn.LoraSpec("w", rank=4), key=jax.random.key(0))
+    qbase = lorax_fn.quantize_base(base, lt)
+    plain, quantized = lorax_fn.count_params(base, lt), lorax_fn.count_params(qbase, lt)
+    assert (quantized.trainable, quantized.total) == (plain.trainable, plain.total)
+    w_bytes = 64 * 128 * 4
+    assert quantized.total_bytes == plain.total_bytes - w_bytes + qbase["w"].nbytes
+    assert "(64, 128)" in lorax_fn.summary(qbase, lt)
