@@ -3,9 +3,10 @@
 Shapes alone cannot tell a ``DenseGeneral`` query kernel ``(d, heads, head_dim)``
 from a scan-stacked Dense kernel ``(layers, in, out)`` or a 1-D conv kernel
 ``(width, in, out)``. How the function *uses* the weight can: the axes a
-``dot_general`` contracts are the fan-in, its batch axes and the axes a ``scan``
-slices are stacked, a ``conv`` kernel's output-feature axis is the fan-out, and the
-axis an embedding ``gather`` indexes plays the fan-in role.
+``dot_general`` contracts are the fan-in, its batch axes, the axes a ``scan``
+slices and the expert axis of a ``ragged_dot`` weight are stacked, a ``conv``
+kernel's output-feature axis is the fan-out, and the axis an embedding ``gather``
+indexes plays the fan-in role.
 """
 
 from __future__ import annotations
@@ -108,6 +109,16 @@ def _dot_general(w, eqn, ins):
             w.record(track, track.layout(c, b))
 
 
+def _ragged_dot(w, eqn, ins):
+    # Only the right-hand side with group axes is a weight of experts: its group axes
+    # are stacked (one adapter per expert), like the batch axes of a dot_general.
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = dn.dot_dimension_numbers
+    t = ins[1]
+    if t is not None and dn.rhs_group_dimensions:
+        w.record(t, t.layout(rc, (*rb, *dn.rhs_group_dimensions)))
+
+
 def _conv(w, eqn, ins):
     k = ins[1]
     if k is not None:
@@ -175,6 +186,7 @@ _RULES: dict[str, Callable] = dispatch(
         "dot_general": _dot_general,
         "conv_general_dilated": _conv,
         "gather": _gather,
+        "ragged_dot_general": _ragged_dot,
         "call": _call,
         "custom": _call,
         "scan": _scan,
@@ -190,7 +202,8 @@ def infer_layouts(
     """Trace ``fn(params, *args, **kwargs)`` and read each weight's Layout off its use.
 
     Returns ``{path: Layout}`` for every leaf of ``params`` (of rank ≥ 2) consumed by a
-    ``dot_general``, ``conv_general_dilated`` or embedding ``gather``, following it
+    ``dot_general``, ``conv_general_dilated``, embedding ``gather`` or as the experts
+    ``(E, in, out)`` of ``lax.ragged_dot`` (the expert axis is stacked), following it
     through the primitives :func:`lorax_fn.lora` keeps it factorized through
     (:mod:`lorax_fn.primitives`: transposes, casts, ``optimization_barrier``,
     reshapes, slices, ``jit``, ``remat``, ``scan`` (the scanned axis is stacked),

@@ -11,7 +11,8 @@ Kinds:
 
 - ``"same"``: the weight passes with its axes unchanged (casts, copies, barriers).
 - ``"layout"``: transposes, grouping reshapes, unit broadcasts and slices of it.
-- ``"consumer"``: the products computed factorized, ``x·W0 + scale·(x·A)·B``.
+- ``"consumer"``: the products computed factorized, ``x·W0 + scale·(x·A)·B``
+  (``ragged_dot_general`` is ``lax.ragged_dot``: grouped, mixture-of-experts products).
 - ``"call"``: a sub-jaxpr called once with the same operands (``jit``, ``remat``).
 - ``"scan"``, ``"cond"``, ``"while"``: control flow, evaluated recursively.
 - ``"custom"``: a function with a custom JVP/VJP rule. The rule is defined on the
@@ -40,6 +41,7 @@ PRIMITIVES: dict[str, Kind] = {
     "dot_general": "consumer",
     "conv_general_dilated": "consumer",
     "gather": "consumer",
+    "ragged_dot_general": "consumer",
     "jit": "call",
     "pjit": "call",
     "closed_call": "call",

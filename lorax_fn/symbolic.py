@@ -248,6 +248,58 @@ def _matrix_path(x, w, xc, wc, first, second, weight_is_lhs, precision) -> jax.A
     return y
 
 
+def ragged_factorizable(w: SymbolicWeight, dn: lax.RaggedDotDimensionNumbers) -> bool:
+    """Is this ``ragged_dot_general`` an expert weight on the right, one adapter per expert?
+
+    The weight's group and batch axes must be stacked (``"b"``), its contracted axes
+    fan-in and its free axes fan-out; the input must be ragged along a free axis, so
+    that the rows of expert ``e`` meet ``W0[e]``, ``A[e]`` and ``B[e]`` alike.
+    """
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    groups = tuple(dn.rhs_group_dimensions)
+    if not groups or any(d in lc or d in lb for d in dn.lhs_ragged_dimensions):
+        return False
+    stacked = set(rb) | set(groups)
+    return all(
+        role == ("b" if k in stacked else "i" if k in rc else "o") for k, role in enumerate(w.kinds)
+    )
+
+
+def ragged_dot(
+    x: jax.Array,
+    w: SymbolicWeight,
+    group_sizes: jax.Array,
+    dn: lax.RaggedDotDimensionNumbers,
+    precision: Any,
+    base_out: jax.Array,
+    key: jax.Array | None,
+) -> jax.Array:
+    """``ragged_dot(x, W0) + scale·ragged_dot(ragged_dot(x, A), B)``, the same groups each time.
+
+    Rows past ``sum(group_sizes)`` belong to no expert: every product leaves them zero.
+    """
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    a_axes, b_axes = w.axes_of("a"), w.axes_of("b")
+    groups = dn.rhs_group_dimensions
+    first = lax.RaggedDotDimensionNumbers(
+        ((lc, [a_axes.index(k) for k in rc]), (lb, [a_axes.index(k) for k in rb])),
+        dn.lhs_ragged_dimensions,
+        [a_axes.index(k) for k in groups],
+    )
+    x_low = _dropped(x, w, key).astype(w.a.dtype)
+    t = lax.ragged_dot_general(x_low, w.a, group_sizes, first, precision=precision)
+    # t is (batch, x's free axes, r): the ragged axis moves to its place among them.
+    x_free = [k for k in range(x.ndim) if k not in lc and k not in lb]
+    ragged = [len(lb) + x_free.index(k) for k in dn.lhs_ragged_dimensions]
+    second = lax.RaggedDotDimensionNumbers(
+        (([t.ndim - 1], [w.b.ndim - 1]), (list(range(len(lb))), [b_axes.index(k) for k in rb])),
+        ragged,
+        [b_axes.index(k) for k in groups],
+    )
+    y = lax.ragged_dot_general(t, w.b, group_sizes, second, precision=precision)
+    return _add_low_rank(base_out, y, w.scale)
+
+
 def conv(
     x: jax.Array, w: SymbolicWeight, params: dict, base_out: jax.Array, key: jax.Array | None
 ) -> jax.Array | None:

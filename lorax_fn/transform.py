@@ -4,11 +4,11 @@
 then evaluated with every adapted weight held as ``W0 + scale·A·B``
 (:class:`~lorax_fn.symbolic.SymbolicWeight`). Layout operations on a weight stay
 symbolic, supported consumers (``dot_general``, ``conv_general_dilated``,
-embedding ``gather``) compute ``x·W0 + scale·(x·A)·B``, ``jit``, ``remat``,
-``scan``, ``cond`` and ``while`` are evaluated recursively (the table is
-:mod:`lorax_fn.primitives`, shared with layout inference), and anything else —
-custom-derivative functions included, whose rule needs the full weight —
-materializes that one weight and reports it. A quantized weight
+embedding ``gather``, ``lax.ragged_dot`` over experts) compute
+``x·W0 + scale·(x·A)·B``, ``jit``, ``remat``, ``scan``, ``cond`` and ``while`` are
+evaluated recursively (the table is :mod:`lorax_fn.primitives`, shared with layout
+inference), and anything else — custom-derivative functions included, whose rule
+needs the full weight — materializes that one weight and reports it. A quantized weight
 (:class:`~lorax_fn.lazy.LazyWeight`) is dequantized inside the operation reading it.
 The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and ``pmap`` compose
 with it, and the gradient never holds a full-size weight where the weight stays
@@ -259,6 +259,17 @@ def _dot_general(eqn, invals, ctx):
     )
 
 
+def _ragged_dot(eqn, invals, ctx):
+    x, w, *rest = invals
+    if isinstance(x, SymbolicWeight) or any(isinstance(v, _HELD) for v in rest):
+        return None
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    if eqn.params.get("group_offset") is not None or not symbolic.ragged_factorizable(w, dn):
+        return None
+    base_out = _bind_frozen(eqn, [x, w.w0, *rest])
+    return symbolic.ragged_dot(x, w, rest[0], dn, eqn.params["precision"], base_out, ctx.next_key())
+
+
 def _conv(eqn, invals, ctx):
     x, w = invals
     if isinstance(x, SymbolicWeight) or not isinstance(w, SymbolicWeight):
@@ -412,6 +423,7 @@ _RULES: dict[str, Callable] = primitives.dispatch(
         "dot_general": _dot_general,
         "conv_general_dilated": _conv,
         "gather": _gather,
+        "ragged_dot_general": _ragged_dot,
         "call": _inline,
         "remat2": _remat,
         "checkpoint": _remat,
@@ -456,7 +468,9 @@ def lora(
     adapted weight's products as ``x·W0 + scale·(x·A)·B``: neither the forward nor the
     backward pass forms ``W0 + scale·A·B`` or a full-size weight gradient when the weight
     is consumed by ``dot_general`` (any dimension numbers, either side, batched),
-    ``conv_general_dilated`` (ungrouped) or an embedding ``gather``. Transposes, dtype
+    ``conv_general_dilated`` (ungrouped), an embedding ``gather`` or ``lax.ragged_dot``
+    (mixture-of-experts weights ``(E, in, out)``, one adapter per expert: the same
+    group sizes route ``x``, ``x·A`` and the result). Transposes, dtype
     casts, copies, ``optimization_barrier``, grouping reshapes, unit broadcasts and
     slices of a weight stay factorized, as do weights passed through ``jit``, ``scan``
     (stacked layers), ``remat``, ``cond`` and ``while`` (:mod:`lorax_fn.primitives`).
