@@ -38,6 +38,7 @@ SCRIPTS = (
     "multi_adapter.py",
     "decode.py",
     "qlora.py",
+    "qlora_train.py",
 )
 # Columns that identify a row rather than measure it; kept first in each table.
 _KEY_COLUMNS = ("config", "method", "benchmark")
