@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,6 +62,33 @@ def compile_and_time(
         "temp_mib": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def decoder_step_args(description: str, configs: Sequence[str]) -> argparse.Namespace:
+    """The options of the GPT-2-small-shaped train-step benchmarks (one ``--config`` per
+    process, the rest passed through by :func:`run_configs`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", choices=configs)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def run_configs(script: str, configs: Sequence[str], args: argparse.Namespace) -> list[dict]:
+    """:func:`run_isolated` with the parsed options forwarded to every configuration."""
+    passthrough = [
+        f"--{name}={value}"
+        for name, value in vars(args).items()
+        if name not in ("config", "json") and value is not None
+    ]
+    return run_isolated(script, configs, passthrough)
 
 
 def run_isolated(script: str, configs: Sequence[str], extra: Sequence[str] = ()) -> list[dict]:

@@ -22,7 +22,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import compile_and_time, machine, run_isolated, table
+from common import compile_and_time, decoder_step_args, machine, run_configs, table
 from models import ATTENTION_AND_MLP, Decoder, DecoderConfig
 
 import lorax_fn
@@ -84,27 +84,11 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=CONFIGS)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = decoder_step_args(__doc__.splitlines()[0], CONFIGS)
     if args.config:
         print(json.dumps(measure(args.config, args)))
         return
-    passthrough = [
-        f"--{name}={value}"
-        for name, value in vars(args).items()
-        if name not in ("config", "json") and value is not None
-    ]
-    rows = run_isolated(__file__, CONFIGS, passthrough)
+    rows = run_configs(__file__, CONFIGS, args)
     full = rows[0]["step_ms"]
     merged = rows[1]["step_ms"]
     for row in rows:
