@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lorax_fn
 
 
 def machine() -> dict[str, Any]:
@@ -133,3 +137,21 @@ def timings(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, l
             jax.block_until_ready(call())
             times[name].append(1e3 * (time.perf_counter() - start))
     return times
+
+
+def random_adapters(template: dict[str, Any], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` LoRA trees shaped like ``template`` with random A and B (a fresh split has
+    B = 0, which would make every adapter the same)."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            path: lorax_fn.LoraFactors(
+                jnp.asarray(rng.normal(0, 0.05, f.a.shape), jnp.float32),
+                jnp.asarray(rng.normal(0, 0.05, f.b.shape), jnp.float32),
+                f.scale,
+                f.layout,
+            )
+            for path, f in template.items()
+        }
+        for _ in range(n)
+    ]

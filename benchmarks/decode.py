@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, table, timings  # noqa: E402
+from common import machine, random_adapters, table, timings  # noqa: E402
 
 import lorax_fn  # noqa: E402
 from examples import serve  # noqa: E402
@@ -125,19 +125,7 @@ def main() -> None:
     variables = serve.init_params(config, 0)
     spec = lorax_fn.LoraSpec(targets, rank=args.rank)
     base, template = lorax_fn.split(variables, spec, key=jax.random.key(0))
-    rng = np.random.default_rng(0)
-    trees = [
-        {
-            path: lorax_fn.LoraFactors(
-                jnp.asarray(rng.normal(0, 0.05, f.a.shape), jnp.float32),
-                jnp.asarray(rng.normal(0, 0.05, f.b.shape), jnp.float32),
-                f.scale,
-                f.layout,
-            )
-            for path, f in template.items()
-        }
-        for _ in range(max(args.adapters) + 1)
-    ]
+    trees = random_adapters(template, max(args.adapters) + 1)
     spare = trees.pop()
     merged = lorax_fn.merge(base, trees[0])
     stacks = {n: lorax_fn.stack_adapters(trees[:n]) for n in args.adapters}

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import timings
+from common import random_adapters, timings
 from flax import linen as nn
 
 import lorax_fn
@@ -85,20 +85,7 @@ def make_adapters(variables, n: int, rank: int) -> tuple[dict, list[dict]]:
     """n adapters with random A and B (B = 0 would make every adapter the same)."""
     spec = lorax_fn.LoraSpec(TARGETS, rank=rank, alpha=2.0 * rank)
     base, template = lorax_fn.split(variables, spec, key=jax.random.key(0))
-    rng = np.random.default_rng(0)
-    trees = []
-    for _ in range(n):
-        trees.append(
-            {
-                path: lorax_fn.LoraFactors(
-                    jnp.asarray(rng.normal(0, 0.05, f.a.shape), jnp.float32),
-                    jnp.asarray(rng.normal(0, 0.05, f.b.shape), jnp.float32),
-                    f.scale,
-                    f.layout,
-                )
-                for path, f in template.items()
-            }
-        )
+    trees = random_adapters(template, n)
     return base, trees
 
 
