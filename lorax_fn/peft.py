@@ -56,7 +56,13 @@ _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
     ".lora_embedding_B": ("b", True),
 }
 # The PyTorch parameter a Flax leaf of a fully trained module corresponds to.
-_TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_TORCH_PARAM = {
+    "kernel": "weight",
+    "embedding": "weight",
+    "scale": "weight",
+    "weight": "weight",  # Hugging Face Flax ports name norm scales as PyTorch does
+    "bias": "bias",
+}
 _INITS = {"gaussian": "gaussian", "kaiming_uniform": True}
 
 NameMap: TypeAlias = (
@@ -369,7 +375,7 @@ def _export_full(
     if leaf not in _TORCH_PARAM or x.ndim != (2 if leaf in ("kernel", "embedding") else 1):
         raise LoraError(
             f"{path}: cannot export a fully trained {leaf!r} leaf of shape "
-            f"{x.shape} to PEFT (supported: 2-D kernel/embedding, 1-D bias/scale)"
+            f"{x.shape} to PEFT (supported: 2-D kernel/embedding, 1-D bias/scale/weight)"
         )
     key = f"{_PREFIX}{module}.{_TORCH_PARAM[leaf]}"
     if key in tensors:

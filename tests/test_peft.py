@@ -588,3 +588,16 @@ def test_fan_in_fan_out_adapter_loads_into_conv1d_modules(tmp_path):
     assert np.abs(want - forward(base, x)).max() > 0.1
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert_same_tree(import_peft(tmp_path, base), lt)
+
+
+def test_a_trained_norm_weight_exports_as_modules_to_save(tmp_path):
+    # Hugging Face's Flax ports name an RMSNorm's scale `weight`, as PyTorch does.
+    params = {"q": jnp.ones((8, 8)), "norm": {"weight": jnp.arange(8.0)}}
+    spec = lorax_fn.LoraSpec("q", rank=2, trainable=["norm/weight"])
+    base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+    lt = {**lt, "norm/weight": lt["norm/weight"] + 1.0}
+    rules = {"q": "q", "norm/weight": "norm"}
+    export_peft(tmp_path, lt, spec, name_map=rules)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    np.testing.assert_array_equal(tensors["base_model.model.norm.weight"], np.arange(8.0) + 1.0)
+    assert_same_tree(import_peft(tmp_path, base, name_map=rules), lt)
