@@ -39,6 +39,7 @@ SCRIPTS = (
     "decode.py",
     "qlora.py",
     "qlora_train.py",
+    "moe.py",
 )
 # Columns that identify a row rather than measure it; kept first in each table.
 _KEY_COLUMNS = ("config", "method", "benchmark")
