@@ -26,7 +26,12 @@ import optax
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
-from lorax_fn.paths import PathFilter, compile_filter, filter_name, nearest_paths, path_str
+from lorax_fn.paths import (
+    PathFilter,
+    compile_filter,
+    path_str,
+    unmatched_filter,
+)
 
 LORA_A, LORA_B, TRAINABLE, FROZEN = "lora_a", "lora_b", "trainable", "frozen"
 
@@ -100,10 +105,7 @@ def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> An
             labels.append(TRAINABLE)
     for f, n in zip(filters, hits, strict=True):
         if strict and not n:
-            near = "\n  ".join(nearest_paths(f, [path_str(k) for k, _ in flat]))
-            raise LoraError(
-                f"frozen filter {filter_name(f)!r} matches no leaf. Nearest paths:\n  {near}"
-            )
+            raise unmatched_filter(f, [path_str(k) for k, _ in flat], "frozen filter")
     return jax.tree_util.tree_unflatten(treedef, labels)
 
 

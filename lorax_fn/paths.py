@@ -179,3 +179,22 @@ def nearest_paths(pattern: PathFilter, paths: Iterable[str], n: int = 5) -> list
         ),
     )
     return scored[:n]
+
+
+def unmatched_filter(
+    pattern: PathFilter, paths: Iterable[str], what: str, noun: str = "leaf", listing: str = ""
+) -> LoraError:
+    """The error for a filter that matches nothing: it names the filter and the nearest
+    existing paths (and, with ``listing``, how to list them all).
+
+    Example:
+        >>> print(unmatched_filter("**/qurey", ["a/query", "a/bias"], "target filter"))
+        target filter '**/qurey' matches no leaf. Nearest paths:
+          a/query
+          a/bias
+    """
+    near = "\n  ".join(nearest_paths(pattern, paths))
+    hint = f"\n(lorax_fn.describe({listing}) lists them all)" if listing else ""
+    return LoraError(
+        f"{what} {filter_name(pattern)!r} matches no {noun}. Nearest paths:\n  {near}{hint}"
+    )

@@ -49,7 +49,12 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from lorax_fn import nf4
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
-from lorax_fn.paths import PathFilter, compile_filter, filter_name, nearest_paths, path_str
+from lorax_fn.paths import (
+    PathFilter,
+    compile_filter,
+    path_str,
+    unmatched_filter,
+)
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import default_layout
 
@@ -437,11 +442,7 @@ def _select(pairs: list[tuple[str, Any]], targets: Any, exclude: Any) -> set[str
             match = compile_filter(f)
             hit = {p for p, leaf in pairs if match(p, leaf)}
             if not hit:
-                near = "\n  ".join(nearest_paths(f, all_paths))
-                raise LoraError(
-                    f"quantize target {filter_name(f)!r} matches no leaf. Nearest paths:\n  "
-                    f"{near}\n(lorax_fn.describe(base) lists them all)"
-                )
+                raise unmatched_filter(f, all_paths, "quantize target", listing="base")
             selected |= hit
         if not selected:
             raise LoraError("quantize_base: no targets given")

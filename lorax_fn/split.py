@@ -13,7 +13,12 @@ import numpy as np
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
-from lorax_fn.paths import compile_filter, filter_name, leaves_with_paths, nearest_paths
+from lorax_fn.paths import (
+    compile_filter,
+    filter_name,
+    leaves_with_paths,
+    unmatched_filter,
+)
 from lorax_fn.spec import LoraSpec
 
 LoraTree = dict[str, Any]
@@ -60,11 +65,7 @@ def _matches(filters, paths_leaves, what: str) -> dict[str, set[str]]:
         predicate = compile_filter(f)
         hit = {p for p, leaf in paths_leaves if predicate(p, leaf)}
         if not hit:
-            near = "\n  ".join(nearest_paths(f, all_paths))
-            raise LoraError(
-                f"{what} filter {filter_name(f)!r} matches no parameter. Nearest paths:\n  {near}"
-                "\n(lorax_fn.describe(params) lists them all)"
-            )
+            raise unmatched_filter(f, all_paths, f"{what} filter", "parameter", "params")
         out[filter_name(f)] = hit
     return out
 
