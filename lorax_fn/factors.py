@@ -84,6 +84,10 @@ class Layout:
 class LoraFactors:
     """The trainable A and B of one adapted weight; ``scale`` and ``layout`` are static.
 
+    ``magnitude`` is DoRA's trainable magnitude vector (``LoraSpec(use_dora=True)``):
+    one entry per (batch, out) index of the weight, shape B's without the rank axis;
+    ``None`` for plain LoRA. See :mod:`lorax_fn.dora`.
+
     Example:
         >>> import jax.numpy as jnp
         >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 0.5, Layout((0,), (1,)))
@@ -96,12 +100,28 @@ class LoraFactors:
     scale: float = dataclasses.field(metadata={"static": True})
     layout: Layout = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
+    magnitude: jax.Array | None = None
 
     def __repr__(self) -> str:
+        extra = f", dropout={self.dropout:g}" if self.dropout else ""
+        if self.magnitude is not None:
+            extra += f", magnitude={_brief(self.magnitude)}"
         return (
             f"LoraFactors(a={_brief(self.a)}, b={_brief(self.b)}, scale={self.scale:g}, "
-            f"layout={self.layout}" + (f", dropout={self.dropout:g})" if self.dropout else ")")
+            f"layout={self.layout}{extra})"
         )
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether this is a DoRA adapter (it carries a magnitude vector)."""
+        return self.magnitude is not None
+
+    @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape DoRA's magnitude has for these factors: ``(*batch, *out)``."""
+        nb = len(self.layout.batch_axes)
+        shape = tuple(np.shape(self.b))
+        return shape[:nb] + shape[nb + 1 :]
 
     @property
     def rank(self) -> int:

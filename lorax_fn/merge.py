@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn.dora import column_norms, dora_weight, to_weight_axes
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
 from lorax_fn.quantize import QuantizedArray, weight_leaves
@@ -50,6 +51,11 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
                 )
             if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
                 raise LoraError(f"{path}: base leaf has non-floating dtype {dtype}")
+            if entry.is_dora and np.shape(entry.magnitude) != entry.magnitude_shape:
+                raise LoraError(
+                    f"{path}: DoRA magnitude has shape {np.shape(entry.magnitude)}, the factors "
+                    f"need {entry.magnitude_shape} (one entry per batch and fan-out index)"
+                )
         elif np.shape(entry) != shape or getattr(entry, "dtype", None) != dtype:
             raise LoraError(
                 f"{path}: trainable leaf {np.shape(entry)} {getattr(entry, 'dtype', None)} does "
@@ -57,7 +63,20 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
             )
 
 
-def _apply(weights: dict[str, Any], lora: dict[str, Any], sign: float, dtype: Any) -> dict:
+def _unfold(w: jax.Array, factors: LoraFactors, norms: jax.Array | None) -> jax.Array:
+    w = w.astype(jnp.float32)
+    if factors.is_dora:
+        # W = V·m/‖V‖ ⇒ V = W·‖V‖/m. A zero column of V stays zero; with m = 0 the column
+        # is lost (0·∞ = NaN, which safe=True reports).
+        m = factors.magnitude.astype(jnp.float32)
+        ratio = jnp.where(norms > 0, norms.astype(jnp.float32) / m, 0.0)
+        w = w * to_weight_axes(ratio, factors.layout)
+    return w - delta(factors)
+
+
+def _apply(
+    weights: dict[str, Any], lora: dict[str, Any], sign: float, dtype: Any, norms: dict
+) -> dict:
     out = {}
     for path, w in weights.items():
         entry = lora.get(path)
@@ -67,7 +86,8 @@ def _apply(weights: dict[str, Any], lora: dict[str, Any], sign: float, dtype: An
         else:
             out_dtype = w.dtype
         if isinstance(entry, LoraFactors):
-            out[path] = (w.astype(jnp.float32) + sign * delta(entry)).astype(out_dtype)
+            folded = dora_weight(w, entry) if sign > 0 else _unfold(w, entry, norms.get(path))
+            out[path] = folded.astype(out_dtype)
         elif entry is not None and sign > 0:
             out[path] = entry
         else:
@@ -76,16 +96,17 @@ def _apply(weights: dict[str, Any], lora: dict[str, Any], sign: float, dtype: An
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _fold(weights: dict, lora: dict, sign: float, dtype: Any) -> dict:
-    return _apply(weights, lora, sign, dtype)
+def _fold(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict) -> dict:
+    return _apply(weights, lora, sign, dtype, norms)
 
 
 _fold_donated = jax.jit(_apply, static_argnums=(2, 3), donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _finite(weights: dict, lora: dict, sign: float, dtype: Any) -> dict:
-    return {p: jnp.all(jnp.isfinite(w)) for p, w in _apply(weights, lora, sign, dtype).items()}
+def _finite(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict) -> dict:
+    folded = _apply(weights, lora, sign, dtype, norms)
+    return {p: jnp.all(jnp.isfinite(w)) for p, w in folded.items()}
 
 
 def _fold_tree(
@@ -96,6 +117,7 @@ def _fold_tree(
     safe: bool,
     what: str,
     dtype: Any = None,
+    norms: dict[str, jax.Array] | None = None,
 ) -> Any:
     check_fits(params, lora)
     flat, treedef = jax.tree_util.tree_flatten(
@@ -110,6 +132,7 @@ def _fold_tree(
             "quantized frozen base itself, with no adapter folded in to take out; keep "
             "the quantized base and the LoRA tree, or merge(base, lora) for a float model"
         )
+    norms = _check_norms(lora, norms) if sign < 0 else {}
     weights = {
         p: leaf
         for p, leaf in zip(paths, flat, strict=True)
@@ -117,12 +140,12 @@ def _fold_tree(
     }
     if safe:
         # Checked before folding so that a donated input is never lost to a bad result.
-        bad = [p for p, ok in _finite(weights, lora, sign, dtype).items() if not bool(ok)]
+        bad = [p for p, ok in _finite(weights, lora, sign, dtype, norms).items() if not bool(ok)]
         if bad:
             raise LoraError(f"{what} would produce NaN/Inf at {sorted(bad)}; nothing was changed")
     # A quantized weight's stored arrays cannot hold its float result: never donated.
     fold = _fold_donated if donate and not quantized else _fold
-    folded = fold(weights, lora, sign, dtype)
+    folded = fold(weights, lora, sign, dtype, norms)
     leaves = [folded.get(p, leaf) for p, leaf in zip(paths, flat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -136,6 +159,9 @@ def merge(
     dtype: Any = None,
 ) -> Any:
     """Params with the structure of ``base`` and ``W0 + scale·A·B`` in every adapted leaf.
+
+    A DoRA leaf becomes ``m·V/‖V‖_c`` with ``V = W0 + scale·A·B`` (:mod:`lorax_fn.dora`;
+    the norm is a constant in the gradient, as in PEFT).
 
     Fully trainable leaves are replaced by their trained values. The update is
     accumulated in float32 and cast back to each weight's dtype. ``donate=True`` lets
@@ -165,14 +191,79 @@ def merge(
     )
 
 
-def unmerge(merged: Any, lora: dict[str, Any], *, donate: bool = False, safe: bool = False) -> Any:
+def _check_norms(lora: dict[str, Any], norms: dict[str, jax.Array] | None) -> dict:
+    dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
+    norms = dict(norms or {})
+    if missing := sorted(set(dora) - set(norms)):
+        raise LoraError(
+            f"unmerge of DoRA weights {missing} needs their column norms: a merged DoRA weight "
+            "m·V/‖V‖ does not determine the base. Keep norms = lorax_fn.dora_norms(base, lora) "
+            "from before merging and call unmerge(merged, lora, norms=norms)"
+        )
+    if extra := sorted(set(norms) - set(dora)):
+        raise LoraError(f"unmerge: norms given for paths that are not DoRA entries: {extra}")
+    for p, f in dora.items():
+        if np.shape(norms[p]) != f.magnitude_shape:
+            raise LoraError(
+                f"{p}: norms have shape {np.shape(norms[p])}, "
+                f"the DoRA magnitude {f.magnitude_shape}"
+            )
+    return norms
+
+
+def dora_norms(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
+    """``{path: ‖W0 + scale·A·B‖_c}`` for every DoRA entry: what an exact unmerge needs.
+
+    A merged DoRA weight ``m·V/‖V‖_c`` does not determine ``W0`` (any column length
+    of ``V`` gives the same weight), so keep these small vectors (one per output column)
+    when you merge and pass them to ``unmerge(merged, lora, norms=...)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, split
+        >>> w = jax.random.normal(jax.random.key(0), (8, 4))
+        >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
+        >>> norms = dora_norms(base, lt)
+        >>> back = unmerge(merge(base, lt), lt, norms=norms)
+        >>> bool(jnp.allclose(back["w"], base["w"], atol=1e-5))
+        True
+    """
+    check_fits(base, lora)
+    dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
+    if not dora:
+        raise LoraError("dora_norms: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
+    weights = {
+        p: w.dequantize(jnp.float32) if isinstance(w, QuantizedArray) else w
+        for p, w in weight_leaves(base)
+        if p in dora
+    }
+    return _norms(weights, dora)
+
+
+@jax.jit
+def _norms(weights: dict[str, Any], lora: dict[str, LoraFactors]) -> dict[str, jax.Array]:
+    return {
+        p: column_norms(w.astype(jnp.float32) + delta(lora[p]), lora[p].layout)
+        for p, w in weights.items()
+    }
+
+
+def unmerge(
+    merged: Any,
+    lora: dict[str, Any],
+    *,
+    donate: bool = False,
+    safe: bool = False,
+    norms: dict[str, jax.Array] | None = None,
+) -> Any:
     """Subtract ``scale·A·B`` again: ``unmerge(merge(base, lora), lora) ≈ base``.
 
     Fully trainable leaves keep their trained values (their originals live in ``base``).
     The round trip is exact up to rounding: ≤ 1e-6 relative in float32; for bfloat16
     weights each of the two casts rounds, so expect ≈ 2⁻⁸ relative to ``|W0| + |ΔW|``.
     A tree holding quantized weights is refused (:class:`LoraError`): the quantized base
-    has no adapter folded in; ``merge`` of it gives the float model.
+    has no adapter folded in; ``merge`` of it gives the float model. DoRA weights need
+    ``norms=dora_norms(base, lora)``, kept from before merging (see :func:`dora_norms`).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -182,4 +273,4 @@ def unmerge(merged: Any, lora: dict[str, Any], *, donate: bool = False, safe: bo
         >>> bool(jnp.allclose(unmerge(merge(base, lora), lora)["w"], base["w"]))
         True
     """
-    return _fold_tree(merged, lora, -1.0, donate, safe, "unmerge")
+    return _fold_tree(merged, lora, -1.0, donate, safe, "unmerge", norms=norms)

@@ -68,6 +68,10 @@ class LoraSpec:
       layouts: ``{filter: Layout}``: which axes of a matched weight are fan-in, fan-out
         and stacked (batch), for weights whose shape alone does not say.
       dropout: LoRA dropout rate on the input of the low-rank path (training only).
+      use_dora: DoRA (PEFT's ``use_dora``): each adapted weight also gets a trainable
+        magnitude per output column, ``W = m·(W0 + scale·A·B)/‖W0 + scale·A·B‖_c``,
+        initialised to ``‖W0‖_c`` so the model starts equal to the base
+        (:mod:`lorax_fn.dora`).
 
     Example:
         >>> spec = LoraSpec(targets=["**/query/kernel", "**/value/kernel"], rank=8,
@@ -89,6 +93,7 @@ class LoraSpec:
     trainable: Filters = ()
     layouts: Mapping[PathFilter, Layout] | Sequence[tuple[PathFilter, Layout]] = ()
     dropout: float = 0.0
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -127,6 +132,8 @@ class LoraSpec:
             raise LoraError(f"factor_dtype must be a floating dtype, got {self.factor_dtype!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise LoraError(f"use_dora must be True or False, got {self.use_dora!r}")
 
     def rank_for(self, path: str, leaf: Any = None) -> int:
         """The rank of the weight at ``path`` (first matching ``rank_pattern``, else ``rank``)."""
@@ -186,11 +193,12 @@ class LoraSpec:
             "trainable": names(self.trainable),
             "layouts": pairs(self.layouts, Layout.to_json),
             "dropout": self.dropout,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LoraSpec:
-        """Inverse of :meth:`to_json`.
+        """Inverse of :meth:`to_json` (a spec saved before DoRA existed reads as plain LoRA).
 
         Example:
             >>> spec = LoraSpec(targets=["re:.*kernel"], rank=4, rank_pattern={"a/*": 2})

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn.dora import init_magnitude
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
 from lorax_fn.paths import (
@@ -187,7 +188,7 @@ def split(
         factors, base_leaf = _init_factors(
             path, leaf, layout, rank, spec.scale_for(path, leaf), spec, _path_key(key, path)
         )
-        lora[path] = factors
+        lora[path] = init_magnitude(base_leaf, factors) if spec.use_dora else factors
         new_leaves.append(base_leaf)
     # A fresh container even when no leaf changed: an nnx.State from nnx.split holds the
     # model's own Variables, so returning it would let nnx.update(model, ...) rewrite the

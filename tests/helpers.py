@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,7 +20,12 @@ def randomize_b(lora_tree: dict[str, Any], seed: int = 1, std: float = 0.1) -> d
         if isinstance(entry, LoraFactors):
             key = jax.random.fold_in(jax.random.key(seed), i)
             b = std * jax.random.normal(key, entry.b.shape, jnp.float32).astype(entry.b.dtype)
-            out[path] = LoraFactors(entry.a, b, entry.scale, entry.layout, entry.dropout)
+            magnitude = entry.magnitude
+            if magnitude is not None:
+                # DoRA: a magnitude away from its init (‖W0‖_c) exercises the m path too.
+                noise = jax.random.normal(jax.random.fold_in(key, 1), magnitude.shape)
+                magnitude = (magnitude * (1.0 + std * noise)).astype(magnitude.dtype)
+            out[path] = dataclasses.replace(entry, b=b, magnitude=magnitude)
         else:
             out[path] = entry
     return {p: out[p] for p in lora_tree}

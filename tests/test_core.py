@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -395,3 +396,100 @@ def test_merge_refuses_a_tree_that_does_not_fit_and_changes_nothing():
         lorax_fn.merge(base, broken)
     with pytest.raises(LoraError, match="must be a dict"):
         lorax_fn.merge(base, [f])
+
+
+# ------------------------------------------------------------------------ DoRA
+
+
+def _dora_reference(w0, a, b, scale, m, in_axes):
+    """DoRA by its definition, in NumPy-style jnp on the full weight (2-D or stacked)."""
+    v = w0.astype(jnp.float32) + scale * (a @ b)
+    norm = jnp.sqrt(jnp.sum(v * v, axis=in_axes, keepdims=True))
+    return v * m[..., None, :] / jax.lax.stop_gradient(norm)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_dora_merge_equals_the_definition_in_value_and_gradient(stacked):
+    shape = (3, 10, 6) if stacked else (10, 6)
+    w0 = jax.random.normal(KEY, shape)
+    layouts = {"w": Layout((1,), (2,), (0,))} if stacked else None
+    base, lt = lorax_fn.split(
+        {"w": w0}, LoraSpec("w", rank=2, alpha=4, use_dora=True), key=KEY, layouts=layouts
+    )
+    assert lt["w"].magnitude.shape == shape[:-2] + shape[-1:]
+    np.testing.assert_allclose(lorax_fn.merge(base, lt)["w"], w0, rtol=1e-5, atol=1e-6)
+    lt = randomize_b(lt, std=0.5)
+
+    def via_merge(f):
+        return jnp.sum(jnp.sin(lorax_fn.merge(base, {"w": f})["w"]))
+
+    def by_definition(f):
+        return jnp.sum(jnp.sin(_dora_reference(w0, f.a, f.b, f.scale, f.magnitude, -2)))
+
+    f = lt["w"]
+    np.testing.assert_allclose(via_merge(f), by_definition(f), rtol=1e-5)
+    got, want = jax.grad(via_merge)(f), jax.grad(by_definition)(f)
+    for name in ("a", "b", "magnitude"):
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5, err_msg=name
+        )
+    # The column norms of the merged weight are the magnitudes.
+    merged = lorax_fn.merge(base, lt)["w"]
+    np.testing.assert_allclose(lorax_fn.dora.column_norms(merged, f.layout), f.magnitude, rtol=1e-5)
+
+
+def test_dora_norms_without_the_merged_weight_and_on_transposed_layouts():
+    # A torch-style (out, in) kernel with the stack axis in the middle.
+    w0 = jax.random.normal(KEY, (6, 3, 10))
+    layout = Layout(in_axes=(2,), out_axes=(0,), batch_axes=(1,))
+    base, lt = lorax_fn.split(
+        {"w": w0}, LoraSpec("w", rank=3, use_dora=True), key=KEY, layouts={"w": layout}
+    )
+    f = randomize_b(lt, std=0.7)["w"]
+    v = w0 + lorax_fn.delta(f)
+    want = jnp.sqrt(jnp.sum(v * v, axis=2)).T  # (stack, out)
+    np.testing.assert_allclose(lorax_fn.dora.weight_norms(w0, f), want, rtol=1e-5)
+    np.testing.assert_allclose(lorax_fn.dora.column_norms(v, layout), want, rtol=1e-6)
+    merged = lorax_fn.merge(base, {"w": f})["w"]
+    np.testing.assert_allclose(merged, v * (f.magnitude / want).T[:, :, None], rtol=1e-5, atol=1e-6)
+
+
+def test_dora_unmerge_needs_the_norms_and_then_returns_the_base():
+    params = {"a": {"kernel": jax.random.normal(KEY, (8, 5))}, "b": {"kernel": jnp.ones((5, 4))}}
+    spec = LoraSpec("**/kernel", rank=2, use_dora=True)
+    base, lt = lorax_fn.split(params, spec, key=KEY)
+    lt = randomize_b(lt, std=0.5)
+    norms = lorax_fn.dora_norms(base, lt)
+    merged = lorax_fn.merge(base, lt)
+    with pytest.raises(LoraError, match=r"'a/kernel', 'b/kernel'.*dora_norms"):
+        lorax_fn.unmerge(merged, lt)
+    with pytest.raises(LoraError, match="a/kernel: norms have shape"):
+        lorax_fn.unmerge(merged, lt, norms={**norms, "a/kernel": jnp.ones(3)})
+    back = lorax_fn.unmerge(merged, lt, norms=norms, safe=True)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), back, base
+    )
+    with pytest.raises(LoraError, match="no DoRA entries"):
+        lorax_fn.dora_norms(*lorax_fn.split(params, LoraSpec("**/kernel", rank=2), key=KEY))
+
+
+def test_dora_refusals_and_spec_round_trip():
+    base, lt = lorax_fn.split(
+        {"w": jnp.ones((8, 4))}, LoraSpec("w", rank=2, use_dora=True), key=KEY
+    )
+    bad = {"w": dataclasses.replace(lt["w"], magnitude=jnp.ones(8))}
+    with pytest.raises(LoraError, match=r"w: DoRA magnitude has shape \(8,\).*\(4,\)"):
+        lorax_fn.merge(base, bad)
+    with pytest.raises(LoraError, match="use_dora must be True or False"):
+        LoraSpec("w", use_dora="yes")
+    spec = LoraSpec("w", rank=2, use_dora=True)
+    assert LoraSpec.from_json(spec.to_json()) == spec
+    old = {k: v for k, v in spec.to_json().items() if k != "use_dora"}
+    assert LoraSpec.from_json(old).use_dora is False
+
+
+def test_dora_zero_column_stays_zero():
+    w0 = jnp.zeros((4, 3)).at[:, 1].set(1.0)
+    base, lt = lorax_fn.split({"w": w0}, LoraSpec("w", rank=1, use_dora=True), key=KEY)
+    merged = lorax_fn.merge(base, lt, safe=True)["w"]
+    np.testing.assert_array_equal(merged, w0)
