@@ -12,6 +12,8 @@ base alone. Each example's factors are gathered from the stack and the factorize
 shared by the whole batch and the low-rank path becomes batched matmuls, so the cost
 grows with the batch size, not with the number of distinct adapters (the gather of
 S-LoRA / Punica, where PEFT's ``adapter_names=`` loops over adapters in Python).
+:func:`select_adapters` does that gather once, for a batch that many calls reuse.
+DoRA adapters are refused: the stack does not carry their magnitudes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,17 @@ def _check_index(k: int, n: int) -> None:
         raise LoraError(f"adapter index {k!r} is not in range(0, {n})")
 
 
+def _refuse_dora(entries: dict[str, Any], who: str) -> None:
+    """DoRA's per-column norms are not carried by the stack: refuse rather than drop them."""
+    dora = sorted(p for p, e in entries.items() if getattr(e, "magnitude", None) is not None)
+    if dora:
+        raise LoraError(
+            f"{who}: {', '.join(dora)}: DoRA adapters (a magnitude, use_dora=True) cannot be "
+            "stacked: multi_lora would drop the magnitude and compute plain LoRA. Merge them "
+            "(lorax_fn.merge) and serve each merged model, or use plain LoRA adapters"
+        )
+
+
 def _describe(path: str, entry: Any) -> tuple:
     """What two adapters must agree on at one path (ranks and dtypes of factors may differ)."""
     if not isinstance(entry, LoraFactors):
@@ -136,8 +149,8 @@ def _fold(entry: LoraFactors, rank: int, dtype: Any) -> LoraFactors:
     return LoraFactors(a.astype(dtype), b.astype(dtype), 1.0, entry.layout)
 
 
-def _per_adapter(stack: AdapterStack) -> LoraTree:
-    """One adapter's shapes and dtypes, without touching the arrays."""
+def _strip_leading(entries: dict[str, Any]) -> LoraTree:
+    """Shapes and dtypes without the leading (adapter or example) axis, arrays untouched."""
 
     def sds(x: jax.Array) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
@@ -148,8 +161,13 @@ def _per_adapter(stack: AdapterStack) -> LoraTree:
             if isinstance(e, LoraFactors)
             else sds(e)
         )
-        for path, e in stack.entries.items()
+        for path, e in entries.items()
     }
+
+
+def _per_adapter(stack: AdapterStack) -> LoraTree:
+    """One adapter's shapes and dtypes, without touching the arrays."""
+    return _strip_leading(stack.entries)
 
 
 def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterStack:
@@ -179,6 +197,7 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
     for i, tree in enumerate(trees):
         if not isinstance(tree, dict) or not tree:
             raise LoraError(f"adapter {i} is not a non-empty LoRA tree {{path: entry}}")
+        _refuse_dora(tree, f"adapter {i}")
         if base is not None:
             try:
                 check_fits(base, tree)
@@ -254,6 +273,7 @@ def replace_adapter(stack: AdapterStack, k: int, tree: LoraTree) -> AdapterStack
             f"the new adapter must target the stack's paths: missing "
             f"{sorted(set(stack.entries) - got)}, extra {sorted(got - set(stack.entries))}"
         )
+    _refuse_dora(tree, "the new adapter")
     shapes = _per_adapter(stack)
     new: dict[str, Any] = {}
     for path, entry in stack.entries.items():
@@ -286,29 +306,105 @@ def _check_ids(ids: jax.Array, n: int) -> None:
         )
 
 
-def _select(stack: AdapterStack, ids: jax.Array, base: Any) -> LoraTree:
-    """Per-example LoRA trees with a leading batch axis; id -1 gets zero factors."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterSelection:
+    """Each example's adapter taken from a stack once, for reuse by many calls.
+
+    ``entries`` maps each path to the per-example ``LoraFactors`` (``a: (B, *batch, *in,
+    R)``, ``b: (B, *batch, R, *out)``, zero for base rows) or per-example trained leaves
+    ``(B, *shape)``; ``adapter_ids`` are the ids it was made from. A pytree of arrays:
+    pass it through ``jit`` like the stack. Build it with :func:`select_adapters`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> lt = lorax_fn.split({"w": jnp.ones((8, 4))}, lorax_fn.LoraSpec("w", rank=2),
+        ...                     key=jax.random.key(0))[1]
+        >>> sel = select_adapters(stack_adapters([lt]), jnp.array([0, -1, 0]))
+        >>> sel.batch_size, sel.entries["w"].a.shape
+        (3, (3, 8, 2))
+    """
+
+    entries: dict[str, Any]
+    adapter_ids: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        """The number of examples B the selection was made for."""
+        return int(self.adapter_ids.shape[0])
+
+
+def _checked_ids(adapter_ids: Any, n: int) -> jax.Array:
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise LoraError(f"adapter_ids must be a 1-D integer array, got {ids.dtype}{ids.shape}")
+    _check_ids(ids, n)
+    return ids
+
+
+def select_adapters(stack: AdapterStack, adapter_ids: Any) -> AdapterSelection:
+    """Gather each example's factors from ``stack`` once, for many ``multi_lora`` calls.
+
+    ``multi_lora(fn)(base, stack, ids, *args)`` gathers one copy of the factors per
+    example on every call: in a decode loop driven from Python (one jitted call per
+    token) that gather is paid per token, and in a decode step it moves more bytes than
+    the base weights. ``multi_lora(fn)(base, select_adapters(stack, ids), *args)``
+    computes the same result from the gathered copy, so a batch pays the gather once.
+    Ids are checked as in :func:`multi_lora`; the base is checked when the selection is
+    used. A selection holds the stack's values at the time it was made: after
+    :func:`replace_adapter`, select again.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> params = {"w": jnp.ones((8, 4))}
+        >>> stack = stack_adapters([lorax_fn.split(params, lorax_fn.LoraSpec("w", rank=2),
+        ...                         key=jax.random.key(0))[1]])
+        >>> g = jax.jit(multi_lora(lambda p, x: x @ p["w"]))
+        >>> ids, x = jnp.array([0, -1]), jnp.ones((2, 8))
+        >>> sel = select_adapters(stack, ids)
+        >>> bool(jnp.array_equal(g(params, sel, x), g(params, stack, ids, x)))
+        True
+    """
+    if not isinstance(stack, AdapterStack):
+        raise LoraError(f"expected an AdapterStack (see stack_adapters), got {type(stack)}")
+    _refuse_dora(stack.entries, "the stack")
+    ids = _checked_ids(adapter_ids, stack.size)
     n = stack.size
     adapted = ids != -1
     # Ids outside [-1, N) index past the end, which gathers NaN: loud, never the base.
     index = jnp.where(ids < 0, jnp.where(adapted, n, 0), ids)
-    base_leaves = dict(weight_leaves(base))
 
     def take(x: jax.Array) -> jax.Array:
         return jnp.take(x, index, axis=0, mode="fill")
 
-    def where(x: jax.Array, otherwise: Any) -> jax.Array:
-        return jnp.where(adapted.reshape(adapted.shape + (1,) * (x.ndim - 1)), x, otherwise)
-
     # Base rows get A = B = 0, not adapter 0's A with B = 0: 0·NaN is NaN, so one bad
     # adapter would otherwise poison every base row's output and input gradient.
+    # Their trained-in-full leaves are replaced by the base's when the selection is used.
+    return AdapterSelection(
+        {
+            path: (
+                LoraFactors(_where(adapted, take(e.a), 0), _where(adapted, take(e.b), 0),
+                            e.scale, e.layout)
+                if isinstance(e, LoraFactors)
+                else take(e)
+            )
+            for path, e in stack.entries.items()
+        },
+        ids,
+    )  # fmt: skip
+
+
+def _where(adapted: jax.Array, x: jax.Array, otherwise: Any) -> jax.Array:
+    return jnp.where(adapted.reshape(adapted.shape + (1,) * (x.ndim - 1)), x, otherwise)
+
+
+def _trees(selection: AdapterSelection, base: Any) -> LoraTree:
+    """Per-example LoRA trees with a leading batch axis; base rows train nothing in full."""
+    adapted = selection.adapter_ids != -1
+    base_leaves = dict(weight_leaves(base))
     return {
-        path: (
-            LoraFactors(where(take(e.a), 0), where(take(e.b), 0), e.scale, e.layout)
-            if isinstance(e, LoraFactors)
-            else where(take(e), base_leaves[path])
-        )
-        for path, e in stack.entries.items()
+        path: e if isinstance(e, LoraFactors) else _where(adapted, e, base_leaves[path])
+        for path, e in selection.entries.items()
     }
 
 
@@ -344,6 +440,10 @@ def multi_lora(
     caches, ``chunk_size=16`` was 1.25× faster on the decoder of
     ``benchmarks/multi_adapter.py`` (2 cores); on an accelerator, keep the default.
 
+    ``g(base, select_adapters(stack, adapter_ids), *args, **kw)`` is the same with the
+    per-example gather of the factors done beforehand, once for many calls (a decode
+    loop driven from Python).
+
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
     :class:`LoraError`, traced ones (under ``jit``) turn that example's output into
     NaN. Base rows (id ``-1``) use no adapter's values at all, so a NaN/Inf in one
@@ -370,26 +470,35 @@ def multi_lora(
         return jax.tree.map(lambda y: y[0], out) if batch_of_one else out
 
     @functools.wraps(fn)
-    def wrapped(base: Any, stack: AdapterStack, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(stack, AdapterStack):
-            raise LoraError(f"expected an AdapterStack (see stack_adapters), got {type(stack)}")
-        check_fits(base, _per_adapter(stack))
-        ids = jnp.asarray(adapter_ids)
-        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise LoraError(f"adapter_ids must be a 1-D integer array, got {ids.dtype}{ids.shape}")
+    def wrapped(
+        base: Any, stack: AdapterStack | AdapterSelection, *rest: Any, **kwargs: Any
+    ) -> Any:
+        if isinstance(stack, AdapterSelection):
+            selection, args = stack, rest
+        elif isinstance(stack, AdapterStack):
+            if not rest:
+                raise LoraError("multi_lora(fn)(base, stack, adapter_ids, *args) needs adapter_ids")
+            selection, args = select_adapters(stack, rest[0]), rest[1:]
+        else:
+            raise LoraError(
+                "expected an AdapterStack (see stack_adapters) or an AdapterSelection (see "
+                f"select_adapters), got {type(stack)}"
+            )
+        _refuse_dora(selection.entries, "the selection")
+        check_fits(base, _strip_leading(selection.entries))
+        batch = selection.batch_size
         for path, leaf in leaves_with_paths(args):
-            if np.ndim(leaf) == 0 or np.shape(leaf)[0] != ids.shape[0]:
+            if np.ndim(leaf) == 0 or np.shape(leaf)[0] != batch:
                 raise LoraError(
                     f"positional argument {path} has shape {np.shape(leaf)}; every "
-                    f"per-example argument needs a leading batch axis of {ids.shape[0]} "
+                    f"per-example argument needs a leading batch axis of {batch} "
                     "(pass shared values as keyword arguments)"
                 )
-        _check_ids(ids, stack.size)
 
         def per_example(tree_and_args: tuple[LoraTree, tuple]) -> Any:
             return one_example(base, *tree_and_args, kwargs)
 
-        inputs = (_select(stack, ids, base), args)
+        inputs = (_trees(selection, base), args)
         if chunk_size is None:
             return jax.vmap(per_example)(inputs)
         return jax.lax.map(per_example, inputs, batch_size=chunk_size)

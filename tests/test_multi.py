@@ -350,3 +350,79 @@ def test_task_switching_by_merging_has_bounded_error(dtype):
             want = lorax_fn.merge(base, trees[current])["w"]
             assert _relative_error(merged["w"], want, magnitude) <= (2 * n + 1) * eps, n
     assert merged["w"].dtype == dtype
+
+
+def test_select_once_gives_the_plain_call_values_and_gradients(block_setup):
+    """A decode loop's selection: the same outputs and stack gradients as the plain call."""
+    model, x, base, trees = block_setup
+    stack = lorax_fn.stack_adapters(trees, base=base)
+    ids = jnp.array([2, -1, 0, 2, -1, 1])  # base rows, an adapter used twice
+    g = lorax_fn.multi_lora(model.apply, on_fallback="error")
+    plain = jax.jit(g)(base, stack, ids, x)
+    sel = jax.jit(lorax_fn.select_adapters)(stack, ids)
+    assert sel.batch_size == 6 and isinstance(sel, lorax_fn.AdapterSelection)
+    step = jax.jit(g)
+    np.testing.assert_array_equal(step(base, sel, x), plain)
+    np.testing.assert_array_equal(step(base, sel, x), plain)  # reused, not consumed
+    # Base rows train nothing in full: the head bias of row 1 is the base's, whatever
+    # base the selection is applied to (it holds no base values).
+    head = "params/head/bias"
+    shifted = jax.tree.map(lambda v: v, base)
+    leaf = dict(lorax_fn.leaves_with_paths(shifted))[head]
+    shifted["params"]["head"]["bias"] = leaf + 1.0
+    np.testing.assert_allclose(step(shifted, sel, x)[1], plain[1] + 1.0, rtol=1e-5, atol=1e-5)
+
+    def loss_plain(stack):
+        return jnp.sum(g(base, stack, ids, x) ** 2)
+
+    def loss_sel(stack):
+        return jnp.sum(g(base, lorax_fn.select_adapters(stack, ids), x) ** 2)
+
+    want, got = jax.jit(jax.grad(loss_plain))(stack), jax.jit(jax.grad(loss_sel))(stack)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+    # Adapter 1 is used by row 5 only: its factor gradient is that row's alone.
+    path = "params/Dense_0/kernel"
+    one = stack.adapter(1)
+    want_1 = jax.grad(lambda t: jnp.sum(lorax_fn.lora(model.apply)(base, t, x[5:6]) ** 2))(one)
+    np.testing.assert_allclose(got.entries[path].b[1], want_1[path].b, rtol=1e-4, atol=1e-5)
+
+
+def test_select_adapters_refusals():
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 5))}
+    base, trees = adapters(params, [1, 2], "w")
+    stack = lorax_fn.stack_adapters(trees)
+    g = lorax_fn.multi_lora(lambda p, x: x @ p["w"])
+    with pytest.raises(LoraError, match=r"adapter_ids \[2\] at positions \[1\]"):
+        lorax_fn.select_adapters(stack, jnp.array([0, 2]))
+    with pytest.raises(LoraError, match="1-D integer"):
+        lorax_fn.select_adapters(stack, jnp.array([[0, 1]]))
+    with pytest.raises(LoraError, match="expected an AdapterStack"):
+        lorax_fn.select_adapters(trees[0], jnp.array([0]))
+    sel = lorax_fn.select_adapters(stack, jnp.array([0, 1, -1]))
+    with pytest.raises(LoraError, match=r"positional argument 0 has shape \(2, 6\).* of 3"):
+        g(base, sel, jnp.ones((2, 6)))
+    with pytest.raises(LoraError, match="w: the adapter was made for a weight of shape"):
+        g({"w": jnp.ones((7, 5))}, sel, jnp.ones((3, 7)))
+    with pytest.raises(LoraError, match="needs adapter_ids"):
+        g(base, stack)
+    with pytest.raises(LoraError, match="or an AdapterSelection"):
+        g(base, trees[0], jnp.array([0]), jnp.ones((1, 6)))
+
+
+def test_dora_adapters_are_refused_naming_the_path():
+    """The stack carries no magnitudes: stacking DoRA would silently compute plain LoRA."""
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 5)), "v": jnp.ones((5, 5))}
+    base, plain = lorax_fn.split(params, LoraSpec("w", rank=2), key=jax.random.key(1))
+    _, dora = lorax_fn.split(params, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
+    assert dora["w"].magnitude is not None
+    with pytest.raises(LoraError, match="adapter 1: w: DoRA adapters"):
+        lorax_fn.stack_adapters([plain, dora])
+    stack = lorax_fn.stack_adapters([plain])
+    with pytest.raises(LoraError, match="the new adapter: w: DoRA"):
+        lorax_fn.replace_adapter(stack, 0, dora)
+    # A stack built by hand around DoRA entries is refused when used, not run as LoRA.
+    forged = lorax_fn.AdapterStack(
+        {"w": dataclasses.replace(stack.entries["w"], magnitude=dora["w"].magnitude[None])}
+    )
+    with pytest.raises(LoraError, match="the stack: w: DoRA"):
+        lorax_fn.multi_lora(lambda p, x: x @ p["w"])(base, forged, jnp.array([0]), jnp.ones((1, 6)))
