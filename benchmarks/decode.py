@@ -13,6 +13,8 @@ machine hits them all):
 - ``multi``: ``lorax_fn.multi_lora(apply, batch_of_one=False)`` over an N-adapter stack —
   per-request factors gathered, one program for any N;
 - ``multi/chunkK``: the same with ``chunk_size=K`` (``--chunk``);
+- ``multi/preselected``: the same step given ``lorax_fn.select_adapters(stack, ids)``,
+  made once before the timed calls, as a Python-driven decode loop would reuse it;
 - ``decode loop``: per step of a whole ``serve.generate`` (prefill, then ``lax.scan``):
   the time of a long loop minus a one-token loop, over the extra steps. Within one
   program XLA may hoist work that does not change between steps.
@@ -29,7 +31,7 @@ the weight itself. In prefill the same gather is shared by the prompt's tokens, 
 a whole decode loop XLA hoists it out of the ``lax.scan`` (in the compiled
 ``serve.generate_with_adapters`` every factor gather sits outside the while loop), so
 the loop pays it once per generation; a jitted step called once per token pays it
-every time.
+every time, unless it is given a selection (``multi/preselected``).
 
 Also checks that replacing an adapter (``lorax_fn.replace_adapter``) does not recompile
 the decode step (a counter inside the traced function). Prints JSON lines, then a table.
@@ -81,11 +83,18 @@ def steppers(config: serve.Config, chunk: int) -> dict[str, Callable]:
     def multi_chunked(weights, tokens, cache, pos):
         return multi(weights, tokens, cache, pos, chunk)
 
+    run = lorax_fn.multi_lora(apply, batch_of_one=False)
+
+    def preselected(weights, tokens, cache, pos):
+        base, selection = weights
+        return run(base, selection, tokens, cache, pos)
+
     fns = {
         "merged": merged,
         "single": one_adapter,
         "multi": multi,
         f"multi/chunk{chunk}": multi_chunked,
+        "multi/preselected": preselected,
     }
     return {name: jax.jit(fn, donate_argnums=(2,)) for name, fn in fns.items()}
 
@@ -151,11 +160,15 @@ def main() -> None:
     prompts = jax.random.randint(jax.random.key(2), (b, args.prompt), 0, config.vocab)
     start = jnp.zeros((b,), jnp.int32)
 
+    selections = {n: jax.jit(lorax_fn.select_adapters)(stacks[n], ids[n]) for n in args.adapters}
+
     def weights(method: str, n: int):
         if method == "merged":
             return merged
         if method == "single":
             return (base, trees[0])
+        if method == "multi/preselected":
+            return (base, selections[n])
         return (base, stacks[n], ids[n])
 
     decode_calls, prefill_calls = {}, {}
@@ -165,7 +178,7 @@ def main() -> None:
             fns[method], weights(method, 1), prompts, cache, start
         )
     for n in args.adapters:
-        for method in ("multi", chunk):
+        for method in ("multi", chunk, "multi/preselected"):
             decode_calls[f"{method} {n}"] = runner(
                 fns[method], weights(method, n), token, cache, pos
             )
