@@ -87,12 +87,12 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
     rows = [("path", "weight", "kind", "rank", "scale", "A", "B", "params")]
     for path, entry in lora.items():
         if isinstance(entry, LoraFactors):
-            n = math.prod(entry.a.shape) + math.prod(entry.b.shape)
+            n = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(entry))
             rows.append(
                 (
                     path,
                     str(shapes.get(path)),
-                    "lora",
+                    "dora" if entry.is_dora else "lora",
                     str(entry.rank),
                     f"{entry.scale:g}",
                     str(tuple(entry.a.shape)),

@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import lorax_fn
+from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.paths import compile_filter, leaves_with_paths
@@ -165,6 +166,7 @@ def encode(
         >>> sorted(arrays["0"]), meta["base_leaves"]
         (['a', 'b'], [{'path': 'w', 'shape': [4, 3], 'dtype': None}])
     """
+    refuse_dora(lora_tree, "saving a checkpoint")
     if not isinstance(lora_tree, Mapping) or not lora_tree:
         raise LoraError(
             f"expected a non-empty LoRA tree {{path: factors | array}}, got "

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.split import LoraTree
@@ -104,6 +105,7 @@ def combine(
         )
     paths: dict[str, None] = {}
     for i, tree in enumerate(trees):
+        refuse_dora(tree, f"combine (adapter {i})")
         for path, entry in tree.items():
             if not isinstance(entry, LoraFactors):
                 raise LoraError(

@@ -13,12 +13,14 @@ As in the paper (§4.3) and PEFT, ``‖V‖_c`` is a constant in the gradient
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
 
 
@@ -138,3 +140,23 @@ def init_magnitude(w0: jax.Array, factors: LoraFactors) -> LoraFactors:
     v = w0.astype(jnp.float32) + delta(factors)
     m = column_norms(v, factors.layout).astype(factors.a.dtype)
     return LoraFactors(factors.a, factors.b, factors.scale, factors.layout, factors.dropout, m)
+
+
+def refuse_dora(tree: Any, what: str) -> None:
+    """Raise :class:`LoraError` naming the DoRA entries of ``tree``, which ``what`` cannot hold.
+
+    For the parts of the library that would otherwise drop the magnitude and silently
+    treat a DoRA adapter as plain LoRA.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = LoraFactors(jnp.ones((2, 1)), jnp.zeros((1, 2)), 1.0, Layout((0,), (1,)))
+        >>> refuse_dora({"w": f}, "this")  # plain LoRA passes
+    """
+    paths = sorted(p for p, f in dict(tree).items() if isinstance(f, LoraFactors) and f.is_dora)
+    if paths:
+        raise LoraError(
+            f"{what} does not support DoRA adapters yet (it would drop the magnitude and "
+            f"give plain LoRA): {paths[:5]}{' …' if len(paths) > 5 else ''}. Merge the adapter "
+            "(lorax_fn.merge) and save or export the merged weights instead"
+        )

@@ -38,6 +38,7 @@ import safetensors
 import safetensors.numpy
 
 import lorax_fn
+from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import check_fits
@@ -263,6 +264,7 @@ def export_peft(
         >>> lorax_fn.export_peft("out/", lt, spec, name_map=[  # doctest: +SKIP
         ...     (r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")])
     """
+    refuse_dora(lora_tree, "export_peft")
     is_conv = _as_predicates(conv)
     if spec is not None and spec.init == "pissa":
         raise LoraError(

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.paths import path_str
@@ -143,6 +144,7 @@ def lora_shardings(
         >>> sh["w"].a.spec, sh["w"].b.spec
         (P('data', None), P(None, 'model'))
     """
+    refuse_dora(lora, "lora_shardings")
     flat = jax.tree_util.tree_flatten_with_path(base_shardings, is_leaf=_is_spec)[0]
     by_path = {path_str(k): s for k, s in flat}
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core
 
-from lorax_fn import lazy, primitives, symbolic
+from lorax_fn import dora, lazy, primitives, symbolic
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.lazy import LazyWeight
@@ -63,24 +63,39 @@ class _Context:
         ctx.consumers = self.consumers
         return ctx
 
-    def fallback(self, w: SymbolicWeight | LazyWeight, primitive: str, why: str = "") -> jax.Array:
-        if (w.path, primitive) not in self.reported:
-            self.reported.add((w.path, primitive))
-            formed = (
-                "the quantized weight is dequantized in full outside its consumer"
-                if isinstance(w, LazyWeight)
-                else "the full weight W0 + scale·A·B is formed"
-            )
-            message = (
-                f"lorax_fn: {w.path} is consumed by `{primitive}`, "
-                f"{why or 'which has no factorized rule'}; {formed} there "
-                f"(inputs {self.signature})"
-            )
+    def report(self, path: str, primitive: str, message: str) -> None:
+        if (path, primitive) not in self.reported:
+            self.reported.add((path, primitive))
+            message = f"lorax_fn: {message} (inputs {self.signature})"
             if self.on_fallback == "error":
                 raise LoraError(message)
             if self.on_fallback == "warn":
-                warnings.warn(message, stacklevel=4)
+                warnings.warn(message, stacklevel=5)
+
+    def fallback(self, w: SymbolicWeight | LazyWeight, primitive: str, why: str = "") -> jax.Array:
+        formed = (
+            "the quantized weight is dequantized in full outside its consumer"
+            if isinstance(w, LazyWeight)
+            else "the full weight W0 + scale·A·B is formed"
+        )
+        self.report(
+            w.path,
+            primitive,
+            f"{w.path} is consumed by `{primitive}`, "
+            f"{why or 'which has no factorized rule'}; {formed} there",
+        )
         return w.value() if isinstance(w, LazyWeight) else w.materialize()
+
+    def form_dora(self, path: str, w0: Any, factors: LoraFactors) -> jax.Array:
+        # DoRA has no factorized rule yet: the weight m·V/‖V‖_c is formed (exact, as merge).
+        self.report(
+            path,
+            "DoRA",
+            f"{path} is a DoRA adapter, which lora(fn) does not factorize yet; the full weight "
+            "m·(W0 + scale·A·B)/‖W0 + scale·A·B‖_c is formed",
+        )
+        w0 = w0.value() if isinstance(w0, LazyWeight) else w0
+        return dora.dora_weight(w0, factors).astype(w0.dtype)
 
 
 def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
@@ -568,11 +583,15 @@ def lora(
                 LazyWeight.of(p, x) if _quantized(x) else x
                 for p, x in zip(paths, param_leaves, strict=True)
             ]
+            ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
             inputs = [
-                SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
+                x
+                if p not in factors
+                else ctx.form_dora(p, x, factors[p])
+                if factors[p].is_dora
+                else SymbolicWeight.from_factors(p, x, factors[p])
                 for p, x in zip(paths, inputs, strict=True)
             ]
-            ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
             outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
             outs = [_concrete(o, ctx, "output") for o in outs]
             return jax.tree_util.tree_unflatten(out_def, outs)

@@ -493,3 +493,57 @@ def test_dora_zero_column_stays_zero():
     base, lt = lorax_fn.split({"w": w0}, LoraSpec("w", rank=1, use_dora=True), key=KEY)
     merged = lorax_fn.merge(base, lt, safe=True)["w"]
     np.testing.assert_array_equal(merged, w0)
+
+
+def _dora_model():
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(jnp.tanh(nn.Dense(16)(x)))
+
+    x = jax.random.normal(KEY, (5, 8))
+    variables = MLP().init(KEY, x)
+    spec = LoraSpec("**/kernel", rank=2, use_dora=True)
+    base, lt = lorax_fn.split(variables, spec, key=KEY)
+    return MLP().apply, base, randomize_b(lt, std=0.5), spec, x
+
+
+def test_lora_on_a_dora_tree_equals_merge_then_call_and_says_the_weight_is_formed():
+    apply, base, lt, _, x = _dora_model()
+    with pytest.raises(LoraError, match=r"DoRA adapter.*formed"):
+        lorax_fn.lora(apply, on_fallback="error")(base, lt, x)
+    g = lorax_fn.lora(apply, on_fallback="ignore")
+    ref = lorax_fn.lora(apply, factorized=False)
+    np.testing.assert_allclose(g(base, lt, x), ref(base, lt, x), rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda t, f=f: jnp.sum(jnp.sin(f(base, t, x))))(lt) for f in (g, ref)]
+    for got, want in zip(*(jax.tree_util.tree_leaves(gr) for gr in grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # The magnitude is trained: its gradient is not zero, and it changes the output.
+    assert float(jnp.abs(grads[0]["params/Dense_1/kernel"].magnitude).max()) > 0
+    plain = {p: dataclasses.replace(f, magnitude=None) for p, f in lt.items()}
+    assert not np.allclose(g(base, lt, x), g(base, plain, x), atol=1e-3)
+
+
+def test_parts_that_cannot_hold_dora_yet_refuse_it(tmp_path):
+    _, base, lt, spec, _ = _dora_model()
+    with pytest.raises(LoraError, match="saving a checkpoint does not support DoRA"):
+        lorax_fn.save(tmp_path / "ckpt", lt, spec)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(LoraError, match="export_peft does not support DoRA"):
+        lorax_fn.export_peft(tmp_path / "peft", lt, spec)
+    with pytest.raises(LoraError, match=r"combine \(adapter 0\) does not support DoRA"):
+        lorax_fn.combine([lt, lt], [0.5, 0.5])
+    shardings = jax.tree_util.tree_map(lambda _: None, base)
+    with pytest.raises(LoraError, match="lora_shardings does not support DoRA"):
+        lorax_fn.lora_shardings(lt, shardings)
+    with pytest.raises(LoraError, match="DoRA"):
+        lorax_fn.stack_adapters([lt, lt])
+
+
+def test_dora_magnitude_is_counted_and_trained_without_lora_plus():
+    _, base, lt, _, _ = _dora_model()
+    counts = lorax_fn.count_params(base, lt)
+    assert counts.trainable == 2 * (8 + 16) + 2 * (16 + 4) + 16 + 4
+    assert "dora" in lorax_fn.summary(base, lt)
+    labels = lorax_fn.lora_labels(lt)
+    assert labels["params/Dense_0/kernel"].magnitude == "trainable"
