@@ -8,7 +8,7 @@ Example:
     >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
 """
 
-from lorax_fn import analysis, presets
+from lorax_fn import analysis, dora, presets
 from lorax_fn.accounting import ParamCount, count_params, summary
 from lorax_fn.checkpoint import (
     CheckpointDamaged,
@@ -22,11 +22,13 @@ from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
 from lorax_fn.layouts import infer_layouts
-from lorax_fn.merge import check_fits, merge, unmerge
+from lorax_fn.merge import check_fits, dora_norms, merge, unmerge
 from lorax_fn.multi import (
+    AdapterSelection,
     AdapterStack,
     multi_lora,
     replace_adapter,
+    select_adapters,
     stack_adapters,
     stack_checkpoints,
 )
@@ -51,6 +53,7 @@ from lorax_fn.transform import lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSelection",
     "AdapterStack",
     "CheckpointDamaged",
     "CheckpointInfo",
@@ -76,6 +79,8 @@ __all__ = [
     "dequantize",
     "dequantize_base",
     "describe",
+    "dora",
+    "dora_norms",
     "export_peft",
     "fsdp_shardings",
     "import_peft",
@@ -97,6 +102,7 @@ __all__ = [
     "replicate",
     "restore",
     "save",
+    "select_adapters",
     "shard_batch",
     "split",
     "stack_adapters",
