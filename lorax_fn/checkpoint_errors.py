@@ -92,7 +92,8 @@ def _closed_loop_leftover(exc_type: type, exc: BaseException, tb: Any) -> bool:
     while tb is not None:
         names.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
-    return "call_soon_threadsafe" in names
+    # Raised straight from a foreign thread's callback: no Python caller above it.
+    return names[:1] == ["call_soon_threadsafe"]
 
 
 def _mute_orbax_leftovers() -> None:
@@ -107,6 +108,15 @@ def _mute_orbax_leftovers() -> None:
 
     unraisable_hook.lorax_fn_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = unraisable_hook
+    # tensorstore reports a callback's error on its own thread through PyErr_Print,
+    # which goes to sys.excepthook rather than the unraisable hook.
+    excepthook = sys.excepthook
+
+    def except_hook(exc_type: type, exc: BaseException, tb: Any) -> None:
+        if not _closed_loop_leftover(exc_type, exc, tb):
+            excepthook(exc_type, exc, tb)
+
+    sys.excepthook = except_hook
     logging.getLogger("asyncio").addFilter(_DropOrbaxLeftovers())
 
 
@@ -118,19 +128,21 @@ def one_clear_error() -> Iterator[None]:
     tensorstore callbacks finish or are garbage-collected later, each printing a
     traceback ("Future exception was never retrieved", "Exception ignored in
     <coroutine ...>", "RuntimeError: Event loop is closed"), possibly after the error
-    has been raised. So the first failure installs filters for exactly those messages
-    (orbax coroutines, tensorstore errors nobody retrieved, asyncio's closed-loop error
-    in ``call_soon_threadsafe``) in front of ``sys.unraisablehook`` and the ``asyncio``
-    logger; everything else passes through.
+    has been raised, and tensorstore's callbacks may print from their own threads
+    before the error even reaches this frame. So every read runs behind filters for
+    exactly those messages (orbax coroutines, tensorstore errors nobody retrieved,
+    asyncio's closed-loop error in ``call_soon_threadsafe``), installed once in front
+    of ``sys.unraisablehook`` and the ``asyncio`` logger; everything else passes
+    through.
 
     Example:
         >>> with one_clear_error():
         ...     pass
     """
+    _mute_orbax_leftovers()
     try:
         yield
     except BaseException:
-        _mute_orbax_leftovers()
         with warnings.catch_warnings():  # the abandoned coroutines orbax never started
             warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
             gc.collect()
