@@ -16,6 +16,11 @@ weight's own axis order — as ``W.reshape(d, heads * head_dim)`` in PyTorch. A 
 kernels, Flax ``(*window, in, out)`` with A ``(*window, in, r)`` and B ``(r, out)``,
 become PEFT's ``ConvNd`` adapters: ``lora_A`` is a conv with the base's window,
 weight ``(r, in, *window)``, and ``lora_B`` a 1×1 conv, weight ``(out, r, 1, …)``.
+A DoRA adapter (``use_dora``) adds ``<m>.lora_magnitude_vector`` (no ``.weight``): PEFT's
+``‖W0 + s·B·A‖`` is per row of the ``(out, in)`` weight, our per fan-out column, so the
+magnitude is ``(out,)`` for a Linear, ``(features,)`` for an Embedding (PEFT normalises
+over the vocabulary, as our ``(vocab, features)`` layout does) and ``(1, out, 1, …)`` for
+a conv.
 Leaves trained in full become ``modules_to_save``. Nothing is pickled: safetensors and
 JSON only.
 """
@@ -38,7 +43,6 @@ import safetensors
 import safetensors.numpy
 
 import lorax_fn
-from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import check_fits
@@ -50,11 +54,13 @@ from lorax_fn.split import default_layout
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
+_MAGNITUDE = ".lora_magnitude_vector"
 _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
     ".lora_A.weight": ("a", False),
     ".lora_B.weight": ("b", False),
     ".lora_embedding_A": ("a", True),
     ".lora_embedding_B": ("b", True),
+    _MAGNITUDE: ("m", False),  # DoRA; PEFT drops the ".weight" in its files
 }
 # The PyTorch parameter a Flax leaf of a fully trained module corresponds to.
 _TORCH_PARAM = {
@@ -247,6 +253,10 @@ def export_peft(
     and layout, so :func:`import_peft` restores the tree exactly. Factors keep their
     dtype; cast the tree first for a bfloat16 file.
 
+    A DoRA tree (``LoraSpec(use_dora=True)``) is written with ``use_dora: true`` and each
+    module's ``lora_magnitude_vector``; PEFT's flag holds for the whole adapter, so a tree
+    mixing DoRA and plain LoRA entries is refused, naming them.
+
     ``conv`` are path filters of the convolution kernels (Flax ``(*window, in, out)``,
     1 to 3 window axes): they are written in PEFT's ``Conv1d``/``Conv2d``/``Conv3d``
     format. A kernel's shape cannot tell a convolution from a multi-axis ``Dense``, so
@@ -264,7 +274,7 @@ def export_peft(
         >>> lorax_fn.export_peft("out/", lt, spec, name_map=[  # doctest: +SKIP
         ...     (r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")])
     """
-    refuse_dora(lora_tree, "export_peft")
+    dora = _refuse_mixed_dora(lora_tree)
     is_conv = _as_predicates(conv)
     if spec is not None and spec.init == "pissa":
         raise LoraError(
@@ -317,6 +327,14 @@ def export_peft(
                 lora_b = _to_matrix(b_i, layout.out_axes, r_first=True).T
             tensors[_PREFIX + module + suffix_a] = np.ascontiguousarray(lora_a)
             tensors[_PREFIX + module + suffix_b] = np.ascontiguousarray(lora_b)
+            if entry.is_dora:
+                m = np.asarray(entry.magnitude)
+                m_i = m if layers is None else m[i]
+                tensors[_PREFIX + module + _MAGNITUDE] = np.ascontiguousarray(
+                    m_i.reshape(1, -1, *([1] * (a_i.ndim - 2)))  # PEFT's conv (1, out, 1…)
+                    if convolution
+                    else _to_matrix(m_i[None], layout.out_axes, r_first=True)[0]
+                )
             if module in modules:
                 raise LoraError(f"{path}: module name {module!r} is used twice")
             modules[module] = (r, alpha)
@@ -350,7 +368,7 @@ def export_peft(
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True if spec is None else _INITS[spec.init],
         "modules_to_save": sorted(set(to_save)) or None,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -367,6 +385,24 @@ def export_peft(
 
     _write_directory(directory, overwrite, write)
     return directory
+
+
+def _refuse_mixed_dora(lora_tree: Mapping[str, Any]) -> bool:
+    """Whether the tree is DoRA; :class:`LoraError` if it mixes DoRA and plain LoRA entries.
+
+    PEFT's ``use_dora`` is one flag for the whole adapter: it would give the plain entries
+    a magnitude (the norm of their base) on load, and refuse a file without it.
+    """
+    factors = {p: e for p, e in lora_tree.items() if isinstance(e, LoraFactors)}
+    dora = sorted(p for p, e in factors.items() if e.is_dora)
+    plain = sorted(p for p, e in factors.items() if not e.is_dora)
+    if dora and plain:
+        raise LoraError(
+            "PEFT's use_dora holds for every module of an adapter, but this LoRA tree mixes "
+            f"DoRA entries {dora[:5]}{' …' if len(dora) > 5 else ''} with plain LoRA entries "
+            f"{plain[:5]}{' …' if len(plain) > 5 else ''}; export them as two adapters"
+        )
+    return bool(dora)
 
 
 def _export_full(
@@ -404,11 +440,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{directory / CONFIG_NAME}: not a PEFT LoRA adapter (peft_type "
             f"{config.get('peft_type') if isinstance(config, dict) else config!r})"
         )
-    for key, ok in (("use_dora", False), ("lora_bias", False), ("bias", "none")):
+    for key, ok in (("lora_bias", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise LoraError(
                 f"{directory / CONFIG_NAME}: {key}={config[key]!r} is not "
-                "supported (plain LoRA only)"
+                "supported (LoRA and DoRA without biases only)"
             )
     if "lora_alpha" not in config:
         raise LoraError(f"{directory / CONFIG_NAME}: no lora_alpha")
@@ -447,7 +483,9 @@ def import_peft(
     kernels among them are transposed from PyTorch's ``(out, in)`` unless
     ``fan_in_fan_out`` (default: the config's) says they are stored ``(in, out)``. Refused with
     :class:`LoraError` naming the modules: anything that does not fit ``base``, an
-    unmapped module, DoRA / LoRA biases, a missing layer.
+    unmapped module, LoRA biases, a missing layer. A DoRA adapter (``use_dora: true``)
+    gives factors with their ``magnitude``, which every module must have, of PEFT's
+    shape (``(out,)``, a conv's ``(1, out, 1, …)``).
 
     Example:
         >>> lt = lorax_fn.import_peft("out/", base, name_map=rules)  # doctest: +SKIP
@@ -581,12 +619,13 @@ def _factors(
         raise LoraError(f"{path}: the adapter has no module for layers {missing} of {layers}")
     in_dims = [shape[a] for a in layout.in_axes]
     out_dims = [shape[a] for a in layout.out_axes]
-    a_blocks, b_blocks, scales = [], [], set()
+    use_dora = bool(config.get("use_dora", False))
+    a_blocks, b_blocks, m_blocks, scales = [], [], [], set()
     for i in wanted:
         got = by_layer[i]
         module = got["module"]
         if "a" not in got or "b" not in got:
-            raise LoraError(f"{module}: the adapter has only one of lora_A / lora_B")
+            raise LoraError(f"{module}: the adapter lacks lora_A or lora_B for this module")
         a, b = got["a"], got["b"]
         r = a.shape[0]
         if a.ndim > 2:
@@ -607,6 +646,12 @@ def _factors(
             b = _from_matrix(b.T, layout.out_axes, out_dims, r_first=True)
         a_blocks.append(a)
         b_blocks.append(b)
+        if use_dora:
+            m_blocks.append(_magnitude(module, path, got.get("m"), shape, layout, got["a"].ndim))
+        elif "m" in got:
+            raise LoraError(
+                f"{module}: the adapter has a {_MAGNITUDE[1:]} but its config says use_dora=False"
+            )
         scales.add(_peft_alpha(config, module) / (math.sqrt(r) if rslora else r))
     if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
         raise LoraError(
@@ -623,4 +668,39 @@ def _factors(
             scale = exact["scale"]
     a = a_blocks[0] if layers is None else np.stack(a_blocks)
     b = b_blocks[0] if layers is None else np.stack(b_blocks)
-    return LoraFactors(jax.numpy.asarray(a), jax.numpy.asarray(b), scale, layout, dropout)
+    m = None
+    if use_dora:
+        m = jax.numpy.asarray(m_blocks[0] if layers is None else np.stack(m_blocks))
+    return LoraFactors(
+        jax.numpy.asarray(a), jax.numpy.asarray(b), scale, layout, dropout, magnitude=m
+    )
+
+
+def _magnitude(
+    module: str,
+    path: str,
+    m: np.ndarray | None,
+    shape: tuple[int, ...],
+    layout: Layout,
+    peft_ndim: int,
+) -> np.ndarray:
+    """DoRA's magnitude of one module (one layer) in our ``(*out)`` layout, checked.
+
+    PEFT's is ``(out,)`` for a Linear or Embedding, ``(1, out, 1…)`` for a conv, whose
+    lora_A has ``peft_ndim`` > 2 axes. Kept in the file's dtype, so a round trip is exact.
+    """
+    if m is None:
+        raise LoraError(
+            f"{module}: the config says use_dora=True, but the adapter has no "
+            f"{_PREFIX}{module}{_MAGNITUDE}"
+        )
+    out_dims = [shape[a] for a in layout.out_axes]
+    want = (1, *out_dims, *([1] * (peft_ndim - 2))) if peft_ndim > 2 else (math.prod(out_dims),)
+    if m.shape != want:
+        raise LoraError(
+            f"{_PREFIX}{module}{_MAGNITUDE} → {path}: DoRA magnitude of shape {list(m.shape)}, "
+            f"a weight of shape {shape} with {layout} needs {list(want)}"
+        )
+    if peft_ndim > 2:
+        return m.reshape(out_dims)
+    return _from_matrix(m[None], layout.out_axes, out_dims, r_first=True)[0]

@@ -1,7 +1,9 @@
 """export_peft / import_peft: exact round trips, PEFT's file layout, refusals, torch parity."""
 
+import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +54,9 @@ def make_spec(scaling: str = "standard") -> lorax_fn.LoraSpec:
     )
 
 
-def make_lora(scaling: str = "standard", seed: int = 0) -> tuple[dict, dict]:
-    base, lt = lorax_fn.split(
-        make_params(seed), make_spec(scaling), key=jax.random.key(1), layouts=LAYOUTS
-    )
+def make_lora(scaling: str = "standard", seed: int = 0, dora: bool = False) -> tuple[dict, dict]:
+    spec = dataclasses.replace(make_spec(scaling), use_dora=dora)
+    base, lt = lorax_fn.split(make_params(seed), spec, key=jax.random.key(1), layouts=LAYOUTS)
     rng = np.random.default_rng(seed + 1)
     # B = 0 at init would make every adapter look right; give all arrays distinct values.
     noise = lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape), x.dtype)  # noqa: E731
@@ -198,8 +199,8 @@ def test_import_refuses_missing_layers_and_bad_files(tmp_path):
     with pytest.raises(LoraError, match=r"cannot read .*adapter_model\.safetensors"):
         import_peft(tmp_path, base, name_map=NAME_MAP)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
-    with pytest.raises(LoraError, match="use_dora=True is not supported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"lora_bias": True}))
+    with pytest.raises(LoraError, match="lora_bias=True is not supported"):
         import_peft(tmp_path, base, name_map=NAME_MAP)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "IA3"}))
     with pytest.raises(LoraError, match="not a PEFT LoRA adapter"):
@@ -356,11 +357,12 @@ def conv_forward(params: dict, x: jax.Array) -> jax.Array:
     return jnp.tanh(z + p["conv1"]["bias"]).mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"]
 
 
-def conv_lora() -> tuple[dict, dict, jax.Array]:
+def conv_lora(dora: bool = False) -> tuple[dict, dict, jax.Array]:
     params = conv_params()
     x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, 6, 3)), jnp.float32)
     layouts = lorax_fn.infer_layouts(conv_forward, params, x)
-    base, lt = lorax_fn.split(params, CONV_SPEC, key=jax.random.key(0), layouts=layouts)
+    spec = dataclasses.replace(CONV_SPEC, use_dora=dora)
+    base, lt = lorax_fn.split(params, spec, key=jax.random.key(0), layouts=layouts)
     rng = np.random.default_rng(3)
     noise = lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape), x.dtype)  # noqa: E731
     return base, jax.tree.map(noise, lt), x
@@ -601,3 +603,164 @@ def test_a_trained_norm_weight_exports_as_modules_to_save(tmp_path):
     tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
     np.testing.assert_array_equal(tensors["base_model.model.norm.weight"], np.arange(8.0) + 1.0)
     assert_same_tree(import_peft(tmp_path, base, name_map=rules), lt)
+
+
+# --------------------------------------------------------------------------- DoRA
+
+MAG = ".lora_magnitude_vector"
+
+
+def test_dora_round_trip_is_exact_and_files_follow_peft(tmp_path):
+    base, lt = make_lora(dora=True)
+    export_peft(tmp_path, lt, make_spec(), name_map=NAME_MAP)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    p = "base_model.model."
+    # PEFT's norm is per row of the (out, in) weight: one entry per fan-out index.
+    m = {path: np.asarray(f.magnitude) for path, f in lt.items() if isinstance(f, LoraFactors)}
+    np.testing.assert_array_equal(
+        tensors[p + "attn.query_proj" + MAG], m["params/attn/query/kernel"].reshape(H * K)
+    )
+    np.testing.assert_array_equal(tensors[p + "attn.out_proj" + MAG], m["params/attn/out/kernel"])
+    np.testing.assert_array_equal(tensors[p + "layers.2" + MAG], m["params/layers/kernel"][2])
+    np.testing.assert_array_equal(tensors[p + "embed" + MAG], m["params/embed/embedding"])  # (D,)
+    assert sum(k.endswith(MAG) for k in tensors) == 6  # embed, query, out, 3 layers
+    assert_same_tree(import_peft(tmp_path, base, name_map=NAME_MAP), lt)
+    # As PEFT writes it (no lorax_fn header): the stack's layout is given, the rest guessed.
+    safetensors.numpy.save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    got = import_peft(tmp_path, base, name_map=NAME_MAP, layouts=LAYOUTS)
+    for path, f in m.items():
+        np.testing.assert_array_equal(got[path].magnitude, f, err_msg=path)
+
+
+def test_dora_refusals(tmp_path):
+    base, lt = make_lora(dora=True)
+    _, plain = make_lora()
+    mixed = lt | {"params/layers/kernel": plain["params/layers/kernel"]}
+    with pytest.raises(
+        LoraError,
+        match=r"mixes DoRA entries \['params/attn/out/kernel'.* with plain LoRA entries "
+        r"\['params/layers/kernel'\]",
+    ):
+        export_peft(tmp_path, mixed, make_spec(), name_map=NAME_MAP)
+    export_peft(tmp_path, lt, make_spec(), name_map=NAME_MAP)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(str(weights))
+    key = "base_model.model.attn.query_proj" + MAG
+    safetensors.numpy.save_file(tensors | {key: np.ones(H * K + 1, np.float32)}, str(weights))
+    with pytest.raises(
+        LoraError,
+        match=rf"{re.escape(key)} → params/attn/query/kernel: DoRA magnitude of shape "
+        r"\[33\], .* needs \[32\]",
+    ):
+        import_peft(tmp_path, base, name_map=NAME_MAP, layouts=LAYOUTS)
+    safetensors.numpy.save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
+    with pytest.raises(
+        LoraError, match=rf"attn.query_proj: .*use_dora=True, .* no {re.escape(key)}"
+    ):
+        import_peft(tmp_path, base, name_map=NAME_MAP, layouts=LAYOUTS)
+    safetensors.numpy.save_file(tensors, str(weights))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": False}))
+    with pytest.raises(
+        LoraError, match=r"lora_magnitude_vector but its config says use_dora=False"
+    ):
+        import_peft(tmp_path, base, name_map=NAME_MAP, layouts=LAYOUTS)
+
+
+def plain_part(lt: dict) -> dict:
+    """The tree without its magnitudes: plain LoRA with the same A and B."""
+    return {
+        p: dataclasses.replace(f, magnitude=None) if isinstance(f, LoraFactors) else f
+        for p, f in lt.items()
+    }
+
+
+def test_peft_dora_model_with_exported_adapter_matches_flax(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base, lt = make_lora(dora=True)
+    export_peft(tmp_path, lt, make_spec(), name_map=NAME_MAP)
+    model = peft.PeftModel.from_pretrained(torch_model(base), str(tmp_path)).eval()
+    assert model.peft_config["default"].use_dora
+    tokens = np.arange(2 * V) % V
+    with torch.no_grad():
+        got = model(torch.from_numpy(tokens)).numpy()
+    want = np.asarray(forward(lorax_fn.merge(base, lt), jnp.asarray(tokens)))
+    plain = np.asarray(forward(lorax_fn.merge(base, plain_part(lt)), jnp.asarray(tokens)))
+    assert np.abs(want - plain).max() > 0.05  # the magnitudes matter
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    factorized = lorax_fn.lora(forward, on_fallback="ignore")(base, lt, jnp.asarray(tokens))
+    np.testing.assert_allclose(got, factorized, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_adapter_saved_by_peft_imports_and_matches(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = make_params()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=["query_proj", "out_proj", "layers.0", "layers.1", "layers.2", "embed"],
+        rank_pattern={"out_proj": 2},
+        use_dora=True,
+        init_lora_weights=False,  # B ≠ 0: PEFT's magnitude init is ‖W0 + s·B·A‖, not ‖W0‖
+        modules_to_save=["head"],
+    )
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch_model(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:  # trained away from the init
+                param.mul_(1 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path))
+    lt = import_peft(tmp_path, base, name_map=NAME_MAP, layouts=LAYOUTS)
+    assert all(f.is_dora for f in lt.values() if isinstance(f, LoraFactors))
+    assert lt["params/layers/kernel"].magnitude.shape == (L, D)
+    assert lt["params/attn/query/kernel"].magnitude.shape == (H, K)
+    tokens = np.arange(2 * V) % V
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(tokens)).numpy()
+    got = np.asarray(forward(lorax_fn.merge(base, lt), jnp.asarray(tokens)))
+    plain = np.asarray(forward(lorax_fn.merge(base, plain_part(lt)), jnp.asarray(tokens)))
+    assert np.abs(want - plain).max() > 0.05
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    factorized = lorax_fn.lora(forward, on_fallback="ignore")(base, lt, jnp.asarray(tokens))
+    np.testing.assert_allclose(factorized, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_conv_adapter_matches_peft_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base, lt, x = conv_lora(dora=True)
+    spec = dataclasses.replace(CONV_SPEC, use_dora=True)
+    export_peft(tmp_path / "ours", lt, spec, conv=CONV)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.conv2" + MAG].shape == (1, 4, 1, 1)  # PEFT's Conv2d
+    assert tensors["base_model.model.conv1" + MAG].shape == (1, 5, 1)
+    assert_same_tree(import_peft(tmp_path / "ours", base), lt)
+    model = peft.PeftModel.from_pretrained(torch_conv_model(base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        got = model(torch.from_numpy(np.asarray(x))).numpy()
+    want = np.asarray(conv_forward(lorax_fn.merge(base, lt), x))
+    plain = np.asarray(conv_forward(lorax_fn.merge(base, plain_part(lt)), x))
+    assert np.abs(want - plain).max() > 0.02
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    # And back: a DoRA conv adapter made and trained by PEFT.
+    config = peft.LoraConfig(
+        r=2, lora_alpha=5, target_modules=["conv2", "conv1"], use_dora=True, init_lora_weights=False
+    )
+    torch.manual_seed(1)
+    model = peft.get_peft_model(torch_conv_model(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "peft"))
+    imported = import_peft(tmp_path / "peft", base)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(np.asarray(x))).numpy()
+    got = np.asarray(conv_forward(lorax_fn.merge(base, imported), x))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
