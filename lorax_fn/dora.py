@@ -12,7 +12,7 @@ As in the paper (§4.3) and PEFT, ``‖V‖_c`` is a constant in the gradient
 
 from __future__ import annotations
 
-import math
+import string
 from typing import Any
 
 import jax
@@ -73,23 +73,26 @@ def weight_norms(w0: jax.Array, factors: LoraFactors) -> jax.Array:
         True
     """
     layout = factors.layout
-    nb = len(layout.batch_axes)
-    order = layout.batch_axes + layout.in_axes + layout.out_axes
-    w = jnp.transpose(w0.astype(jnp.float32), order)
-    batch, fan_out = w.shape[:nb], w.shape[nb + len(layout.in_axes) :]
-    fan_in, r = layout.fan_in(w0.shape), factors.rank
-    w = w.reshape(batch + (fan_in, math.prod(fan_out)))
-    a = factors.a.astype(jnp.float32).reshape(batch + (fan_in, r))
-    b = factors.b.astype(jnp.float32).reshape(batch + (r, math.prod(fan_out)))
+    # Subscripts on the weight's own axes, so that W0 is read in place: no transposed or
+    # squared full-size copy.
+    letters = string.ascii_letters[: w0.ndim]
+    bat = "".join(letters[k] for k in layout.batch_axes)
+    fin = "".join(letters[k] for k in layout.in_axes)
+    fout = "".join(letters[k] for k in layout.out_axes)
+    cols = bat + fout
+    w = w0.astype(jnp.float32)
+    a = factors.a.astype(jnp.float32)
+    b = factors.b.astype(jnp.float32)
     s = factors.scale
     highest = lax.Precision.HIGHEST
-    w0_sq = jnp.sum(w * w, axis=-2)
-    w0t_a = jnp.einsum("...io,...ir->...ro", w, a, precision=highest)
-    gram = jnp.einsum("...ir,...is->...rs", a, a, precision=highest)
-    cross = jnp.sum(w0t_a * b, axis=-2)
-    quad = jnp.sum(b * jnp.einsum("...rs,...so->...ro", gram, b, precision=highest), axis=-2)
+    w0_sq = jnp.einsum(f"{letters},{letters}->{cols}", w, w, precision=highest)
+    w0t_a = jnp.einsum(f"{letters},{bat}{fin}Z->{cols}Z", w, a, precision=highest)
+    gram = jnp.einsum(f"{bat}{fin}Y,{bat}{fin}Z->{bat}YZ", a, a, precision=highest)
+    b_cols = jnp.einsum(f"{bat}Z{fout}->{cols}Z", b)
+    cross = jnp.sum(w0t_a * b_cols, axis=-1)
+    quad = jnp.einsum(f"{cols}Y,{bat}YZ,{cols}Z->{cols}", b_cols, gram, b_cols, precision=highest)
     sq = w0_sq + 2.0 * s * cross + s * s * quad
-    return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(batch + fan_out)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 def magnitude_scale(norms: jax.Array, magnitude: jax.Array) -> jax.Array:
@@ -109,8 +112,8 @@ def magnitude_scale(norms: jax.Array, magnitude: jax.Array) -> jax.Array:
 def dora_weight(w0: jax.Array, factors: LoraFactors) -> jax.Array:
     """The adapted weight ``m · V / ‖V‖_c`` (``V = W0 + scale·A·B``) in float32.
 
-    The reference formula, used by :func:`lorax_fn.merge` and by a fallback that must
-    form the weight. Plain LoRA factors (no magnitude) give ``V``.
+    The reference formula, used by :func:`lorax_fn.merge`; ``lora(fn)`` computes the
+    same products without forming it. Plain LoRA factors (no magnitude) give ``V``.
 
     Example:
         >>> import jax, jax.numpy as jnp

@@ -6,6 +6,12 @@ A's axes are the weight's ``b``/``i`` axes in the weight's current order, then t
 rank; B's are its ``b``/``o`` axes, then the rank. Layout rules return a new
 :class:`SymbolicWeight` or ``None`` when the operation cannot stay factorized;
 consumer rules return the consumer's result, computed without forming the weight.
+
+A DoRA weight ``m·V/‖V‖_c`` (:mod:`lorax_fn.dora`) is ``V = W0 + scale·A·B`` times a
+per-column scale ``c = m/‖V‖_c``, held like B with a unit rank axis, so that every
+layout rule moves it exactly as it moves B. Its consumers scale their output columns
+by ``c`` (or, contracting fan-out, their input); the column norms come from W0's norms
+and low-rank terms (:func:`lorax_fn.dora.weight_norms`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn.factors import LoraFactors
+from lorax_fn import dora, lazy
+from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.lazy import LazyWeight
+
+
+def _column_norms(w0: jax.Array | LazyWeight, factors: LoraFactors) -> jax.Array:
+    """DoRA's ``‖W0 + scale·A·B‖_c``; a quantized stack one layer at a time.
+
+    Dequantizing a stacked quantized weight whole would put a float copy of every
+    layer in memory at once, which QLoRA exists to avoid.
+    """
+    layout = factors.layout
+    parts = None
+    if isinstance(w0, LazyWeight) and layout.batch_axes[:1] == (0,):
+        parts = lazy.scan_parts(w0)
+    if parts is None:
+        return dora.weight_norms(w0.value() if isinstance(w0, LazyWeight) else w0, factors)
+    stored, rebuild = parts
+    inner = Layout(
+        tuple(k - 1 for k in layout.in_axes),
+        tuple(k - 1 for k in layout.out_axes),
+        tuple(k - 1 for k in layout.batch_axes[1:]),
+    )
+
+    def layer(_, xs):
+        part, a, b, step = xs
+        one = LoraFactors(a, b, factors.scale, inner)
+        return None, dora.weight_norms(rebuild(part, step).value(), one)
+
+    steps = jnp.arange(factors.a.shape[0])
+    return lax.scan(layer, None, (stored, factors.a, factors.b, steps))[1]
 
 
 @jax.tree_util.register_dataclass
@@ -37,6 +72,8 @@ class SymbolicWeight:
     kinds: tuple[str, ...] = dataclasses.field(metadata={"static": True})
     scale: float = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(metadata={"static": True})
+    # DoRA's column scale m/‖V‖_c (float32, B's axes with a unit rank), or None.
+    c: jax.Array | None = None
 
     @classmethod
     def from_factors(cls, path: str, w0: jax.Array, factors: LoraFactors) -> SymbolicWeight:
@@ -52,7 +89,11 @@ class SymbolicWeight:
         a = jnp.transpose(factors.a, [*np.argsort(a_axes), len(a_axes)])
         b = jnp.moveaxis(factors.b, nb, -1)
         b = jnp.transpose(b, [*np.argsort(b_axes), len(b_axes)])
-        return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout)
+        c = None
+        if factors.is_dora:
+            c = dora.magnitude_scale(_column_norms(w0, factors), factors.magnitude)[..., None]
+            c = jnp.transpose(c, [*np.argsort(b_axes), len(b_axes)])
+        return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout, c)
 
     def axes_of(self, group: str) -> list[int]:
         """Weight axes held by A (``group="a"``) or B (``"b"``), in A's / B's order."""
@@ -61,6 +102,20 @@ class SymbolicWeight:
 
     def replace(self, **changes: Any) -> SymbolicWeight:
         return dataclasses.replace(self, **changes)
+
+    def map_b(self, fn: Any, **changes: Any) -> SymbolicWeight:
+        """Apply ``fn`` to B and to DoRA's column scale (both on B's axes), then ``changes``."""
+        c = None if self.c is None else fn(self.c)
+        return self.replace(b=fn(self.b), c=c, **changes)
+
+    def column_scale(self, sub: str) -> tuple[jax.Array, str] | None:
+        """DoRA's scale without its rank axis, and its einsum subscripts from ``sub``.
+
+        ``sub`` names the weight's axes, one letter each; ``None`` for plain LoRA.
+        """
+        if self.c is None:
+            return None
+        return self.c[..., 0], "".join(sub[k] for k in self.axes_of("b"))
 
     def materialize(self) -> jax.Array:
         """The full weight ``w0 + scale·A·B`` (the fallback), accumulated in float32."""
@@ -74,7 +129,11 @@ class SymbolicWeight:
             precision=lax.Precision.HIGHEST,
         )
         w0 = self.w0.value() if isinstance(self.w0, LazyWeight) else self.w0
-        return (w0.astype(jnp.float32) + self.scale * d).astype(w0.dtype)
+        v = w0.astype(jnp.float32) + self.scale * d
+        scaled = self.column_scale(letters)
+        if scaled is not None:
+            v = jnp.einsum(f"{letters},{scaled[1]}->{letters}", v, scaled[0])
+        return v.astype(w0.dtype)
 
 
 # ---------------------------------------------------------------- layout rules
@@ -82,12 +141,17 @@ class SymbolicWeight:
 
 def transpose(w: SymbolicWeight, permutation: Sequence[int]) -> SymbolicWeight:
     kinds = tuple(w.kinds[p] for p in permutation)
-    factors = {}
+    orders = {}
     for group in ("a", "b"):
         old = w.axes_of(group)
         new = [p for p in permutation if p in old]
-        factors[group] = jnp.transpose(getattr(w, group), [old.index(p) for p in new] + [len(old)])
-    return w.replace(w0=w.w0.transpose(tuple(permutation)), kinds=kinds, **factors)
+        orders[group] = [old.index(p) for p in new] + [len(old)]
+    return w.map_b(
+        lambda x: jnp.transpose(x, orders["b"]),
+        a=jnp.transpose(w.a, orders["a"]),
+        w0=w.w0.transpose(tuple(permutation)),
+        kinds=kinds,
+    )
 
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list, list]] | None:
@@ -141,10 +205,10 @@ def reshape(w: SymbolicWeight, new_shape: Sequence[int]) -> SymbolicWeight | Non
     b_shape = [new_shape[k] for k, r in enumerate(kinds) if r in "bo"] + [w.b.shape[-1]]
     if not any(r == "i" for r in kinds) or not any(r == "o" for r in kinds):
         return None
-    return w.replace(
+    return w.map_b(
+        lambda x: x.reshape(b_shape[:-1] + [x.shape[-1]]),
         w0=w.w0.reshape(tuple(new_shape)),
         a=w.a.reshape(a_shape),
-        b=w.b.reshape(b_shape),
         kinds=tuple(kinds),
     )
 
@@ -154,7 +218,7 @@ def slice_axes(w: SymbolicWeight, slicer: Any, w0: jax.Array) -> SymbolicWeight:
 
     ``slicer(x, axes)`` slices array ``x`` whose dims correspond to weight ``axes``.
     """
-    return w.replace(w0=w0, a=slicer(w.a, w.axes_of("a")), b=slicer(w.b, w.axes_of("b")))
+    return w.map_b(lambda x: slicer(x, w.axes_of("b")), w0=w0, a=slicer(w.a, w.axes_of("a")))
 
 
 # ------------------------------------------------------------- consumer rules
@@ -162,6 +226,21 @@ def slice_axes(w: SymbolicWeight, slicer: Any, w0: jax.Array) -> SymbolicWeight:
 
 def _add_low_rank(base_out: jax.Array, y: jax.Array, scale: float) -> jax.Array:
     return base_out + (y if scale == 1.0 else scale * y).astype(base_out.dtype)
+
+
+def _on_axes(c: jax.Array, c_sub: str, sub: str) -> jax.Array:
+    """``c`` (axes ``c_sub``) laid out to broadcast against an array with axes ``sub``."""
+    order = sorted(range(len(c_sub)), key=lambda k: sub.index(c_sub[k]))
+    shape = [c.shape[c_sub.index(ch)] if ch in c_sub else 1 for ch in sub]
+    return jnp.transpose(c, order).reshape(shape)
+
+
+def _add_scaled(base_out: jax.Array, y: jax.Array, scale: float, c: jax.Array | None) -> jax.Array:
+    """``base_out + scale·y``, each output column times DoRA's ``c`` (broadcastable) if any."""
+    if c is None:
+        return _add_low_rank(base_out, y, scale)
+    total = base_out.astype(jnp.float32) + scale * y.astype(jnp.float32)
+    return (total * c).astype(base_out.dtype)
 
 
 def _dropped(x: jax.Array, w: SymbolicWeight, key: jax.Array | None) -> jax.Array:
@@ -179,10 +258,14 @@ def dot_general(
     dimension_numbers,
     precision,
     preferred_element_type,
-    base_out: jax.Array,
+    base: Any,
     key: jax.Array | None,
 ) -> jax.Array | None:
-    """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out)."""
+    """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out).
+
+    ``base(x)`` is the original product with W0. A DoRA weight scales the output
+    columns by ``c``, or, contracting fan-out, the input's columns first.
+    """
     (lc, rc), (lb, rb) = dimension_numbers
     wc, xc, wb, xb = (lc, rc, lb, rb) if weight_is_lhs else (rc, lc, rb, lb)
     roles = {w.kinds[k] for k in wc}
@@ -206,6 +289,17 @@ def dot_general(
     contracted = {w_sub[k] for k in wc}
     t_sub = [c for c in x_sub if c not in contracted]
     t_sub += [c for c in f1[:-1] if c not in contracted and c not in t_sub] + ["Z"]
+    scaled = w.column_scale("".join(w_sub))
+    c_out = None
+    if scaled is not None and first == "b":
+        # x·(V·diag(c))ᵀ = (x·diag(c))·Vᵀ: scale the input's (contracted) columns.
+        c, c_sub = scaled
+        if not set(c_sub) <= set(x_sub):  # a stacked weight axis free in the product
+            return None
+        x = (x.astype(jnp.float32) * _on_axes(c, c_sub, "".join(x_sub))).astype(x.dtype)
+    elif scaled is not None:
+        c_out = _on_axes(*scaled, "".join(out))
+    base_out = base(x)
     x_low = _dropped(x, w, key).astype(w.a.dtype)
     if not wb and set(wc) == set(w.axes_of(first)):
         y = _matrix_path(x_low, w, xc, wc, first, second, weight_is_lhs, precision)
@@ -219,7 +313,7 @@ def dot_general(
         y = jnp.einsum(
             f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second), precision=precision
         )
-    return _add_low_rank(base_out, y, w.scale)
+    return _add_scaled(base_out, y, w.scale, c_out)
 
 
 def _matrix_path(x, w, xc, wc, first, second, weight_is_lhs, precision) -> jax.Array:
@@ -277,8 +371,25 @@ def ragged_dot(
     """``ragged_dot(x, W0) + scale·ragged_dot(ragged_dot(x, A), B)``, the same groups each time.
 
     Rows past ``sum(group_sizes)`` belong to no expert: every product leaves them zero.
+    A DoRA weight scales each row's output by its expert's column scale; only the
+    ``lax.ragged_dot`` form (x ``(M, in)`` ragged along M, W ``(E, in, out)``) has that
+    rule (``None`` otherwise: the caller forms the weight).
     """
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    c_rows = None
+    if w.c is not None:
+        plain = (
+            x.ndim == 2
+            and w.kinds == ("b", "i", "o")
+            and list(dn.lhs_ragged_dimensions) == [0]
+            and (list(lc), list(rc), list(lb), list(rb)) == ([1], [1], [], [])
+        )
+        if not plain:
+            return None
+        ends = jnp.cumsum(group_sizes)
+        expert = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+        # Rows past the last group are zero in every product; any expert's scale will do.
+        c_rows = w.c[jnp.minimum(expert, w.c.shape[0] - 1), :, 0]
     a_axes, b_axes = w.axes_of("a"), w.axes_of("b")
     groups = dn.rhs_group_dimensions
     first = lax.RaggedDotDimensionNumbers(
@@ -297,7 +408,7 @@ def ragged_dot(
         [b_axes.index(k) for k in groups],
     )
     y = lax.ragged_dot_general(t, w.b, group_sizes, second, precision=precision)
-    return _add_low_rank(base_out, y, w.scale)
+    return _add_scaled(base_out, y, w.scale, c_rows)
 
 
 def conv(
@@ -322,7 +433,10 @@ def conv(
     )
     y = jnp.tensordot(t, w.b, axes=[[out_feature], [1]], precision=params["precision"])
     y = jnp.moveaxis(y, -1, out_feature)
-    return _add_low_rank(base_out, y, w.scale)
+    c = None
+    if w.c is not None:  # (out, 1): one scale per output feature
+        c = w.c[:, 0].reshape([-1 if k == out_feature else 1 for k in range(y.ndim)])
+    return _add_scaled(base_out, y, w.scale, c)
 
 
 def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: int) -> bool:
@@ -374,11 +488,11 @@ def gather(
     rest = [k for k in range(w.w0.ndim) if k not in collapsed]
     if roles == {"b"}:
         kinds = ("b",) * n_batch + tuple(w.kinds[k] for k in rest)
-        return w.replace(
+        return w.map_b(
+            lambda x: _gather_factor(x, w.axes_of("b"), collapsed, indices, params),
             w0=base_out,
             kinds=kinds,
             a=_gather_factor(w.a, w.axes_of("a"), collapsed, indices, params),
-            b=_gather_factor(w.b, w.axes_of("b"), collapsed, indices, params),
         )
     if roles != {"i"}:
         return None
@@ -391,4 +505,7 @@ def gather(
     b_sub = "".join(w_sub[k] for k in w.axes_of("b")) + "Z"
     out_sub = idx_sub + "".join(w_sub[k] for k in rest)
     y = jnp.einsum(f"{a_sub},{b_sub}->{out_sub}", rows, w.b)
-    return _add_low_rank(base_out, y, w.scale)
+    c = None
+    if w.c is not None:  # an embedding row's features, each times its column's scale
+        c = _on_axes(w.c[..., 0], b_sub[:-1], out_sub)
+    return _add_scaled(base_out, y, w.scale, c)

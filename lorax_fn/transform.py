@@ -10,6 +10,8 @@ evaluated recursively (the table is :mod:`lorax_fn.primitives`, shared with layo
 inference), and anything else — custom-derivative functions included, whose rule
 needs the full weight — materializes that one weight and reports it. A quantized weight
 (:class:`~lorax_fn.lazy.LazyWeight`) is dequantized inside the operation reading it.
+A DoRA weight ``m·V/‖V‖_c`` stays factorized too: its consumers scale their output
+columns by ``m/‖V‖_c``, the norms computed from W0's and the factors' (no ``V``).
 The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and ``pmap`` compose
 with it, and the gradient never holds a full-size weight where the weight stays
 symbolic.
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core
 
-from lorax_fn import dora, lazy, primitives, symbolic
+from lorax_fn import lazy, primitives, symbolic
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.lazy import LazyWeight
@@ -85,17 +87,6 @@ class _Context:
             f"{why or 'which has no factorized rule'}; {formed} there",
         )
         return w.value() if isinstance(w, LazyWeight) else w.materialize()
-
-    def form_dora(self, path: str, w0: Any, factors: LoraFactors) -> jax.Array:
-        # DoRA has no factorized rule yet: the weight m·V/‖V‖_c is formed (exact, as merge).
-        self.report(
-            path,
-            "DoRA",
-            f"{path} is a DoRA adapter, which lora(fn) does not factorize yet; the full weight "
-            "m·(W0 + scale·A·B)/‖W0 + scale·A·B‖_c is formed",
-        )
-        w0 = w0.value() if isinstance(w0, LazyWeight) else w0
-        return dora.dora_weight(w0, factors).astype(w0.dtype)
 
 
 def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
@@ -261,7 +252,10 @@ def _dot_general(eqn, invals, ctx):
         return None
     weight_is_lhs = isinstance(lhs, SymbolicWeight)
     w, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
-    base_out = _bind_frozen(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
+
+    def base(x):
+        return _bind_frozen(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
+
     return symbolic.dot_general(
         x,
         w,
@@ -269,7 +263,7 @@ def _dot_general(eqn, invals, ctx):
         dimension_numbers=eqn.params["dimension_numbers"],
         precision=eqn.params["precision"],
         preferred_element_type=eqn.params["preferred_element_type"],
-        base_out=base_out,
+        base=base,
         key=ctx.next_key(),
     )
 
@@ -356,8 +350,9 @@ def _scan(eqn, invals, ctx):
     sliced = []
     for k, x in enumerate(xs):
         if isinstance(x, SymbolicWeight):
-            a, b = (x.a if x.kinds[0] in "bi" else None, x.b if x.kinds[0] in "bo" else None)
-            sliced.append((scanned_w0(k, x.w0), a, b))
+            a = x.a if x.kinds[0] in "bi" else None
+            b, c = (x.b, x.c) if x.kinds[0] in "bo" else (None, None)
+            sliced.append((scanned_w0(k, x.w0), a, b, c))
         else:
             sliced.append(scanned_w0(k, x))
     key = ctx.key
@@ -374,12 +369,13 @@ def _scan(eqn, invals, ctx):
         args = []
         for k, (orig, x) in enumerate(zip(xs, per_step, strict=True)):
             if isinstance(orig, SymbolicWeight):
-                w0, a, b = x
+                w0, a, b, c = x
                 args.append(
                     orig.replace(
                         w0=step_w0(k, w0),
                         a=orig.a if a is None else a,
                         b=orig.b if b is None else b,
+                        c=orig.c if b is None else c,
                         kinds=orig.kinds[1:],
                     )
                 )
@@ -485,7 +481,11 @@ def lora(
     is consumed by ``dot_general`` (any dimension numbers, either side, batched),
     ``conv_general_dilated`` (ungrouped), an embedding ``gather`` or ``lax.ragged_dot``
     (mixture-of-experts weights ``(E, in, out)``, one adapter per expert: the same
-    group sizes route ``x``, ``x·A`` and the result). Transposes, dtype
+    group sizes route ``x``, ``x·A`` and the result). A DoRA adapter
+    (``LoraSpec(use_dora=True)``) computes ``(x·W0 + scale·(x·A)·B)·m/‖V‖_c`` per output
+    column (the norm, detached in the gradient, from ‖W0‖², ⟨W0ᵀA, B⟩ and AᵀA: one
+    pass over W0, no ``V``); a quantized stack's norms are taken one layer at a time.
+    Transposes, dtype
     casts, copies, ``optimization_barrier``, grouping reshapes, unit broadcasts and
     slices of a weight stay factorized, as do weights passed through ``jit``, ``scan``
     (stacked layers), ``remat``, ``cond`` and ``while`` (:mod:`lorax_fn.primitives`).
@@ -585,11 +585,7 @@ def lora(
             ]
             ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
             inputs = [
-                x
-                if p not in factors
-                else ctx.form_dora(p, x, factors[p])
-                if factors[p].is_dora
-                else SymbolicWeight.from_factors(p, x, factors[p])
+                SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
                 for p, x in zip(paths, inputs, strict=True)
             ]
             outs = _eval_closed(closed, [*inputs, *arg_leaves], ctx)
