@@ -40,6 +40,7 @@ SCRIPTS = (
     "qlora.py",
     "qlora_train.py",
     "moe.py",
+    "dora.py",
 )
 # Columns that identify a row rather than measure it; kept first in each table.
 _KEY_COLUMNS = ("config", "method", "benchmark")
