@@ -41,7 +41,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.paths import path_str
@@ -91,7 +90,7 @@ def _is_spec(x: Any) -> bool:
 
 def _factor_specs(
     path: str, spec: PartitionSpec, factors: LoraFactors
-) -> tuple[PartitionSpec, PartitionSpec]:
+) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
     layout = factors.layout
     ndim = layout.ndim
     if len(spec) > ndim:
@@ -102,8 +101,12 @@ def _factor_specs(
     entries = tuple(spec) + (None,) * (ndim - len(spec))
     batch = tuple(entries[i] for i in layout.batch_axes)
     a = PartitionSpec(*batch, *(entries[i] for i in layout.in_axes), None)
-    b = PartitionSpec(*batch, None, *(entries[i] for i in layout.out_axes))
-    return a, b
+    fan_out = tuple(entries[i] for i in layout.out_axes)
+    b = PartitionSpec(*batch, None, *fan_out)
+    # DoRA's magnitude is indexed by (batch, out) like B without its rank axis, and
+    # scales the output columns that B produces: it takes B's spec less the rank.
+    m = PartitionSpec(*batch, *fan_out)
+    return a, b, m
 
 
 def lora_shardings(
@@ -114,8 +117,9 @@ def lora_shardings(
     A takes the base weight's mesh axes on its batch and fan-in axes, B on its batch and
     fan-out axes (per the factors' :class:`~lorax_fn.Layout`), and the rank axis is
     replicated; so ``x @ A`` contracts over the same shards as ``x @ W0`` and
-    ``(x@A) @ B`` comes out sharded like ``x @ W0``. Fully trainable leaves take their
-    base leaf's sharding.
+    ``(x@A) @ B`` comes out sharded like ``x @ W0``. A DoRA magnitude (shape
+    ``(*batch, *out)``) takes B's spec without the rank axis, so it is split like the
+    output columns it scales. Fully trainable leaves take their base leaf's sharding.
 
     Args:
       lora: the LoRA tree from :func:`lorax_fn.split`.
@@ -129,8 +133,9 @@ def lora_shardings(
       mesh: the mesh for ``PartitionSpec``/``None`` leaves; unused for ``NamedSharding``.
 
     Returns:
-      A tree with the structure of ``lora`` (``LoraFactors`` whose ``a`` and ``b`` are
-      ``NamedSharding``), for ``jax.device_put`` or ``jax.jit``'s ``out_shardings``.
+      A tree with the structure of ``lora`` (``LoraFactors`` whose ``a``, ``b`` and, for
+      DoRA, ``magnitude`` are ``NamedSharding``), for ``jax.device_put`` or
+      ``jax.jit``'s ``out_shardings``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -143,8 +148,11 @@ def lora_shardings(
         >>> sh = lora_shardings(lt, {"w": P("data", "model")}, mesh)
         >>> sh["w"].a.spec, sh["w"].b.spec
         (P('data', None), P(None, 'model'))
+        >>> _, dora = split({"w": jnp.ones((8, 4))}, LoraSpec("w", rank=2, use_dora=True),
+        ...                 key=jax.random.key(0))
+        >>> lora_shardings(dora, {"w": P("data", "model")}, mesh)["w"].magnitude.spec
+        P('model',)
     """
-    refuse_dora(lora, "lora_shardings")
     flat = jax.tree_util.tree_flatten_with_path(base_shardings, is_leaf=_is_spec)[0]
     by_path = {path_str(k): s for k, s in flat}
 
@@ -164,8 +172,13 @@ def lora_shardings(
             )
         m, spec = sharding(path, by_path[path])
         if isinstance(entry, LoraFactors):
-            a, b = _factor_specs(path, spec, entry)
-            out[path] = dataclasses.replace(entry, a=NamedSharding(m, a), b=NamedSharding(m, b))
+            a, b, mag = _factor_specs(path, spec, entry)
+            out[path] = dataclasses.replace(
+                entry,
+                a=NamedSharding(m, a),
+                b=NamedSharding(m, b),
+                magnitude=None if entry.magnitude is None else NamedSharding(m, mag),
+            )
         else:
             out[path] = NamedSharding(m, spec)
     return out
