@@ -22,7 +22,7 @@ from lorax_fn.combine import combine
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
 from lorax_fn.layouts import infer_layouts
-from lorax_fn.merge import check_fits, dora_norms, merge, unmerge
+from lorax_fn.merge import check_fits, dora_norms, init_magnitudes, merge, unmerge
 from lorax_fn.multi import (
     AdapterSelection,
     AdapterStack,
@@ -85,6 +85,7 @@ __all__ = [
     "fsdp_shardings",
     "import_peft",
     "infer_layouts",
+    "init_magnitudes",
     "leaves_with_paths",
     "lora",
     "lora_labels",

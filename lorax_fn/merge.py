@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn.dora import column_norms, dora_weight, to_weight_axes
+from lorax_fn.dora import dora_weight, to_weight_axes, weight_norms
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
 from lorax_fn.quantize import QuantizedArray, weight_leaves
@@ -232,19 +233,43 @@ def dora_norms(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
     dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
     if not dora:
         raise LoraError("dora_norms: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
-    weights = {
-        p: w.dequantize(jnp.float32) if isinstance(w, QuantizedArray) else w
-        for p, w in weight_leaves(base)
-        if p in dora
-    }
-    return _norms(weights, dora)
+    # One weight at a time, V never formed: a quantized base is never in float at once.
+    norms = {p: _weight_norms(w, dora[p]) for p, w in weight_leaves(base) if p in dora}
+    return {p: norms[p] for p in dora}
 
 
 @jax.jit
-def _norms(weights: dict[str, Any], lora: dict[str, LoraFactors]) -> dict[str, jax.Array]:
+def _weight_norms(w: Any, factors: LoraFactors) -> jax.Array:
+    if isinstance(w, QuantizedArray):
+        w = w.dequantize(jnp.float32)
+    return weight_norms(w, factors)
+
+
+def init_magnitudes(base: Any, lora: dict[str, Any]) -> dict[str, Any]:
+    """``lora`` with each DoRA magnitude reset to ``‖W0 + scale·A·B‖_c`` of this ``base``.
+
+    Then the adapted model equals ``base`` with the plain low-rank update, and at
+    :func:`lorax_fn.split`'s init (B = 0) equals ``base`` itself. ``split`` sets the
+    magnitudes from the float weights; after :func:`lorax_fn.quantize_base` (QDoRA)
+    call this on the quantized base so that training starts from the quantized model
+    exactly, not from one whose columns are rescaled by the quantization error. Each
+    quantized weight is dequantized alone, inside one compiled call.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, quantize_base, split
+        >>> w = jax.random.normal(jax.random.key(0), (64, 8))
+        >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
+        >>> qbase = quantize_base(base, "w")
+        >>> lt = init_magnitudes(qbase, lt)
+        >>> merged = merge(qbase, lt)["w"]
+        >>> bool(jnp.allclose(merged, qbase["w"].dequantize(), atol=1e-5))
+        True
+    """
+    norms = dora_norms(base, lora)
     return {
-        p: column_norms(w.astype(jnp.float32) + delta(lora[p]), lora[p].layout)
-        for p, w in weights.items()
+        p: dataclasses.replace(e, magnitude=norms[p].astype(e.magnitude.dtype)) if p in norms else e
+        for p, e in lora.items()
     }
 
 

@@ -270,3 +270,30 @@ def test_quantized_stack_norms_are_computed_one_layer_at_a_time():
     n_q = len(jax.tree_util.tree_leaves(qbase))
     tainted = [True] * n_q + [False] * (len(closed.jaxpr.invars) - n_q)
     assert (3, 64, 64) not in _tainted_shapes(closed.jaxpr, tainted)
+
+
+def test_qdora_init_magnitudes_start_from_the_quantized_model():
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(64)(jnp.tanh(nn.Dense(128)(x)))
+
+    x = jax.random.normal(KEY, (4, 64))
+    model = MLP()
+    spec = LoraSpec("**/kernel", rank=4, use_dora=True)
+    base, lt = lorax_fn.split(model.init(KEY, x), spec, key=KEY)
+    qbase = quantize_base(base, spec)
+    g = lorax_fn.lora(model.apply, on_fallback="error")
+    quantized_model = model.apply(dequantize_base(qbase), x)
+    # split's magnitudes are the float weights' norms: the quantized model is rescaled.
+    assert not np.allclose(g(qbase, lt, x), quantized_model, atol=1e-4)
+    fixed = lorax_fn.init_magnitudes(qbase, lt)
+    np.testing.assert_allclose(g(qbase, fixed, x), quantized_model, rtol=1e-5, atol=1e-5)
+    # Nothing but the magnitudes changed.
+    for p in lt:
+        np.testing.assert_array_equal(fixed[p].a, lt[p].a)
+        np.testing.assert_array_equal(fixed[p].b, lt[p].b)
+    with pytest.raises(lorax_fn.LoraError, match="no DoRA entries"):
+        lorax_fn.init_magnitudes(
+            base, lorax_fn.split(base, LoraSpec("**/kernel", rank=2), key=KEY)[1]
+        )
