@@ -4,7 +4,8 @@ Every leaf of the tree being optimised gets one of four labels (:func:`lora_labe
 
 - ``"lora_a"`` / ``"lora_b"``: the A and B arrays of each :class:`~lorax_fn.LoraFactors`;
 - ``"trainable"``: any other floating leaf (the leaves ``LoraSpec(trainable=...)`` put in
-  the LoRA tree, or whatever else a combined tree holds that is not frozen);
+  the LoRA tree, DoRA's magnitude vectors, or whatever else a combined tree holds that is
+  not frozen);
 - ``"frozen"``: leaves matched by ``frozen=`` and every non-floating leaf (integer
   counters, PRNG keys). They go to ``optax.set_to_zero()``: zero updates, no state.
 
@@ -137,7 +138,8 @@ def optimizer(
       trainable_tx: a separate optimizer for the fully trainable (non-factor) leaves,
         e.g. a classifier head at another learning rate. Defaults to ``tx``.
       lora_plus_ratio: LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster than
-        A; the paper suggests ``ratio ≈ 16``. Implemented as ``optax.scale(ratio)``
+        A; the paper suggests ``ratio ≈ 16``. A DoRA magnitude is not B (LoRA+'s analysis
+        is about the A/B product) and keeps the plain rate. Implemented as ``optax.scale(ratio)``
         after ``tx`` on B's updates. That is exactly B at learning rate ``ratio · lr``
         whenever ``tx`` ends by multiplying by the learning rate, as optax's SGD,
         momentum, Adam, AdamW (decay included) and their schedules do: the moment
@@ -145,6 +147,10 @@ def optimizer(
 
     Weight decay belongs inside ``tx`` so it shares the learning-rate schedule: pass
     ``optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)``.
+
+    A DoRA adapter's magnitude (``LoraSpec(use_dora=True)``) is labelled ``"trainable"``:
+    it is trained, by ``trainable_tx`` when given, and is not weight-decayed by
+    :func:`weight_decay_mask`.
 
     It is ``optax.partition`` with callable labels (:func:`lora_labels`): each
     non-frozen label keeps its own copy of ``tx``'s state over its own leaves: with
@@ -243,26 +249,42 @@ def _first_difference(want: Any, got: Any) -> str | None:
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """``True`` for the leaves weight decay should shrink: factors and ≥2-D weights.
+    """``True`` for the leaves weight decay should shrink: A, B and ≥2-D weights.
 
-    LoRA factors are always decayed. Other leaves are decayed when they have at least
-    two axes and no path component is ``bias`` or ``scale`` or contains ``norm``
-    (or is ``ln``, ``ln_f``, ``ln1``…): biases and normalisation parameters are
-    left alone, stacked (``nn.scan``) ones included. Works on the masked trees
-    ``optax.partition`` hands to each inner optimizer, so it can be given to
-    optax directly.
+    LoRA's A and B are always decayed; DoRA's magnitude never is. Other leaves are
+    decayed when they have at least two axes and no path component is ``bias`` or
+    ``scale`` or contains ``norm`` (or is ``ln``, ``ln_f``, ``ln1``…): biases and
+    normalisation parameters are left alone, stacked (``nn.scan``) ones included.
+    Works on the masked trees ``optax.partition`` hands to each inner optimizer, so it
+    can be given to optax directly.
+
+    Why the magnitude is spared: decay pulls a parameter towards zero. For A and B that
+    is towards the pretrained model (``ΔW = 0``), but the magnitude starts at the base
+    weight's column norms ``‖W0‖_c``, so pulling it towards zero shrinks every output
+    column of the pretrained weight, a regulariser towards a zero layer. It is a
+    per-column gain like a norm layer's ``scale``, which is spared for the same reason.
+    (Hugging Face's Trainer decays every parameter but biases and norm layers, so it
+    does decay PEFT's ``lora_magnitude_vector``; the DoRA paper does not discuss it.)
 
     Example:
         >>> import jax.numpy as jnp, optax
         >>> weight_decay_mask({"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
         ...                    "LayerNorm_0": {"scale": jnp.ones(2)}})
         {'LayerNorm_0': {'scale': False}, 'dense': {'bias': False, 'kernel': True}}
+        >>> from lorax_fn import Layout
+        >>> f = LoraFactors(jnp.ones((2, 1)), jnp.zeros((1, 2)), 1.0, Layout((0,), (1,)),
+        ...                 magnitude=jnp.ones(2))  # DoRA
+        >>> mask = weight_decay_mask({"w": f})["w"]
+        >>> mask.a, mask.b, mask.magnitude
+        (True, True, False)
         >>> tx = optax.adamw(1e-3, weight_decay=1e-2, mask=weight_decay_mask)
     """
 
     def decide(key_path: Any, leaf: Any) -> Any:
         if _is_factors(leaf):
-            return dataclasses.replace(leaf, a=True, b=True)
+            # None stays None: a plain adapter has no magnitude leaf to mask.
+            magnitude = None if leaf.magnitude is None else False
+            return dataclasses.replace(leaf, a=True, b=True, magnitude=magnitude)
         return np.ndim(leaf) >= 2 and _NO_DECAY.search(path_str(key_path)) is None
 
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_factors)

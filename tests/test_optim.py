@@ -286,3 +286,46 @@ def test_composes_with_optax_tree_map_params(setup, with_tree):
     assert len(moments) == 2 * len(jax.tree.leaves(lt)) and all(np.all(v == 7.0) for v in moments)
     counts = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.int32]
     assert [int(c) for c in counts] == [-1, -1, -1]  # one count per label present
+
+
+def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
+    variables = MLP().init(jax.random.key(0), jnp.ones((1, 8)))
+    spec = LoraSpec(targets="**/kernel", rank=2, use_dora=True)
+    base, lt = lorax_fn.split(variables, spec, key=KEY)
+    lt = jax.tree.map(lambda x: x + 0.05, lt)  # B ≠ 0: every leaf gets a gradient
+    x = jax.random.normal(jax.random.key(2), (32, 8))
+    y = jax.random.normal(jax.random.key(3), (32, 3))
+    grads = jax.grad(lambda t: lorax_fn.lora(mse)(base, t, x, y))(lt)
+    path = "params/Dense_0/kernel"
+    assert float(jnp.abs(grads[path].magnitude).max()) > 0
+
+    labels = lorax_fn.lora_labels(lt)[path]
+    assert (labels.a, labels.b, labels.magnitude) == ("lora_a", "lora_b", "trainable")
+    mask = lorax_fn.weight_decay_mask(lt)[path]
+    assert (mask.a, mask.b, mask.magnitude) == (True, True, False)
+
+    lr, wd, ratio = 0.1, 0.5, 4.0
+    adamw = optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)
+    tx = lorax_fn.optimizer(adamw, lt, lora_plus_ratio=ratio)
+    updates, _ = tx.update(grads, tx.init(lt), lt)
+    # Reference, leaf by leaf: AdamW on A, ratio·AdamW on B, Adam without decay on m.
+    plain = optax.adamw(lr, weight_decay=wd)
+    no_decay = optax.adamw(lr, weight_decay=0.0)
+    for p, f in lt.items():
+        g = grads[p]
+        ref = {
+            "a": plain.update(g.a, plain.init(f.a), f.a)[0],
+            "b": ratio * plain.update(g.b, plain.init(f.b), f.b)[0],
+            "magnitude": no_decay.update(g.magnitude, no_decay.init(f.magnitude), f.magnitude)[0],
+        }
+        for field, want in ref.items():
+            got = getattr(updates[p], field)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=f"{p}.{field}")
+    # With zero gradients only the decay is left: A and B shrink, m stays bit-for-bit.
+    zeros = jax.tree.map(jnp.zeros_like, lt)
+    new = optax.apply_updates(lt, tx.update(zeros, tx.init(lt), lt)[0])
+    np.testing.assert_allclose(new[path].a, lt[path].a * (1 - lr * wd), rtol=1e-6)
+    np.testing.assert_array_equal(new[path].magnitude, lt[path].magnitude)
+    # A plain tree's mask has no magnitude leaf (optax needs the same structure).
+    _, plain_lt = lorax_fn.split(variables, LoraSpec("**/kernel", rank=2), key=KEY)
+    assert lorax_fn.weight_decay_mask(plain_lt)[path].magnitude is None
