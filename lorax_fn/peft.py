@@ -33,7 +33,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -71,6 +71,8 @@ _TORCH_PARAM = {
     "bias": "bias",
 }
 _INITS = {"gaussian": "gaussian", "kaiming_uniform": True}
+PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+"""The order Hugging Face's MoE experts modules register their weights in."""
 
 NameMap: TypeAlias = (
     Mapping[str, str] | Sequence[tuple[str | re.Pattern[str], str]] | Callable[[str], str | None]
@@ -238,6 +240,8 @@ def export_peft(
     *,
     name_map: NameMap | None = None,
     conv: PathFilter | Sequence[PathFilter] = (),
+    experts: PathFilter | Sequence[PathFilter] = (),
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
     fan_in_fan_out: bool = False,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
@@ -266,6 +270,22 @@ def export_peft(
     written to the config and kernels trained in full (``modules_to_save``) are then
     stored as they are, not transposed; LoRA factors are stored the same either way.
 
+    ``experts`` are path filters of mixture-of-experts weights, one adapter per expert
+    (layout: one in, one out and one expert batch axis, e.g. ``(E, in, out)`` from
+    :func:`lorax_fn.infer_layouts` on ``lax.ragged_dot``; a leading layer axis more for a
+    stack, named through ``{layer}``). They are written as PEFT's ``target_parameters``
+    (Hugging Face MoE models keep experts as ``nn.Parameter`` s, not ``Linear`` s): for
+    them ``name_map`` gives the PyTorch *parameter* name ``<module>.<parameter>`` (the
+    default keeps the leaf: ``params/moe/gate_up_proj`` → ``moe.gate_up_proj``).
+    PEFT's files are ``lora_A`` ``[r·E, in]`` (expert-major rows) and ``lora_B``
+    ``[out, r·E]`` (rank-major columns) whether the PyTorch parameter is ``(E, out, in)``
+    or, with ``is_transposed``, ``(E, in, out)``. PEFT wraps each targeted parameter of a
+    module around the previous one in the order the module registered them, so the
+    factors of the ``k``-th of ``n`` lie under ``n-1-k`` ``.base_layer`` s;
+    ``parameter_order`` is that order (by default Hugging Face's: ``gate_up_proj``, …,
+    ``down_proj``) and must name every parameter of a module with more than one. As
+    PEFT refuses them there, experts refuse dropout, ``fan_in_fan_out`` and DoRA.
+
     An existing non-empty ``directory`` is refused unless ``overwrite=True`` (and it
     holds an ``adapter_config.json``); the new adapter is written completely next to it
     and then renamed into place, so a crash never leaves a half-written one.
@@ -276,6 +296,7 @@ def export_peft(
     """
     dora = _refuse_mixed_dora(lora_tree)
     is_conv = _as_predicates(conv)
+    is_expert = _as_predicates(experts)
     if spec is not None and spec.init == "pissa":
         raise LoraError(
             "a PiSSA adapter is relative to the residual base that split returned, but PEFT "
@@ -285,17 +306,36 @@ def export_peft(
     rslora = spec is not None and spec.scaling == "rslora"
     tensors: dict[str, np.ndarray] = {}
     modules: dict[str, tuple[int, float]] = {}  # module -> (r, alpha)
+    parameters: dict[str, tuple[int, float]] = {}  # target parameter -> (r, alpha)
+    expert_tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # parameter -> lora_A/B
     to_save: list[str] = []
     exact: dict[str, Any] = {}
     for path in sorted(lora_tree):
         entry = lora_tree[path]
-        name = _module_name(name_map, path)
+        expert = isinstance(entry, LoraFactors) and any(m(path, entry) for m in is_expert)
+        name = _parameter_name(name_map, path) if expert else _module_name(name_map, path)
         if name is None:
             raise LoraError(f"{path}: name_map gives no PyTorch module name for this path")
         if not isinstance(entry, LoraFactors):
             to_save.append(_export_full(tensors, path, name, np.asarray(entry), fan_in_fan_out))
             continue
         layout, shape = entry.layout, entry.weight_shape
+        r = entry.rank
+        alpha = entry.scale * (math.sqrt(r) if rslora else r)
+        exact[path] = {"scale": entry.scale, "dropout": entry.dropout, "layout": layout.to_json()}
+        if expert:
+            _refuse_for_experts(path, entry, spec, fan_in_fan_out)
+            layers = _expert_axes(path, layout, shape)[0]
+            exact[path]["modules"] = names = _layer_names(name, path, layers)
+            a, b = np.asarray(entry.a), np.asarray(entry.b)
+            for i, param in enumerate(names):
+                if param in parameters:
+                    raise LoraError(f"{path}: parameter name {param!r} is used twice")
+                parameters[param] = (r, alpha)
+                expert_tensors[param] = _experts_to_peft(
+                    *((a, b) if layers is None else (a[i], b[i]))
+                )
+            continue
         layers = _stack_size(path, layout, shape)
         names = _layer_names(name, path, layers)
         embedding = path.split("/")[-1] == "embedding"
@@ -316,8 +356,6 @@ def export_peft(
             else (".lora_A.weight", ".lora_B.weight")
         )
         a, b = np.asarray(entry.a), np.asarray(entry.b)
-        r = entry.rank
-        alpha = entry.scale * (math.sqrt(r) if rslora else r)
         for i, module in enumerate(names):
             a_i, b_i = (a, b) if layers is None else (a[i], b[i])
             if convolution:
@@ -338,18 +376,23 @@ def export_peft(
             if module in modules:
                 raise LoraError(f"{path}: module name {module!r} is used twice")
             modules[module] = (r, alpha)
-        exact[path] = {
-            "scale": entry.scale,
-            "dropout": entry.dropout,
-            "layout": layout.to_json(),
-            "modules": names,
-        }
-    if not modules:
+        exact[path]["modules"] = names
+    if not modules and not parameters:
         raise LoraError("the LoRA tree has no factors to export")
     if both := sorted(set(modules) & set(to_save)):
         raise LoraError(f"modules both adapted and trained in full: {both}; PEFT allows one")
-    r0 = _most_common([r for r, _ in modules.values()])
-    alpha0 = _most_common([alpha for _, alpha in modules.values()])
+    prefixes = _wrapper_prefixes(parameters, parameter_order)
+    holders = {param.rpartition(".")[0] for param in parameters}
+    if both := sorted(holders & (set(modules) | set(to_save))):
+        raise LoraError(
+            f"modules both holding target parameters and adapted or trained in full: {both}"
+        )
+    for param, (lora_a, lora_b) in expert_tensors.items():
+        tensors[_PREFIX + prefixes[param] + ".lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[_PREFIX + prefixes[param] + ".lora_B.weight"] = np.ascontiguousarray(lora_b)
+    ranked = modules | parameters  # PEFT matches patterns on module and parameter names alike
+    r0 = _most_common([r for r, _ in ranked.values()])
+    alpha0 = _most_common([alpha for _, alpha in ranked.values()])
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -359,9 +402,10 @@ def export_peft(
         "r": r0,
         "lora_alpha": _number(alpha0),
         "target_modules": sorted(modules),
+        "target_parameters": sorted(parameters) or None,
         "exclude_modules": None,
-        "rank_pattern": {re.escape(m): r for m, (r, _) in modules.items() if r != r0},
-        "alpha_pattern": {re.escape(m): _number(a) for m, (_, a) in modules.items() if a != alpha0},
+        "rank_pattern": {re.escape(m): r for m, (r, _) in ranked.items() if r != r0},
+        "alpha_pattern": {re.escape(m): _number(a) for m, (_, a) in ranked.items() if a != alpha0},
         "use_rslora": rslora,
         "lora_dropout": 0.0 if spec is None else spec.dropout,
         "bias": "none",
@@ -385,6 +429,99 @@ def export_peft(
 
     _write_directory(directory, overwrite, write)
     return directory
+
+
+def _parameter_name(name_map: NameMap | None, path: str) -> str | None:
+    """The PyTorch parameter an expert weight is: ``name_map``'s, or the path as dots."""
+    if name_map is None:
+        parts = path.split("/")
+        return ".".join(parts[1:] if parts[0] == "params" else parts)
+    return _module_name(name_map, path)
+
+
+def _expert_axes(path: str, layout: Layout, shape: Sequence[int]) -> tuple[int | None, int]:
+    """``(layers or None, experts)`` of a weight exported as PEFT target parameters."""
+    if (
+        len(layout.in_axes) != 1
+        or len(layout.out_axes) != 1
+        or len(layout.batch_axes) not in (1, 2)
+    ):
+        raise LoraError(
+            f"{path}: PEFT's target_parameters take a 3-D (experts, in, out) weight: one "
+            "expert batch axis (after an optional layer axis), one in and one out axis; "
+            f"got {layout} for shape {tuple(shape)}"
+        )
+    layers = shape[layout.batch_axes[0]] if len(layout.batch_axes) == 2 else None
+    return layers, shape[layout.batch_axes[-1]]
+
+
+def _expert_layout(shape: Sequence[int], stacked: bool) -> Layout | None:
+    """The default layout of an expert weight: ``([L,] E, in, out)``, as ``ragged_dot``."""
+    nb = 2 if stacked else 1
+    if len(shape) != nb + 2:
+        return None
+    return Layout((nb,), (nb + 1,), tuple(range(nb)))
+
+
+def _experts_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(E, in, r)``, B ``(E, r, out)`` → PEFT's ``[r·E, in]`` (row ``e·r + k`` is
+    ``A[e][:, k]``) and ``[out, r·E]`` (column ``k·E + e`` is ``B[e][k]``)."""
+    e, _, r = a.shape
+    return a.transpose(0, 2, 1).reshape(e * r, -1), b.transpose(2, 1, 0).reshape(-1, r * e)
+
+
+def _experts_from_peft(
+    lora_a: np.ndarray, lora_b: np.ndarray, experts: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_experts_to_peft`."""
+    r = lora_a.shape[0] // experts
+    a = lora_a.reshape(experts, r, -1).transpose(0, 2, 1)
+    return a, lora_b.reshape(-1, r, experts).transpose(2, 1, 0)
+
+
+def _wrapper_prefixes(names: Iterable[str], order: Sequence[str]) -> dict[str, str]:
+    """Per target parameter ``<module>.<param>``, the module name its factors are stored under.
+
+    PEFT wraps the targeted parameters of one module in the order the module registered
+    them, each ``ParamWrapper`` around the previous: the ``k``-th of ``n`` lies under
+    ``n-1-k`` ``.base_layer`` s.
+    """
+    by_holder: dict[str, list[str]] = collections.defaultdict(list)
+    for name in names:
+        holder, _, param = name.rpartition(".")
+        if not holder:
+            raise LoraError(
+                f"{name!r}: PEFT targets parameters of submodules only; name_map must give "
+                "<module>.<parameter> for an expert weight"
+            )
+        by_holder[holder].append(param)
+    prefixes = {}
+    for holder, params in by_holder.items():
+        if len(params) > 1:
+            if unknown := sorted(set(params) - set(order)):
+                raise LoraError(
+                    f"{holder}: PEFT nests the wrappers of the targeted parameters "
+                    f"{sorted(params)} in the order the module registered them; "
+                    f"parameter_order {tuple(order)} does not place {unknown}"
+                )
+            params = sorted(params, key=list(order).index)
+        for k, param in enumerate(params):
+            prefixes[f"{holder}.{param}"] = holder + ".base_layer" * (len(params) - 1 - k)
+    return prefixes
+
+
+def _refuse_for_experts(
+    path: str, entry: LoraFactors, spec: LoraSpec | None, fan_in_fan_out: bool
+) -> None:
+    """What PEFT's ``ParamWrapper`` refuses: dropout, ``fan_in_fan_out``, DoRA."""
+    dropout = max(entry.dropout, 0.0 if spec is None else spec.dropout)
+    for bad, what in (
+        (dropout != 0, f"lora_dropout={dropout:g} (it cannot factor x out of dropout(x))"),
+        (fan_in_fan_out, "fan_in_fan_out=True"),
+        (entry.is_dora, "DoRA"),
+    ):
+        if bad:
+            raise LoraError(f"{path}: PEFT's target_parameters (experts=) refuse {what}")
 
 
 def _refuse_mixed_dora(lora_tree: Mapping[str, Any]) -> bool:
@@ -470,6 +607,7 @@ def import_peft(
     name_map: NameMap | None = None,
     layouts: Mapping[str, Layout] | None = None,
     fan_in_fan_out: bool | None = None,
+    parameter_order: Sequence[str] = PARAMETER_ORDER,
 ) -> dict[str, Any]:
     """Read a PEFT LoRA adapter into a LoRA tree for ``base``, checked against it.
 
@@ -486,6 +624,12 @@ def import_peft(
     unmapped module, LoRA biases, a missing layer. A DoRA adapter (``use_dora: true``)
     gives factors with their ``magnitude``, which every module must have, of PEFT's
     shape (``(out,)``, a conv's ``(1, out, 1, …)``).
+
+    The config's ``target_parameters`` (mixture-of-experts weights; see
+    :func:`export_peft`'s ``experts``) are the base leaves whose ``name_map`` name, a
+    PyTorch parameter name, is one of them or ends with ``.<one of them>``, as PEFT
+    matches; without lorax_fn's header their layout is ``layouts``' or ``([L,] E, in,
+    out)``, and ``parameter_order`` says how PEFT nested the wrappers of a module.
 
     Example:
         >>> lt = lorax_fn.import_peft("out/", base, name_map=rules)  # doctest: +SKIP
@@ -505,11 +649,30 @@ def import_peft(
         if key.startswith(_PREFIX) and key.endswith(".lora_A.weight") and x.ndim > 2
     }
 
-    # Every name a base leaf could have: for factors, the module (per layer); for full
-    # leaves, module.param.
-    factor_names: dict[str, tuple[str, int | None, Layout]] = {}
+    # Every name a base leaf could have: for factors, the module (per layer) with the name
+    # PEFT matches patterns on and the number of experts; for full leaves, module.param.
+    factor_names: dict[str, tuple[str, int | None, Layout, str, int | None]] = {}
     full_names: dict[str, str] = {}
+    targets = list(config.get("target_parameters") or [])
+    expert_names: dict[str, tuple[str, int | None, Layout, int]] = {}
     for path, leaf in leaves.items():
+        param = _parameter_name(name_map, path) if targets else None
+        if param is not None and _targeted(param.replace("{layer}", "0"), targets):
+            shape = tuple(np.shape(leaf))
+            stacked = "{layer}" in param
+            if path in exact:
+                layout = Layout(**exact[path]["layout"])
+            else:
+                layout = layouts.get(path) or _expert_layout(shape, stacked)
+            if layout is None:
+                raise LoraError(
+                    f"{path}: {param} is one of the config's target_parameters, but shape "
+                    f"{shape} is not ({'L, ' if stacked else ''}E, in, out); pass layouts="
+                )
+            layers, experts = _expert_axes(path, layout, shape)
+            for i, name in enumerate(_layer_names(param, path, layers)):
+                expert_names[name] = (path, None if layers is None else i, layout, experts)
+            continue
         name = _module_name(name_map, path)
         if name is None:
             continue
@@ -535,7 +698,10 @@ def import_peft(
         if (layers is None) == stacked:
             continue  # this path is not a stacked weight named per layer, or vice versa
         for i, module in enumerate(_layer_names(name, path, layers)):
-            factor_names[module] = (path, None if layers is None else i, layout)
+            factor_names[module] = (path, None if layers is None else i, layout, module, None)
+    prefixes = _wrapper_prefixes(expert_names, parameter_order)
+    for name, (path, layer, layout, experts) in expert_names.items():
+        factor_names[prefixes[name]] = (path, layer, layout, name, experts)
 
     # path -> {"layout": Layout, layer: {"module": name, "a": lora_A, "b": lora_B}}
     found: dict[str, dict[Any, Any]] = collections.defaultdict(dict)
@@ -556,9 +722,10 @@ def import_peft(
             if module not in factor_names:
                 unmapped.append(key)
                 continue
-            path, layer, layout = factor_names[module]
-            found[path]["layout"] = layout
-            found[path].setdefault(layer, {"module": module})[_LORA_SUFFIXES[suffix][0]] = x
+            path, layer, layout, name, experts = factor_names[module]
+            found[path] |= {"layout": layout, "experts": experts}
+            got = found[path].setdefault(layer, {"module": module, "name": name})
+            got[_LORA_SUFFIXES[suffix][0]] = x
     if unmapped:
         raise LoraError(
             f"{directory / WEIGHTS_NAME}: tensors that no leaf of the base maps to (check "
@@ -602,6 +769,37 @@ def _conv_factors(
     return _conv_from_peft(a, b)
 
 
+def _targeted(name: str, targets: Sequence[str]) -> bool:
+    # PEFT's rule for target_parameters: the full name, or a suffix after a dot.
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _expert_factors(
+    module: str,
+    path: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    shape: tuple[int, ...],
+    layout: Layout,
+    experts: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(E, in, r)``, B ``(E, r, out)`` from PEFT's ``[r·E, in]`` / ``[out, r·E]``, checked."""
+    fan_in, fan_out = shape[layout.in_axes[0]], shape[layout.out_axes[0]]
+    if (
+        a.ndim != 2
+        or b.ndim != 2
+        or a.shape[0] % experts
+        or a.shape[1] != fan_in
+        or b.shape != (fan_out, a.shape[0])
+    ):
+        raise LoraError(
+            f"{module} → {path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
+            f"{experts} experts of a weight of shape {shape} with {layout} (expected "
+            f"[r·{experts}, {fan_in}] / [{fan_out}, r·{experts}])"
+        )
+    return _experts_from_peft(a, b, experts)
+
+
 def _factors(
     path: str,
     by_layer: dict[Any, Any],
@@ -612,8 +810,11 @@ def _factors(
 ) -> LoraFactors:
     """One entry of the LoRA tree from PEFT's per-module (per-layer) lora_A / lora_B."""
     shape = tuple(np.shape(leaf))
-    layout = by_layer["layout"]
-    layers = _stack_size(path, layout, shape)
+    layout, experts = by_layer["layout"], by_layer["experts"]
+    if experts is None:
+        layers = _stack_size(path, layout, shape)
+    else:
+        layers = _expert_axes(path, layout, shape)[0]
     wanted = [None] if layers is None else list(range(layers))
     if missing := [i for i in wanted if i not in by_layer]:
         raise LoraError(f"{path}: the adapter has no module for layers {missing} of {layers}")
@@ -628,7 +829,9 @@ def _factors(
             raise LoraError(f"{module}: the adapter lacks lora_A or lora_B for this module")
         a, b = got["a"], got["b"]
         r = a.shape[0]
-        if a.ndim > 2:
+        if experts is not None:
+            a, b = _expert_factors(module, path, a, b, shape, layout, experts)
+        elif a.ndim > 2:
             a, b = _conv_factors(module, path, a, b, shape, layout)
         elif (
             b.ndim != 2
@@ -652,7 +855,8 @@ def _factors(
             raise LoraError(
                 f"{module}: the adapter has a {_MAGNITUDE[1:]} but its config says use_dora=False"
             )
-        scales.add(_peft_alpha(config, module) / (math.sqrt(r) if rslora else r))
+        r = a.shape[-1]  # PEFT's r; an expert lora_A has r·E rows
+        scales.add(_peft_alpha(config, got["name"]) / (math.sqrt(r) if rslora else r))
     if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
         raise LoraError(
             f"{path}: the layers of a stacked weight need one rank and one scale; "

@@ -764,3 +764,216 @@ def test_dora_conv_adapter_matches_peft_both_ways(tmp_path):
         want = model.eval()(torch.from_numpy(np.asarray(x))).numpy()
     got = np.asarray(conv_forward(lorax_fn.merge(base, imported), x))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- MoE experts
+
+E, HID, INTER, TOPK, TOKENS = 4, 8, 6, 2, 10
+EXPERT_MAP = [
+    (r"params/layers/experts/(\w+)", r"layers.{layer}.experts.\1"),
+    (r"params/head/kernel", "head"),
+]
+EXPERT_SPEC = lorax_fn.LoraSpec(
+    targets=["**/experts/*", "**/head/kernel"],
+    rank=2,
+    alpha=3.0,
+    rank_pattern={"**/down_proj": 3},
+)
+
+
+def moe_params(seed: int = 0) -> dict:
+    """Two stacked Mixtral-style expert blocks (Flax (L, E, in, out)) and a head."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s) / math.sqrt(s[-2]), jnp.float32)  # noqa: E731
+    return {
+        "params": {
+            "layers": {
+                "experts": {
+                    "gate_up_proj": normal(2, E, HID, 2 * INTER),
+                    "down_proj": normal(2, E, INTER, HID),
+                }
+            },
+            "head": {"kernel": normal(HID, HID)},
+        }
+    }
+
+
+def moe_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((TOKENS, HID)), jnp.float32)
+    chosen = np.stack([rng.permutation(E)[:TOPK] for _ in range(2 * TOKENS)]).reshape(2, TOKENS, 2)
+    gates = jnp.asarray(rng.uniform(0.1, 1.0, (2, TOKENS, TOPK)), jnp.float32)
+    return x, jnp.asarray(chosen, jnp.int32), gates
+
+
+def moe_forward(params: dict, x: jax.Array, chosen: jax.Array, gates: jax.Array) -> jax.Array:
+    """Per layer, as MixtralExperts: token copies sorted by expert, ragged_dot, SiLU(gate)·up."""
+    p = params["params"]
+    for layer in range(chosen.shape[0]):
+        flat = chosen[layer].reshape(-1)
+        order = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        routed = jnp.repeat(x, TOPK, axis=0)[order]
+        h = jax.lax.ragged_dot(routed, p["layers"]["experts"]["gate_up_proj"][layer], sizes)
+        gate, up = jnp.split(h, 2, axis=-1)
+        y = jax.lax.ragged_dot(
+            jax.nn.silu(gate) * up, p["layers"]["experts"]["down_proj"][layer], sizes
+        )
+        y = jnp.zeros_like(y).at[order].set(y)
+        x = x + jnp.sum(y.reshape(TOKENS, TOPK, HID) * gates[layer][..., None], axis=1)
+    return x @ p["head"]["kernel"]
+
+
+def moe_lora(seed: int = 0) -> tuple[dict, dict]:
+    params = moe_params(seed)
+    layouts = lorax_fn.infer_layouts(moe_forward, params, *moe_inputs())
+    base, lt = lorax_fn.split(params, EXPERT_SPEC, key=jax.random.key(2), layouts=layouts)
+    rng = np.random.default_rng(seed + 4)
+    noise = lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape), x.dtype)  # noqa: E731
+    return base, jax.tree.map(noise, lt)
+
+
+def test_experts_export_as_peft_target_parameters_and_round_trip(tmp_path):
+    base, lt = moe_lora()
+    f = lt["params/layers/experts/gate_up_proj"]
+    assert f.layout == Layout(in_axes=(2,), out_axes=(3,), batch_axes=(0, 1))  # (L, E, in, out)
+    export_peft(tmp_path, lt, EXPERT_SPEC, name_map=EXPERT_MAP, experts="**/experts/*")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    names = [f"layers.{i}.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")]
+    assert config["target_parameters"] == sorted(names) and config["target_modules"] == ["head"]
+    assert (config["r"], config["lora_alpha"]) == (2, 3)
+    assert config["rank_pattern"] == {re.escape(n): 3 for n in names if "down" in n}
+    assert config["alpha_pattern"] == {}  # alpha 3 at rank 3 too: the spec's scale is alpha / r
+    tensors = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    p = "base_model.model.layers.1.experts."
+    # gate_up_proj was registered first: PEFT's innermost wrapper, one .base_layer down.
+    lora_a, lora_b = (
+        tensors[p + "base_layer.lora_A.weight"],
+        tensors[p + "base_layer.lora_B.weight"],
+    )
+    assert lora_a.shape == (2 * E, HID) and lora_b.shape == (2 * INTER, 2 * E)
+    assert tensors[p + "lora_A.weight"].shape == (3 * E, INTER)  # down_proj, rank 3
+    assert tensors[p + "lora_B.weight"].shape == (HID, 3 * E)
+    a, b = np.asarray(f.a[1]), np.asarray(f.b[1])  # (E, in, r), (E, r, out)
+    for e in range(E):
+        for k in range(2):
+            np.testing.assert_array_equal(lora_a[e * 2 + k], a[e][:, k])  # expert-major rows
+            np.testing.assert_array_equal(lora_b[:, k * E + e], b[e][k])  # rank-major columns
+    assert_same_tree(import_peft(tmp_path, base, name_map=EXPERT_MAP), lt)
+    # As PEFT writes it: no header; the layout of a target parameter defaults to (L, E, in, out).
+    safetensors.numpy.save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    got = import_peft(tmp_path, base, name_map=EXPERT_MAP)
+    for path, want in lt.items():
+        assert got[path].layout == want.layout and got[path].scale == pytest.approx(want.scale)
+        np.testing.assert_array_equal(got[path].a, want.a)
+        np.testing.assert_array_equal(got[path].b, want.b)
+
+
+def test_experts_refusals(tmp_path):
+    base, lt = moe_lora()
+    kw = {"name_map": EXPERT_MAP, "experts": "**/experts/*"}
+    with pytest.raises(
+        LoraError, match=r"experts/down_proj: PEFT.s target_parameters .* refuse lora_d"
+    ):
+        export_peft(tmp_path, lt, dataclasses.replace(EXPERT_SPEC, dropout=0.1), **kw)
+    with pytest.raises(LoraError, match=r"refuse fan_in_fan_out=True"):
+        export_peft(tmp_path, lt, EXPERT_SPEC, fan_in_fan_out=True, **kw)
+    with pytest.raises(
+        LoraError, match=r"layers.0.experts: PEFT nests .* does not place \['down_proj'\]"
+    ):
+        export_peft(tmp_path, lt, EXPERT_SPEC, parameter_order=("gate_up_proj",), **kw)
+    with pytest.raises(LoraError, match=r"params/head/kernel: PEFT's target_parameters take a 3-D"):
+        export_peft(tmp_path, lt, EXPERT_SPEC, name_map=EXPERT_MAP, experts="**/kernel")
+    assert not (tmp_path / "adapter_config.json").exists()
+    export_peft(tmp_path, lt, EXPERT_SPEC, **kw)
+    other = jax.tree.map(lambda x: x, base)
+    other["params"]["layers"]["experts"]["down_proj"] = jnp.ones((2, E, INTER + 1, HID))
+    with pytest.raises(
+        LoraError,
+        match=r"layers.0.experts → params/layers/experts/down_proj: lora_A \[12, 6\] / lora_B "
+        r"\[8, 12\] do not fit 4 experts .* \(expected \[r·4, 7\] / \[8, r·4\]\)",
+    ):
+        import_peft(tmp_path, other, name_map=EXPERT_MAP)
+
+
+def torch_moe_model(params: dict):
+    torch = pytest.importorskip("torch")
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    config = pytest.importorskip("transformers").MixtralConfig(
+        hidden_size=HID, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=TOPK
+    )
+    config._experts_implementation = "eager"
+    p = {k: np.asarray(v) for k, v in lorax_fn.leaves_with_paths(params)}
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = mixtral.MixtralExperts(config)  # gate_up (E, 2I, H), down (E, H, I)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Block() for _ in range(2))
+            self.head = torch.nn.Linear(HID, HID, bias=False)
+
+        def forward(self, x, chosen, gates):
+            for i, block in enumerate(self.layers):
+                x = x + block.experts(x, chosen[i], gates[i])
+            return self.head(x)
+
+    model = Model()
+    weights = {"head.weight": p["params/head/kernel"].T}
+    for i in range(2):
+        for name in ("gate_up_proj", "down_proj"):  # Flax (E, in, out) → PyTorch (E, out, in)
+            weights[f"layers.{i}.experts.{name}"] = p[f"params/layers/experts/{name}"][i].transpose(
+                0, 2, 1
+            )
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return model.eval()
+
+
+def run_torch_moe(model, inputs) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    x, chosen, gates = (torch.from_numpy(np.array(v)) for v in inputs)
+    with torch.no_grad():
+        return model(x, chosen.long(), gates).numpy()
+
+
+def test_peft_moe_experts_match_flax_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    base, lt = moe_lora()
+    inputs = moe_inputs()
+    np.testing.assert_allclose(
+        run_torch_moe(torch_moe_model(base), inputs),
+        moe_forward(base, *inputs),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    export_peft(tmp_path / "ours", lt, EXPERT_SPEC, name_map=EXPERT_MAP, experts="**/experts/*")
+    model = peft.PeftModel.from_pretrained(torch_moe_model(base), str(tmp_path / "ours")).eval()
+    got = run_torch_moe(model, inputs)
+    want = np.asarray(lorax_fn.lora(moe_forward, on_fallback="error")(base, lt, *inputs))
+    assert np.abs(want - np.asarray(moe_forward(base, *inputs))).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    # And back: an adapter PEFT made on the experts' parameters (B ≠ 0 from the start).
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=5,
+        target_modules=["head"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        rank_pattern={"down_proj": 3},
+        init_lora_weights=False,
+    )
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch_moe_model(base), config)
+    model.save_pretrained(str(tmp_path / "peft"))
+    imported = import_peft(tmp_path / "peft", base, name_map=EXPERT_MAP)
+    assert imported["params/layers/experts/down_proj"].rank == 3
+    assert imported["params/layers/experts/gate_up_proj"].scale == 2.5
+    assert imported["params/layers/experts/down_proj"].scale == pytest.approx(5 / 3)
+    want = run_torch_moe(model.eval(), inputs)
+    assert np.abs(want - np.asarray(moe_forward(base, *inputs))).max() > 0.1
+    got = np.asarray(lorax_fn.lora(moe_forward, on_fallback="error")(base, imported, *inputs))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
