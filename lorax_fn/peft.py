@@ -21,6 +21,8 @@ A DoRA adapter (``use_dora``) adds ``<m>.lora_magnitude_vector`` (no ``.weight``
 magnitude is ``(out,)`` for a Linear, ``(features,)`` for an Embedding (PEFT normalises
 over the vocabulary, as our ``(vocab, features)`` layout does) and ``(1, out, 1, …)`` for
 a conv.
+Mixture-of-experts weights ``(E, in, out)`` (``experts=``) become PEFT's
+``target_parameters``: ``lora_A`` ``[r·E, in]``, ``lora_B`` ``[out, r·E]`` per parameter.
 Leaves trained in full become ``modules_to_save``. Nothing is pickled: safetensors and
 JSON only.
 """

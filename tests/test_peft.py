@@ -549,7 +549,8 @@ def test_conv_adapter_saved_by_peft_imports_and_matches(tmp_path):
 # --------------------------------------------------------------------------- GPT-2's Conv1D
 
 
-def test_fan_in_fan_out_adapter_loads_into_conv1d_modules(tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_fan_in_fan_out_adapter_loads_into_conv1d_modules(tmp_path, dora):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -558,7 +559,7 @@ def test_fan_in_fan_out_adapter_loads_into_conv1d_modules(tmp_path):
     params = {
         "params": {m: {"kernel": normal(D, D), "bias": normal(D)} for m in ("c_attn", "c_proj")}
     }
-    spec = lorax_fn.LoraSpec("**/c_attn/kernel", rank=3, trainable="**/c_proj/*")
+    spec = lorax_fn.LoraSpec("**/c_attn/kernel", rank=3, trainable="**/c_proj/*", use_dora=dora)
     base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
     lt = jax.tree.map(lambda x: x + normal(*x.shape), lt)
 
