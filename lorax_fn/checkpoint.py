@@ -75,6 +75,7 @@ class CheckpointInfo:
       base_leaves: ``{path: (shape, dtype)}`` of those leaves (dtype ``None`` if unknown).
       entries: ``{path: "factors" | "array"}``.
       extra: ``{path: (shape, dtype)}`` of the base leaves saved beside it (``extra=``).
+      dora: the paths whose factors carry a DoRA magnitude (``LoraSpec(use_dora=True)``).
     """
 
     spec: LoraSpec | None
@@ -83,6 +84,7 @@ class CheckpointInfo:
     base_leaves: dict[str, tuple[tuple[int, ...], str | None]]
     entries: dict[str, str]
     extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+    dora: tuple[str, ...] = ()
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -146,6 +148,7 @@ def checkpoint_info(directory: str | os.PathLike) -> CheckpointInfo:
         base_leaves={b["path"]: (tuple(b["shape"]), b["dtype"]) for b in meta["base_leaves"]},
         entries={e["path"]: e["kind"] for e in meta["entries"]},
         extra={x["path"]: (tuple(x["shape"]), x["dtype"]) for x in meta.get("extra", [])},
+        dora=tuple(e["path"] for e in meta["entries"] if "magnitude" in e),
     )
 
 
@@ -163,9 +166,10 @@ def save(
     The metadata holds ``spec``, each entry's ``scale``/``layout``/``dropout``, a
     fingerprint of the base leaves the adapter targets (paths, shapes and — when
     ``base`` is given — dtypes), a SHA-256 per array, ``lorax_fn.__version__`` and a
-    SHA-256 of the metadata itself. ``spec`` must agree with the tree (targets, trained
-    leaves, ranks, scales, dropout) or be ``None``. With ``base``, the tree is first
-    checked to fit it.
+    SHA-256 of the metadata itself. A DoRA adapter's magnitude is saved as one more
+    array of its entry and restored with it. ``spec`` must agree with the tree (targets,
+    trained leaves, ranks, scales, dropout, ``use_dora``) or be ``None``. With ``base``,
+    the tree is first checked to fit it.
 
     ``extra`` (path filters over ``base``, e.g. ``"batch_stats/**"``) saves those base
     leaves beside the adapter — non-parameter state such as BatchNorm statistics, which

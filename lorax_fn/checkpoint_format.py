@@ -1,9 +1,10 @@
 """The on-disk format of lorax_fn checkpoints and its validation.
 
-A checkpoint directory holds orbax items only: ``lora`` (the factor arrays, keyed
-by entry index because LoRA paths contain ``/``), optionally ``opt_state`` (the
-optimizer state's leaves, keyed by leaf index), optionally ``extra`` (chosen base
-leaves such as ``batch_stats``, keyed by index) and ``lorax_fn`` (JSON metadata:
+A checkpoint directory holds orbax items only: ``lora`` (the factor arrays ``a``,
+``b`` and, for a DoRA adapter, its ``magnitude``, keyed by entry index because LoRA
+paths contain ``/``), optionally ``opt_state`` (the optimizer state's leaves, keyed
+by leaf index), optionally ``extra`` (chosen base leaves such as ``batch_stats``,
+keyed by index) and ``lorax_fn`` (JSON metadata:
 the spec, each entry's static fields, a fingerprint of the base leaves it was
 made for, a SHA-256 of every array, the library version, and a SHA-256 of the
 metadata itself). Nothing is ever unpickled: arrays go through orbax's standard
@@ -35,7 +36,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import lorax_fn
-from lorax_fn.dora import refuse_dora
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.paths import compile_filter, leaves_with_paths
@@ -44,7 +44,13 @@ from lorax_fn.spec import LoraSpec
 FORMAT = "lorax_fn.checkpoint"
 # 2: the metadata carries its own SHA-256 and may list `extra` base leaves. Version-1
 # checkpoints (no metadata digest) are still read.
-FORMAT_VERSION = 2
+# 3: a factors entry may carry a DoRA magnitude. Only a tree with DoRA entries is written
+# as 3, so that a lorax_fn that predates DoRA refuses it (it would drop the magnitude
+# and restore plain LoRA) while still reading every plain-LoRA checkpoint.
+FORMAT_VERSION = 3
+_PLAIN_VERSION = 2
+# The arrays of a factors entry in the `lora` item, DoRA's magnitude last.
+FACTOR_ROLES = ("a", "b", "magnitude")
 # The names of the orbax items in a checkpoint directory (see the module docstring).
 LORA_ITEM, OPT_ITEM, META_ITEM, EXTRA_ITEM = "lora", "opt_state", "lorax_fn", "extra"
 
@@ -165,8 +171,11 @@ def encode(
         >>> arrays, meta = encode({"w": f}, None, None)
         >>> sorted(arrays["0"]), meta["base_leaves"]
         (['a', 'b'], [{'path': 'w', 'shape': [4, 3], 'dtype': None}])
+        >>> dora = LoraFactors(f.a, f.b, 0.5, f.layout, magnitude=np.ones(3, np.float32))
+        >>> arrays, meta = encode({"w": dora}, None, None)
+        >>> sorted(arrays["0"]), meta["entries"][0]["magnitude"]["shape"], meta["format_version"]
+        (['a', 'b', 'magnitude'], [3], 3)
     """
-    refuse_dora(lora_tree, "saving a checkpoint")
     if not isinstance(lora_tree, Mapping) or not lora_tree:
         raise LoraError(
             f"expected a non-empty LoRA tree {{path: factors | array}}, got "
@@ -178,17 +187,19 @@ def encode(
         entry = lora_tree[path]
         if isinstance(entry, LoraFactors):
             arrays[str(i)] = {"a": entry.a, "b": entry.b}
-            entries.append(
-                {
-                    "path": path,
-                    "kind": "factors",
-                    "scale": float(entry.scale),
-                    "dropout": float(entry.dropout),
-                    "layout": entry.layout.to_json(),
-                    "a": array_info(entry.a),
-                    "b": array_info(entry.b),
-                }
-            )
+            info = {
+                "path": path,
+                "kind": "factors",
+                "scale": float(entry.scale),
+                "dropout": float(entry.dropout),
+                "layout": entry.layout.to_json(),
+                "a": array_info(entry.a),
+                "b": array_info(entry.b),
+            }
+            if entry.is_dora:  # plain entries have no key, exactly as before DoRA
+                arrays[str(i)]["magnitude"] = entry.magnitude
+                info["magnitude"] = array_info(entry.magnitude)
+            entries.append(info)
             shape, dtype = entry.weight_shape, None
         elif hasattr(entry, "shape") and hasattr(entry, "dtype"):
             arrays[str(i)] = entry
@@ -208,9 +219,10 @@ def encode(
         spec_json = None if spec is None else spec.to_json()
     except LoraError:
         spec_json = None  # callable filters: the adapter is still usable, the spec is not stored
+    dora = any("magnitude" in e for e in entries)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if dora else _PLAIN_VERSION,
         "library_version": lorax_fn.__version__,
         "spec": spec_json,
         "entries": entries,
@@ -226,11 +238,12 @@ def encode(
 
 
 def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
-    """Refuse entries that contradict a spec: targets, trained-in-full leaves, rank, scale, dropout.
+    """Refuse entries that contradict a spec: targets, trained leaves, rank, scale, dropout, DoRA.
 
     A checkpoint stores one spec for its tree, so the two must agree: a rank-2 tree
     saved with ``LoraSpec(rank=8)`` would otherwise restore under a spec it was not
-    made with.
+    made with, and a plain adapter under ``use_dora=True`` (or the reverse) would
+    resume training a different model.
 
     Example:
         >>> import numpy as np
@@ -266,6 +279,9 @@ def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whos
             problems.append(f"{path}: scale {e['scale']:g}, the spec says {spec.scale_for(path):g}")
         if not np.isclose(e["dropout"], spec.dropout, rtol=1e-6, atol=0):
             problems.append(f"{path}: dropout {e['dropout']:g}, the spec says {spec.dropout:g}")
+        if ("magnitude" in e) != spec.use_dora:
+            kind = "a DoRA adapter (it has a magnitude)" if "magnitude" in e else "plain LoRA"
+            problems.append(f"{path}: {kind}, the spec says use_dora={spec.use_dora}")
     if problems:
         raise LoraError(f"{where} contradicts {whose}:\n  " + "\n  ".join(problems))
 
@@ -317,6 +333,15 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
                         f"{path}: A {a} and B {b} do not fit a weight of shape "
                         f"{shape} with {layout} (expected {expected})"
                     )
+                if "magnitude" in e:
+                    m = tuple(e["magnitude"]["shape"])
+                    nb = len(layout.batch_axes)
+                    want_m = expected[1][:nb] + expected[1][nb + 1 :]  # B's, less the rank
+                    if m != want_m:
+                        raise LoraError(
+                            f"{path}: DoRA magnitude {m} does not fit a weight of shape "
+                            f"{shape} with {layout} (expected {want_m})"
+                        )
                 if not all(isinstance(e[k], int | float) for k in ("scale", "dropout")):
                     raise LoraError(f"{path}: scale/dropout must be numbers")
             elif e["kind"] == "array":
@@ -409,7 +434,7 @@ def _sharding(
 ) -> jax.sharding.Sharding:
     if shardings is None:
         return default_sharding()
-    what = "the array" if role is None else role.upper()
+    what = {None: "the array", "a": "A", "b": "B", "magnitude": "the DoRA magnitude"}[role]
     if isinstance(shardings, jax.sharding.Sharding):
         s = shardings
     else:
@@ -449,7 +474,12 @@ def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
 
     return {
         e["path"]: LoraFactors(
-            sds(e["a"]), sds(e["b"]), e["scale"], Layout(**e["layout"]), e["dropout"]
+            sds(e["a"]),
+            sds(e["b"]),
+            e["scale"],
+            Layout(**e["layout"]),
+            e["dropout"],
+            sds(e["magnitude"]) if "magnitude" in e else None,
         )
         if e["kind"] == "factors"
         else sds(e["array"])
@@ -486,7 +516,7 @@ def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
     out = {}
     for i, e in enumerate(meta["entries"]):
         if e["kind"] == "factors":
-            out[str(i)] = {r: sds(e["path"], r, e[r]) for r in ("a", "b")}
+            out[str(i)] = {r: sds(e["path"], r, e[r]) for r in FACTOR_ROLES if r in e}
         else:
             out[str(i)] = sds(e["path"], None, e["array"])
     return out
@@ -534,8 +564,12 @@ def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[
         if e["kind"] == "factors":
             verify_array(f"{path} (A)", e["a"], item["a"], where)
             verify_array(f"{path} (B)", e["b"], item["b"], where)
+            magnitude = None
+            if "magnitude" in e:
+                magnitude = item["magnitude"]
+                verify_array(f"{path} (DoRA magnitude)", e["magnitude"], magnitude, where)
             tree[path] = LoraFactors(
-                item["a"], item["b"], e["scale"], Layout(**e["layout"]), e["dropout"]
+                item["a"], item["b"], e["scale"], Layout(**e["layout"]), e["dropout"], magnitude
             )
         else:
             verify_array(path, e["array"], item, where)

@@ -33,6 +33,7 @@ from lorax_fn.checkpoint_extra import (
 )
 from lorax_fn.checkpoint_format import (
     EXTRA_ITEM,
+    FACTOR_ROLES,
     LORA_ITEM,
     META_ITEM,
     OPT_ITEM,
@@ -83,14 +84,16 @@ def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
 
 
 def _lora_key(key_path: tuple[Any, ...]) -> tuple[str, str | None] | None:
-    """The LoRA leaf an optimizer-state leaf mirrors: ``(path, "a" | "b" | None)``.
+    """The LoRA leaf an optimizer-state leaf mirrors: ``(path, "a" | "b" | "magnitude" | None)``.
 
     optax states hold param-shaped trees (``mu``, ``nu``, ``trace`` ...), so such a
-    leaf's key path ends with the LoRA tree's own: ``[path]`` or ``[path].a``/``.b``.
+    leaf's key path ends with the LoRA tree's own: ``[path]`` or ``[path].a``/``.b``
+    (``.magnitude`` for DoRA).
     """
     keys = list(key_path)
     role = None
-    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name in ("a", "b"):
+    last = keys[-1] if keys else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name in FACTOR_ROLES:
         role = keys.pop().name
     if keys and isinstance(keys[-1], jax.tree_util.DictKey) and isinstance(keys[-1].key, str):
         return keys[-1].key, role
@@ -323,7 +326,9 @@ class LoraCheckpointManager:
         LoRA tree (step counts). With ``opt_state=None`` only the LoRA tree is read.
         ``base`` (default: the manager's), ``shardings`` and ``extra`` work as in
         :func:`lorax_fn.restore`; with ``extra=True``, ``state.base`` is ``base`` with the
-        step's saved extra leaves put in. The step must agree with the manager's spec.
+        step's saved extra leaves put in. The step must agree with the manager's spec (a
+        plain-LoRA step under ``use_dora=True``, or the reverse, is refused by path
+        before any array is read).
 
         A damaged latest step (truncated, corrupted or edited files) is an error that
         says so; ``fallback=True`` instead resumes from the newest undamaged step, with
@@ -443,12 +448,12 @@ class LoraCheckpointManager:
                 f"optimizer state: saved-only leaves {missing}, template-only "
                 f"leaves {extra} (same optimizer and LoRA tree?)"
             )
-        # Where each restored LoRA array goes, by (path, "a" | "b" | None).
+        # Where each restored LoRA array goes, by (path, "a" | "b" | "magnitude" | None).
         placed: dict[tuple[str, str | None], jax.ShapeDtypeStruct] = {}
         for i, e in enumerate(meta["entries"]):
             target = lora_target[str(i)]
             if e["kind"] == "factors":
-                placed |= {(e["path"], r): target[r] for r in ("a", "b")}
+                placed |= {(e["path"], r): x for r, x in target.items()}
             else:
                 placed[(e["path"], None)] = target
         first = next(iter(placed.values())).sharding

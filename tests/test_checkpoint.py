@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorax_fn
-from lorax_fn import Layout, LoraError
+from lorax_fn import Layout, LoraError, LoraFactors
 from lorax_fn.checkpoint import (
     LoraCheckpointManager,
     checkpoint_info,
@@ -55,9 +55,10 @@ def make_params(layers: int = 3, d: int = 16, dtype=jnp.float32) -> dict:
     }
 
 
-def make_lora(params: dict) -> tuple[dict, dict]:
-    base, lt = lorax_fn.split(params, SPEC, key=jax.random.key(1), layouts=STACK)
-    # B = 0 at init would hide a mixed-up A and B; make every array distinct.
+def make_lora(params: dict, spec: lorax_fn.LoraSpec = SPEC) -> tuple[dict, dict]:
+    base, lt = lorax_fn.split(params, spec, key=jax.random.key(1), layouts=STACK)
+    # B = 0 at init would hide a mixed-up A and B (and a DoRA magnitude left at its
+    # init ‖W0‖_c one that is not restored); make every array distinct.
     rng = np.random.default_rng(1)
     noise = lambda x: jnp.asarray(np.asarray(x, np.float32) + rng.random(x.shape), x.dtype)  # noqa: E731
     return base, jax.tree.map(noise, lt)
@@ -255,7 +256,7 @@ def drop_arrays(directory: Path) -> None:
         (corrupt_metadata, "metadata of the checkpoint .* truncated or corrupted"),
         (drop_metadata, "has no lorax_fn metadata"),
         (drop_entries, "malformed lorax_fn metadata .*'entries'"),
-        (future_version, "format version 99; this lorax_fn .* reads up to 2"),
+        (future_version, "format version 99; this lorax_fn .* reads up to 3"),
         (drop_arrays, "truncated or corrupted"),
     ],
 )
@@ -691,3 +692,213 @@ def test_a_damaged_checkpoint_prints_nothing_but_its_error(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("truncated or corrupted") == 10
     assert out.stderr == ""
+
+
+# --------------------------------------------------------------------------- DoRA
+
+DORA_SPEC = dataclasses.replace(SPEC, use_dora=True)
+# The 2x4 mesh layout of test_restore_onto_replicated_and_sharded_mesh.
+MESH_SPECS = {
+    "params": {
+        "dense": {"kernel": P("data", "model")},
+        "attn": {
+            "query": {"kernel": P("data", None, None)},
+            "out": {"kernel": P(None, None, "model")},
+        },
+        "stack": {"kernel": P(None, "data", "model")},
+        "head": {"kernel": P("data", None), "bias": P()},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def dora_model() -> tuple[dict, dict]:
+    return make_lora(make_params(), DORA_SPEC)
+
+
+def read_meta(directory: Path) -> dict:
+    return json.loads((directory / "lorax_fn" / "metadata").read_text())
+
+
+def test_dora_round_trip_keeps_the_magnitude(tmp_path, dora_model):
+    base, lt = dora_model
+    dora_paths = sorted(p for p, f in lt.items() if isinstance(f, LoraFactors))
+    assert len(dora_paths) == 4 and all(lt[p].is_dora for p in dora_paths)
+    assert lt["params/stack/kernel"].magnitude.shape == (3, 16)
+    assert lt["params/attn/query/kernel"].magnitude.shape == (4, 8)
+    _, init = lorax_fn.split(make_params(), DORA_SPEC, key=jax.random.key(1), layouts=STACK)
+    for p in dora_paths:  # perturbed: a magnitude left at its init would not show a bad restore
+        assert not np.allclose(lt[p].magnitude, init[p].magnitude), p
+
+    save(tmp_path / "ad", lt, DORA_SPEC, base=base)
+    meta = read_meta(tmp_path / "ad")
+    assert meta["format_version"] == 3 and meta["spec"]["use_dora"] is True
+    assert sorted(e["path"] for e in meta["entries"] if "magnitude" in e) == dora_paths
+    for got in (restore(tmp_path / "ad", base=base), restore(tmp_path / "ad")):
+        assert_same_tree(got, lt)  # the magnitude included: it is a leaf of the tree
+        assert all(got[p].is_dora for p in dora_paths)
+    merged = lorax_fn.merge(base, restore(tmp_path / "ad", base=base))
+    want = lorax_fn.merge(base, lt)
+    for g, w in zip(jax.tree.leaves(merged), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    info = checkpoint_info(tmp_path / "ad")
+    assert info.dora == tuple(dora_paths) and info.spec == DORA_SPEC
+
+    # On a mesh, the magnitude is placed like B without its rank axis.
+    mesh2 = jax.make_mesh((2, 4), ("data", "model"))
+    got = restore(
+        tmp_path / "ad",
+        shardings=lambda abstract: lorax_fn.lora_shardings(abstract, MESH_SPECS, mesh2),
+    )
+    assert_same_tree(got, lt)
+    assert got["params/dense/kernel"].magnitude.sharding.spec == P("model")
+    assert got["params/stack/kernel"].magnitude.sharding.spec == P(None, "model")
+    explicit = jax.tree.map(lambda x: x.sharding, got)
+    assert_same_tree(restore(tmp_path / "ad", shardings=explicit), lt)
+    # Shardings made for a plain tree have no place for the magnitude.
+    plain = {
+        p: dataclasses.replace(s, magnitude=None) if isinstance(s, LoraFactors) else s
+        for p, s in explicit.items()
+    }
+    with pytest.raises(
+        LoraError, match=r"kernel: expected a jax.sharding.Sharding for the DoRA magnitude"
+    ):
+        restore(tmp_path / "ad", shardings=plain)
+
+
+def test_dora_manager_round_trips_the_magnitude_and_its_optimizer_state(tmp_path, dora_model):
+    base, lt = dora_model
+    tx = lorax_fn.optimizer(optax.adam(1e-2), lt)
+    opt_state = tx.init(lt)
+    grads = jax.tree.map(jnp.ones_like, lt)
+    for _ in range(2):
+        updates, opt_state = tx.update(grads, opt_state, lt)
+        lt = optax.apply_updates(lt, updates)
+    flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    m_state = [k for k, x in flat if jax.tree_util.keystr(k).endswith(".magnitude")]
+    assert len(m_state) == 2 * 4  # Adam's mu and nu for each DoRA magnitude
+    with LoraCheckpointManager(tmp_path / "run", DORA_SPEC, base=base) as manager:
+        manager.save(2, lt, opt_state, data_state={"index": 2})
+
+    manager = LoraCheckpointManager(tmp_path / "run", DORA_SPEC, base=base)
+    state = manager.restore(opt_state=jax.eval_shape(tx.init, lt))
+    assert_same_tree(state.lora_tree, lt)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(opt_state)
+    for g, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+    # On a mesh, the magnitude's moments go where the magnitude goes, and training resumes.
+    mesh2 = jax.make_mesh((2, 4), ("data", "model"))
+    state = manager.restore(
+        opt_state=jax.eval_shape(tx.init, lt),
+        shardings=lambda abstract: lorax_fn.lora_shardings(abstract, MESH_SPECS, mesh2),
+    )
+    manager.close()
+    restored = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
+    for key in m_state:
+        path = key[-2].key
+        assert restored[key].sharding == state.lora_tree[path].magnitude.sharding, path
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.lora_tree)
+    want, _ = tx.update(grads, opt_state, lt)
+    for g, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+
+
+def test_dora_and_plain_lora_are_never_taken_for_each_other(tmp_path, model, dora_model):
+    base, plain = model
+    _, dora = dora_model
+    is_dora = (
+        r"params/dense/kernel: a DoRA adapter \(it has a magnitude\), the spec says use_dora=False"
+    )
+    is_plain = r"params/dense/kernel: plain LoRA, the spec says use_dora=True"
+    before = snapshot(base, plain, dora)
+    with pytest.raises(LoraError, match=is_dora):
+        save(tmp_path / "x", dora, SPEC, base=base)
+    with pytest.raises(LoraError, match=is_plain):
+        save(tmp_path / "x", plain, DORA_SPEC, base=base)
+    assert not (tmp_path / "x").exists()
+
+    for name, tree, spec in (("plain", plain, SPEC), ("dora", dora, DORA_SPEC)):
+        with LoraCheckpointManager(tmp_path / name, spec, base=base) as manager:
+            manager.save(1, tree, optax.adam(1e-3).init(tree))
+    # A manager made with the other spec refuses the run's steps, and the run's trees.
+    for tree, name, other_spec, match in (
+        (plain, "plain", DORA_SPEC, is_plain),
+        (dora, "dora", SPEC, is_dora),
+    ):
+        manager = LoraCheckpointManager(tmp_path / name, other_spec, base=base)
+        with pytest.raises(
+            LoraError, match=r"contradicts this manager's spec:\n(  .*\n)*  " + match
+        ):
+            manager.restore(opt_state=optax.adam(1e-3).init(tree))
+        with pytest.raises(LoraError, match=match):
+            manager.save(2, tree, optax.adam(1e-3).init(tree))
+        manager.close()
+    # An optimizer state made for the plain tree lacks the magnitude's moments.
+    manager = LoraCheckpointManager(tmp_path / "dora", DORA_SPEC, base=base)
+    with pytest.raises(
+        LoraError, match=r"saved-only leaves \[.*'params/dense/kernel'\]\.magnitude"
+    ):
+        manager.restore(opt_state=optax.adam(1e-3).init(plain))
+    manager.close()
+    assert_untouched(before, base, plain, dora)
+
+
+def test_a_misshapen_dora_magnitude_is_refused_naming_the_path(tmp_path, dora_model):
+    base, lt = dora_model
+    f = lt["params/dense/kernel"]
+    bad = {**lt, "params/dense/kernel": dataclasses.replace(f, magnitude=jnp.ones(16))}
+    match = (
+        r"params/dense/kernel: DoRA magnitude \(16,\) does not fit a weight of shape "
+        r"\(16, 32\) .*\(expected \(32,\)\)"
+    )
+    with pytest.raises(LoraError, match=match):
+        save(tmp_path / "ad", bad, DORA_SPEC, base=base)
+    with pytest.raises(LoraError, match=match):
+        save(tmp_path / "ad", bad, DORA_SPEC)  # without a base: checked against A and B
+    assert not (tmp_path / "ad").exists()
+    # Metadata that a buggy writer sealed with a wrong magnitude shape is refused on read.
+    save(tmp_path / "ad", lt, DORA_SPEC, base=base)
+    entry = next(
+        i
+        for i, e in enumerate(read_meta(tmp_path / "ad")["entries"])
+        if e["path"] == "params/dense/kernel"
+    )
+    edit_metadata(
+        tmp_path / "ad",
+        lambda meta: meta["entries"][entry]["magnitude"].update(shape=[16]),
+        reseal=True,
+    )
+    with pytest.raises(LoraError, match=match):
+        restore(tmp_path / "ad", base=base)
+
+
+def test_a_checkpoint_written_before_dora_restores_as_plain_lora(tmp_path, model):
+    base, lt = model
+    save(tmp_path / "ad", lt, SPEC, base=base)
+    tx = optax.adam(1e-3)
+    with LoraCheckpointManager(tmp_path / "run", SPEC, base=base) as manager:
+        manager.save(1, lt, tx.init(lt))
+    for directory in (tmp_path / "ad", tmp_path / "run" / "1"):
+        # A plain tree is still written in format 2, with no magnitude anywhere, so that a
+        # lorax_fn from before DoRA reads it ...
+        meta = read_meta(directory)
+        assert meta["format_version"] == 2
+        assert not any("magnitude" in e for e in meta["entries"])
+        # ... and what such a lorax_fn wrote (format 2, a spec without use_dora) reads here.
+        edit_metadata(directory, lambda meta: meta["spec"].pop("use_dora"), reseal=True)
+        assert "use_dora" not in read_meta(directory)["spec"]
+        got = restore(directory, base=base)
+        assert_same_tree(got, lt)
+        assert not any(f.is_dora for f in got.values() if isinstance(f, LoraFactors))
+        assert checkpoint_info(directory).spec == SPEC and checkpoint_info(directory).dora == ()
+    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+    state = manager.restore(opt_state=jax.eval_shape(tx.init, lt))
+    assert_same_tree(state.lora_tree, lt)
+    manager.close()
+    manager = LoraCheckpointManager(tmp_path / "run", DORA_SPEC, base=base)
+    with pytest.raises(
+        LoraError, match=r"params/dense/kernel: plain LoRA, the spec says use_dora=True"
+    ):
+        manager.restore()
+    manager.close()
