@@ -14,6 +14,7 @@ from lorax_fn.dora import dora_weight, to_weight_axes, weight_norms
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
 from lorax_fn.quantize import QuantizedArray, weight_leaves
+from lorax_fn.routing import RoutedFactors
 
 
 def check_fits(base: Any, lora: dict[str, Any]) -> None:
@@ -40,6 +41,8 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
     for path, entry in lora.items():
         leaf = leaves[path]
         shape, dtype = tuple(np.shape(leaf)), getattr(leaf, "dtype", None)
+        if isinstance(entry, RoutedFactors):
+            entry = entry.shapes()
         if isinstance(entry, LoraFactors):
             nb = len(entry.layout.batch_axes)
             a, b = np.shape(entry.a), np.shape(entry.b)

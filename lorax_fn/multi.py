@@ -22,18 +22,20 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn import routing
 from lorax_fn.checkpoint import restore
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import leaves_with_paths
 from lorax_fn.quantize import weight_leaves
+from lorax_fn.routing import RoutedFactors
 from lorax_fn.split import LoraTree
 from lorax_fn.transform import FallbackMode, lora
 
@@ -408,11 +410,25 @@ def _trees(selection: AdapterSelection, base: Any) -> LoraTree:
     }
 
 
+def _routed_tree(stack: AdapterStack, adapter_id: jax.Array, base: Any) -> LoraTree:
+    """One example's LoRA tree for the grouped method: factors routed, not gathered."""
+    base_leaves = dict(weight_leaves(base))
+    return {
+        path: (
+            RoutedFactors(e.a, e.b, adapter_id, e.layout)
+            if isinstance(e, LoraFactors)
+            else jnp.where(adapter_id == -1, base_leaves[path], routing.take(e, adapter_id))
+        )
+        for path, e in stack.entries.items()
+    }
+
+
 def multi_lora(
     fn: Callable[..., Any],
     *,
     batch_of_one: bool = True,
     chunk_size: int | None = None,
+    method: Literal["gather", "grouped", "auto"] = "gather",
     on_fallback: FallbackMode = "warn",
 ) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, stack, adapter_ids, *args, **kw)``.
@@ -444,6 +460,16 @@ def multi_lora(
     per-example gather of the factors done beforehand, once for many calls (a decode
     loop driven from Python).
 
+    ``method`` picks how the low-rank products meet the adapters. ``"gather"`` copies
+    each example's factors (``B·(in+out)·R`` per weight). ``"grouped"`` (SGMV / Punica)
+    sorts the examples by adapter and runs two ``lax.ragged_dot`` over the adapter
+    groups, reading each adapter's factors once (``N·(in+out)·R``) at the cost of
+    permuting the activations: for weights read by a ``dot_general`` over all their
+    fan-in axes (Dense, DenseGeneral); other consumers gather. Its gradient is the
+    gathered one. ``"auto"`` takes grouped when the stack holds fewer adapters than the
+    batch has examples, else gather. A selection is already gathered: ``"grouped"``
+    with one is refused.
+
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
     :class:`LoraError`, traced ones (under ``jit``) turn that example's output into
     NaN. Base rows (id ``-1``) use no adapter's values at all, so a NaN/Inf in one
@@ -461,6 +487,8 @@ def multi_lora(
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise LoraError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if method not in ("gather", "grouped", "auto"):
+        raise LoraError(f"method must be 'gather', 'grouped' or 'auto', got {method!r}")
     lora_fn = lora(fn, on_fallback=on_fallback)
 
     def one_example(base: Any, tree: LoraTree, args: tuple, kwargs: dict) -> Any:
@@ -474,11 +502,20 @@ def multi_lora(
         base: Any, stack: AdapterStack | AdapterSelection, *rest: Any, **kwargs: Any
     ) -> Any:
         if isinstance(stack, AdapterSelection):
+            if method == "grouped":
+                raise LoraError(
+                    "method='grouped' routes the stack's factors; an AdapterSelection has "
+                    "them gathered already: pass the stack and adapter_ids"
+                )
             selection, args = stack, rest
         elif isinstance(stack, AdapterStack):
             if not rest:
                 raise LoraError("multi_lora(fn)(base, stack, adapter_ids, *args) needs adapter_ids")
-            selection, args = select_adapters(stack, rest[0]), rest[1:]
+            ids, args = _checked_ids(rest[0], stack.size), rest[1:]
+            grouped = method == "grouped" or (method == "auto" and stack.size < ids.shape[0])
+            if grouped:
+                return run(base, stack, ids, args, kwargs)
+            selection = select_adapters(stack, ids)
         else:
             raise LoraError(
                 "expected an AdapterStack (see stack_adapters) or an AdapterSelection (see "
@@ -486,21 +523,36 @@ def multi_lora(
             )
         _refuse_dora(selection.entries, "the selection")
         check_fits(base, _strip_leading(selection.entries))
-        batch = selection.batch_size
-        for path, leaf in leaves_with_paths(args):
-            if np.ndim(leaf) == 0 or np.shape(leaf)[0] != batch:
-                raise LoraError(
-                    f"positional argument {path} has shape {np.shape(leaf)}; every "
-                    f"per-example argument needs a leading batch axis of {batch} "
-                    "(pass shared values as keyword arguments)"
-                )
+        _check_batch(args, selection.batch_size)
 
         def per_example(tree_and_args: tuple[LoraTree, tuple]) -> Any:
             return one_example(base, *tree_and_args, kwargs)
 
-        inputs = (_trees(selection, base), args)
+        return batched(per_example, (_trees(selection, base), args))
+
+    def batched(per_example: Callable[[Any], Any], inputs: Any) -> Any:
         if chunk_size is None:
             return jax.vmap(per_example)(inputs)
         return jax.lax.map(per_example, inputs, batch_size=chunk_size)
 
+    def run(base: Any, stack: AdapterStack, ids: jax.Array, args: tuple, kwargs: dict) -> Any:
+        check_fits(base, _per_adapter(stack))
+        _check_batch(args, ids.shape[0])
+
+        def per_example(id_and_args: tuple[jax.Array, tuple]) -> Any:
+            adapter_id, example = id_and_args
+            return one_example(base, _routed_tree(stack, adapter_id, base), example, kwargs)
+
+        return batched(per_example, (ids, args))
+
     return wrapped
+
+
+def _check_batch(args: tuple, batch: int) -> None:
+    for path, leaf in leaves_with_paths(args):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != batch:
+            raise LoraError(
+                f"positional argument {path} has shape {np.shape(leaf)}; every "
+                f"per-example argument needs a leading batch axis of {batch} "
+                "(pass shared values as keyword arguments)"
+            )

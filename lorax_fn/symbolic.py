@@ -17,6 +17,7 @@ and low-rank terms (:func:`lorax_fn.dora.weight_norms`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn import dora, lazy
+from lorax_fn import dora, lazy, routing
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.lazy import LazyWeight
 
@@ -74,26 +75,46 @@ class SymbolicWeight:
     dropout: float = dataclasses.field(metadata={"static": True})
     # DoRA's column scale m/‖V‖_c (float32, B's axes with a unit rank), or None.
     c: jax.Array | None = None
+    # A routed weight (multi_lora's grouped method): A and B are the whole stack, with a
+    # leading adapter axis, and this is the example's adapter id.
+    route: jax.Array | None = None
 
     @classmethod
-    def from_factors(cls, path: str, w0: jax.Array, factors: LoraFactors) -> SymbolicWeight:
+    def from_factors(
+        cls, path: str, w0: jax.Array, factors: LoraFactors | routing.RoutedFactors
+    ) -> SymbolicWeight:
         layout = factors.layout
         kinds = [""] * layout.ndim
         for role, axes in (("b", layout.batch_axes), ("i", layout.in_axes), ("o", layout.out_axes)):
             for axis in axes:
                 kinds[axis] = role
-        # Reorder the factors' axes from (batch, in, r) / (batch, r, out) to weight order.
+        # Reorder the factors' axes from (batch, in, r) / (batch, r, out) to weight order,
+        # after a routed stack's leading adapter axis.
+        routed = isinstance(factors, routing.RoutedFactors)
+        lead = int(routed)
         a_axes = layout.batch_axes + layout.in_axes
         b_axes = layout.batch_axes + layout.out_axes
         nb = len(layout.batch_axes)
-        a = jnp.transpose(factors.a, [*np.argsort(a_axes), len(a_axes)])
-        b = jnp.moveaxis(factors.b, nb, -1)
-        b = jnp.transpose(b, [*np.argsort(b_axes), len(b_axes)])
+
+        def order(axes: tuple[int, ...]) -> list[int]:
+            return [*range(lead), *(lead + int(k) for k in (*np.argsort(axes), len(axes)))]
+
+        a = jnp.transpose(factors.a, order(a_axes))
+        b = jnp.transpose(jnp.moveaxis(factors.b, lead + nb, -1), order(b_axes))
+        if routed:
+            return cls(w0, a, b, path, tuple(kinds), 1.0, 0.0, route=factors.adapter_id)
         c = None
         if factors.is_dora:
             c = dora.magnitude_scale(_column_norms(w0, factors), factors.magnitude)[..., None]
-            c = jnp.transpose(c, [*np.argsort(b_axes), len(b_axes)])
+            c = jnp.transpose(c, order(b_axes))
         return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout, c)
+
+    def resolved(self) -> SymbolicWeight:
+        """A routed weight with its example's factors gathered (for rules without grouping)."""
+        if self.route is None:
+            return self
+        take = functools.partial(routing.take, adapter_id=self.route)
+        return self.replace(a=take(self.a), b=take(self.b), route=None)
 
     def axes_of(self, group: str) -> list[int]:
         """Weight axes held by A (``group="a"``) or B (``"b"``), in A's / B's order."""
@@ -119,6 +140,8 @@ class SymbolicWeight:
 
     def materialize(self) -> jax.Array:
         """The full weight ``w0 + scale·A·B`` (the fallback), accumulated in float32."""
+        if self.route is not None:
+            return self.resolved().materialize()
         letters = string.ascii_letters[: len(self.kinds)]
         a_sub = "".join(letters[k] for k in self.axes_of("a")) + "Z"
         b_sub = "".join(letters[k] for k in self.axes_of("b")) + "Z"
@@ -264,10 +287,17 @@ def dot_general(
     """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out).
 
     ``base(x)`` is the original product with W0. A DoRA weight scales the output
-    columns by ``c``, or, contracting fan-out, the input's columns first.
+    columns by ``c``, or, contracting fan-out, the input's columns first. A routed
+    weight contracted over all its fan-in axes takes the grouped product
+    (:func:`lorax_fn.routing.low_rank`); in any other form it gathers its factors.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     wc, xc, wb, xb = (lc, rc, lb, rb) if weight_is_lhs else (rc, lc, rb, lb)
+    if w.route is not None:
+        if not wb and set(wc) == set(w.axes_of("a")):
+            y = _routed_path(x.astype(w.a.dtype), w, xc, wc, weight_is_lhs)
+            return _add_low_rank(base(x), y, w.scale)
+        w = w.resolved()
     roles = {w.kinds[k] for k in wc}
     if roles <= {"i"}:
         first, second = "a", "b"
@@ -335,6 +365,24 @@ def _matrix_path(x, w, xc, wc, first, second, weight_is_lhs, precision) -> jax.A
         t, f2.reshape(-1, f2.shape[-1]), (((1,), (1,)), ((), ())), precision=precision
     )
     y = y.reshape(free_shape + list(rest_shape))
+    if weight_is_lhs:  # dot_general puts the weight's free axes first
+        y = jnp.moveaxis(
+            y, list(range(len(free_shape))), list(range(y.ndim - len(free_shape), y.ndim))
+        )
+    return y
+
+
+def _routed_path(x, w, xc, wc, weight_is_lhs) -> jax.Array:
+    """``x·A[id]·B[id]`` as :func:`routing.low_rank` on ``(rows, in)`` and ``(N, in, R)``."""
+    order = w.axes_of("a")
+    x_contract = [xc[list(wc).index(k)] for k in order]
+    x_free = [k for k in range(x.ndim) if k not in xc]
+    free_shape = [x.shape[k] for k in x_free]
+    x2 = jnp.transpose(x, x_free + x_contract).reshape(math.prod(free_shape), -1)
+    n, r = w.a.shape[0], w.a.shape[-1]
+    out_shape = list(w.b.shape[1:-1])
+    b = jnp.moveaxis(w.b.reshape(n, -1, r), -1, 1)
+    y = routing.low_rank(x2, w.a.reshape(n, -1, r), b, w.route).reshape(free_shape + out_shape)
     if weight_is_lhs:  # dot_general puts the weight's free axes first
         y = jnp.moveaxis(
             y, list(range(len(free_shape))), list(range(y.ndim - len(free_shape), y.ndim))

@@ -37,6 +37,7 @@ from lorax_fn.lazy import LazyWeight
 from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import path_str
 from lorax_fn.quantize import QuantizedArray
+from lorax_fn.routing import RoutedFactors
 from lorax_fn.signature import Trace, aval_key, describe, split_static
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
@@ -95,6 +96,8 @@ def _concrete(value: Any, ctx: _Context, primitive: str) -> Any:
 
 # What the evaluator holds in place of an array: an adapted weight, a quantized one.
 _HELD = (SymbolicWeight, LazyWeight)
+# LoRA-tree entries that are factors, not leaves trained in full.
+_FACTORS = (LoraFactors, RoutedFactors)
 
 
 # --------------------------------------------------------------- evaluation
@@ -147,6 +150,8 @@ def _eval_symbolic(eqn: core.JaxprEqn, invals: list[Any], ctx: _Context) -> Any:
         rule = _FROZEN_RULES.get(name)
     else:
         rule = _RULES.get(name)
+        if rule not in _ROUTE_AWARE:  # a routed weight gathers its factors here
+            invals = [x.resolved() if isinstance(x, SymbolicWeight) else x for x in invals]
     result = rule(eqn, invals, ctx) if rule else None
     if result is not None:
         return result
@@ -445,6 +450,9 @@ _RULES: dict[str, Callable] = primitives.dispatch(
     }
 )
 
+# Rules that keep a routed weight (multi_lora's grouped method) routed.
+_ROUTE_AWARE = (_dot_general, _same, _inline, _remat)
+
 # Rules for operations reading quantized weights but no adapted one: control flow as
 # above, layout ops pending; every other consumer dequantizes in place (_bind_frozen).
 _FROZEN_RULES: dict[str, Callable] = {
@@ -614,7 +622,7 @@ def lora(
         paths = tuple(path_str(k) for k, _ in flat)
         check_fits(jax.tree_util.tree_unflatten(params_def, [_aval(x) for _, x in flat]), lora_tree)
         param_leaves = [
-            lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], LoraFactors) else x
+            lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], _FACTORS) else x
             for p, (_, x) in zip(paths, flat, strict=True)
         ]
         arg_leaves, args_static, args_def = split_static((args, kwargs))
@@ -622,7 +630,7 @@ def lora(
             paths, params_def, list(map(_aval, param_leaves)), args_static, args_def, arg_leaves
         )
         entry.check_usage(tuple(lora_tree))
-        factors = {p: f for p, f in lora_tree.items() if isinstance(f, LoraFactors)}
+        factors = {p: f for p, f in lora_tree.items() if isinstance(f, _FACTORS)}
         return entry.evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
 
     return wrapped

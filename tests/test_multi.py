@@ -218,11 +218,12 @@ def test_hot_swap_needs_no_retrace_or_recompile(block_setup):
     )
 
 
-def test_ids_out_of_range():
+@pytest.mark.parametrize("method", ["gather", "grouped"])
+def test_ids_out_of_range(method):
     params = {"w": jax.random.normal(jax.random.key(0), (6, 5))}
     base, trees = adapters(params, [1, 2], "w")
     stack = lorax_fn.stack_adapters(trees)
-    g = lorax_fn.multi_lora(lambda p, x: x @ p["w"])
+    g = lorax_fn.multi_lora(lambda p, x: x @ p["w"], method=method)
     x = jnp.ones((4, 2, 6))
     with pytest.raises(LoraError, match=r"adapter_ids \[2, -3\] at positions \[1, 3\]"):
         g(base, stack, jnp.array([0, 2, -1, -3]), x)
@@ -232,7 +233,8 @@ def test_ids_out_of_range():
     np.testing.assert_allclose(out[2], x[2] @ params["w"], rtol=1e-6)
 
 
-def test_a_bad_adapter_touches_only_its_own_rows():
+@pytest.mark.parametrize("method", ["gather", "grouped"])
+def test_a_bad_adapter_touches_only_its_own_rows(method):
     def fn(params, x):
         return jnp.tanh(x @ params["w"]) @ params["v"] + params["bias"]
 
@@ -251,7 +253,7 @@ def test_a_bad_adapter_touches_only_its_own_rows():
     ids = jnp.array([-1, 1, 0, -1, 1])
     good = np.array([0, 1, 3, 4])
     x = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
-    g = lorax_fn.multi_lora(fn, batch_of_one=False)
+    g = lorax_fn.multi_lora(fn, batch_of_one=False, method=method)
 
     out = jax.jit(g)(base, stack, ids, x)
     assert not np.isfinite(out[2]).all()
@@ -426,3 +428,61 @@ def test_dora_adapters_are_refused_naming_the_path():
     )
     with pytest.raises(LoraError, match="the stack: w: DoRA"):
         lorax_fn.multi_lora(lambda p, x: x @ p["w"])(base, forged, jnp.array([0]), jnp.ones((1, 6)))
+
+
+def _uses_ragged_dot(fn, *args) -> bool:
+    return "ragged_dot" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_grouped_batch_equals_gather_and_each_example_alone(block_setup):
+    model, x, base, trees = block_setup
+    stack = lorax_fn.stack_adapters(trees, base=base)
+    ids = jnp.array([2, -1, 0, 2, -1, 1])
+    gather = lorax_fn.multi_lora(model.apply, on_fallback="error")
+    grouped = lorax_fn.multi_lora(model.apply, method="grouped", on_fallback="error")
+    out = jax.jit(grouped)(base, stack, ids, x)
+    check_rows(model.apply, base, trees, ids, x, out)
+    np.testing.assert_allclose(out, jax.jit(gather)(base, stack, ids, x), rtol=1e-5, atol=1e-6)
+    chunked = lorax_fn.multi_lora(model.apply, method="grouped", chunk_size=4)
+    np.testing.assert_allclose(jax.jit(chunked)(base, stack, ids, x), out, rtol=1e-5, atol=1e-6)
+    # Grouped really groups (ragged_dot over adapters); gather does not.
+    assert _uses_ragged_dot(grouped, base, stack, ids, x)
+    assert not _uses_ragged_dot(gather, base, stack, ids, x)
+    # auto: grouped for 3 adapters over 6 examples, gather for 3 over 2.
+    auto = lorax_fn.multi_lora(model.apply, method="auto")
+    assert _uses_ragged_dot(auto, base, stack, ids, x)
+    assert not _uses_ragged_dot(auto, base, stack, ids[:2], x[:2])
+
+    def loss(g):
+        return lambda stack, x: jnp.sum(jnp.sin(g(base, stack, ids, x)))
+
+    want = jax.jit(jax.grad(loss(gather), argnums=(0, 1)))(stack, x)
+    got = jax.jit(jax.grad(loss(grouped), argnums=(0, 1)))(stack, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_grouped_scan_stacked_transformer_gathers_where_it_cannot_group():
+    model = ScannedLM()
+    ids_tok = jnp.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 3, 5]])
+    variables = init(model, ids_tok)
+    layouts = lorax_fn.infer_layouts(model.apply, variables, ids_tok)
+    base, trees = adapters(variables, [2, 1], ["**/kernel", "**/embedding"], layouts=layouts)
+    stack = lorax_fn.stack_adapters(trees, base=base)
+    ids = jnp.array([1, 0, -1, 1])
+    grouped = lorax_fn.multi_lora(model.apply, method="grouped", on_fallback="error")
+    out = jax.jit(grouped)(base, stack, ids, ids_tok)
+    check_rows(model.apply, base, trees, ids, ids_tok, out, tol=1e-4)
+
+
+def test_grouped_refusals():
+    params = {"w": jnp.ones((6, 5))}
+    base, trees = adapters(params, [1], "w")
+    stack = lorax_fn.stack_adapters(trees)
+    with pytest.raises(LoraError, match="method must be"):
+        lorax_fn.multi_lora(lambda p, x: x @ p["w"], method="sgmv")
+    g = lorax_fn.multi_lora(lambda p, x: x @ p["w"], method="grouped")
+    ids = jnp.array([0, -1])
+    with pytest.raises(LoraError, match="gathered already"):
+        g(base, lorax_fn.select_adapters(stack, ids), jnp.ones((2, 6)))
+    with pytest.raises(LoraError, match="leading batch axis of 2"):
+        g(base, stack, ids, jnp.ones((3, 6)))
