@@ -16,11 +16,21 @@ from flax import linen as nn
 from helpers import assert_matches_merged, randomize_b
 from jax import lax
 from test_structure import _flops, _tainted_shapes
+from test_transform import ScannedLM, TiedLM
 
 import lorax_fn
 from lorax_fn import Layout, LoraSpec, dequantize_base, merge, quantize_base
 
 KEY = jax.random.key(0)
+
+
+class MLP(nn.Module):
+    hidden: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.out)(jnp.tanh(nn.Dense(self.hidden)(x)))
 
 
 def _dora(variables, targets, fn=None, *args, rank=2, layouts=None, **spec_kw):
@@ -33,13 +43,8 @@ def _dora(variables, targets, fn=None, *args, rank=2, layouts=None, **spec_kw):
 
 
 def test_dense_mlp_and_the_magnitude_is_trained():
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(4)(jnp.tanh(nn.Dense(16)(x)))
-
     x = jax.random.normal(KEY, (5, 8))
-    model = MLP()
+    model = MLP(16, 4)
     base, lt = _dora(model.init(KEY, x), "**/kernel")
     assert_matches_merged(model.apply, base, lt, x)
     g = lorax_fn.lora(model.apply, on_fallback="error")
@@ -71,14 +76,6 @@ def test_weight_read_transposed_contracts_fan_out():
     assert_matches_merged(fn, base, lt, jax.random.normal(KEY, (4, 6)))
 
 
-class TiedLM(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        embed = nn.Embed(11, 8)
-        x = nn.Dense(8)(jnp.tanh(embed(ids)))
-        return embed.attend(x)
-
-
 def test_embedding_lookup_and_tied_output_projection():
     model = TiedLM()
     ids = jnp.array([[1, 2, 10], [0, 5, 5]])
@@ -96,23 +93,6 @@ def test_conv(kernel, kw):
     base, lt = _dora(model.init(KEY, x), "**/kernel", model.apply, x)
     assert lt["params/kernel"].magnitude.shape == (5,)
     assert_matches_merged(model.apply, base, lt, x)
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = nn.LayerNorm()(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=2)(h, h)
-        return x + nn.Dense(8)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(x)))), None
-
-
-class ScannedLM(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        embed = nn.Embed(13, 8)
-        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        x, _ = stack()(embed(ids), None)
-        return embed.attend(nn.LayerNorm()(x))
 
 
 def test_scan_stacked_layers_keep_a_magnitude_per_layer():
@@ -168,13 +148,8 @@ def test_a_fallback_forms_the_dora_weight_not_plain_lora():
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_quantized_base_equals_merge_on_the_dequantized_base(fmt):
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(64)(jnp.tanh(nn.Dense(128)(x)))
-
     x = jax.random.normal(KEY, (4, 64))
-    model = MLP()
+    model = MLP(128, 64)
     base, lt = _dora(model.init(KEY, x), "**/kernel")
     qbase = quantize_base(base, "**/kernel", format=fmt)
     g = lorax_fn.lora(model.apply, on_fallback="error")
@@ -273,13 +248,8 @@ def test_quantized_stack_norms_are_computed_one_layer_at_a_time():
 
 
 def test_qdora_init_magnitudes_start_from_the_quantized_model():
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(64)(jnp.tanh(nn.Dense(128)(x)))
-
     x = jax.random.normal(KEY, (4, 64))
-    model = MLP()
+    model = MLP(128, 64)
     spec = LoraSpec("**/kernel", rank=4, use_dora=True)
     base, lt = lorax_fn.split(model.init(KEY, x), spec, key=KEY)
     qbase = quantize_base(base, spec)
