@@ -15,6 +15,9 @@ machine hits them all):
 - ``multi/chunkK``: the same with ``chunk_size=K`` (``--chunk``);
 - ``multi/preselected``: the same step given ``lorax_fn.select_adapters(stack, ids)``,
   made once before the timed calls, as a Python-driven decode loop would reuse it;
+- ``multi/grouped``: ``multi_lora(..., method="grouped")``: requests sorted by adapter,
+  the low-rank products as two ``lax.ragged_dot`` over adapter groups (SGMV / Punica),
+  each adapter's factors read once per step;
 - ``decode loop``: per step of a whole ``serve.generate`` (prefill, then ``lax.scan``):
   the time of a long loop minus a one-token loop, over the extra steps. Within one
   program XLA may hoist work that does not change between steps.
@@ -89,12 +92,18 @@ def steppers(config: serve.Config, chunk: int) -> dict[str, Callable]:
         base, selection = weights
         return run(base, selection, tokens, cache, pos)
 
+    run_grouped = lorax_fn.multi_lora(apply, batch_of_one=False, method="grouped")
+
+    def grouped(weights, tokens, cache, pos):
+        return run_grouped(*weights, tokens, cache, pos)
+
     fns = {
         "merged": merged,
         "single": one_adapter,
         "multi": multi,
         f"multi/chunk{chunk}": multi_chunked,
         "multi/preselected": preselected,
+        "multi/grouped": grouped,
     }
     return {name: jax.jit(fn, donate_argnums=(2,)) for name, fn in fns.items()}
 
@@ -178,14 +187,15 @@ def main() -> None:
             fns[method], weights(method, 1), prompts, cache, start
         )
     for n in args.adapters:
-        for method in ("multi", chunk, "multi/preselected"):
+        for method in ("multi", chunk, "multi/preselected", "multi/grouped"):
             decode_calls[f"{method} {n}"] = runner(
                 fns[method], weights(method, n), token, cache, pos
             )
         if n in (min(args.adapters), max(args.adapters)):  # prefill cost does not depend on N
-            prefill_calls[f"multi {n}"] = runner(
-                fns["multi"], weights("multi", n), prompts, cache, start
-            )
+            for method in ("multi", "multi/grouped"):
+                prefill_calls[f"{method} {n}"] = runner(
+                    fns[method], weights(method, n), prompts, cache, start
+                )
 
     info = machine()
     print(json.dumps({"machine": info, "batch": b, "d": config.d, "layers": config.layers,

@@ -410,6 +410,10 @@ def _trees(selection: AdapterSelection, base: Any) -> LoraTree:
     }
 
 
+# The most adapters for which method="auto" groups (see multi_lora).
+GROUPED_MAX_ADAPTERS = 8
+
+
 def _routed_tree(stack: AdapterStack, adapter_id: jax.Array, base: Any) -> LoraTree:
     """One example's LoRA tree for the grouped method: factors routed, not gathered."""
     base_leaves = dict(weight_leaves(base))
@@ -466,9 +470,13 @@ def multi_lora(
     groups, reading each adapter's factors once (``N·(in+out)·R``) at the cost of
     permuting the activations: for weights read by a ``dot_general`` over all their
     fan-in axes (Dense, DenseGeneral); other consumers gather. Its gradient is the
-    gathered one. ``"auto"`` takes grouped when the stack holds fewer adapters than the
-    batch has examples, else gather. A selection is already gathered: ``"grouped"``
-    with one is refused.
+    gathered one. ``"auto"`` takes grouped when the stack holds at most
+    ``GROUPED_MAX_ADAPTERS`` (8) adapters and fewer than the batch has examples, else
+    gather: XLA's ``ragged_dot`` on CPU costs in proportion to the number of groups, so
+    a decode step (B=64, d=512, r=8) ran at 1.02× / 0.92× / 0.55× / 0.13× the merged
+    model for N = 1 / 4 / 16 / 64 grouped, against 0.52–0.58× gathered
+    (docs/decode_grouped.md). A selection is already gathered: ``"grouped"`` with one
+    is refused.
 
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
     :class:`LoraError`, traced ones (under ``jit``) turn that example's output into
@@ -512,7 +520,9 @@ def multi_lora(
             if not rest:
                 raise LoraError("multi_lora(fn)(base, stack, adapter_ids, *args) needs adapter_ids")
             ids, args = _checked_ids(rest[0], stack.size), rest[1:]
-            grouped = method == "grouped" or (method == "auto" and stack.size < ids.shape[0])
+            grouped = method == "grouped" or (
+                method == "auto" and stack.size <= min(GROUPED_MAX_ADAPTERS, ids.shape[0] - 1)
+            )
             if grouped:
                 return run(base, stack, ids, args, kwargs)
             selection = select_adapters(stack, ids)
