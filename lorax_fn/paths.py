@@ -61,8 +61,16 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(path_str(k), leaf) for k, leaf in flat]
 
 
+def _stored_quantized(x: Any) -> bool:
+    # A lorax_fn.QuantizedArray (not imported: quantize builds on this module).
+    return hasattr(x, "codes") and hasattr(x, "dequantize") and hasattr(x, "format")
+
+
 def describe(tree: Any) -> str:
     """A table of every leaf's path, shape and dtype — what filters match against.
+
+    A quantized weight is one row, by its float shape and dtype and its format: the
+    path ``split``, ``quantize_base`` and LoRA trees use, not one row per stored array.
 
     Example:
         >>> import jax.numpy as jnp
@@ -71,8 +79,12 @@ def describe(tree: Any) -> str:
         Dense_0/kernel  (2, 3)  float32
     """
     rows = [("path", "shape", "dtype")]
-    for path, leaf in leaves_with_paths(tree):
-        rows.append((path, str(tuple(np.shape(leaf))), str(getattr(leaf, "dtype", type(leaf)))))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_stored_quantized)
+    for key, leaf in flat:
+        dtype = str(getattr(leaf, "dtype", type(leaf)))
+        if _stored_quantized(leaf):
+            dtype += f" as {leaf.format}"
+        rows.append((path_str(key), str(tuple(np.shape(leaf))), dtype))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows

@@ -504,3 +504,12 @@ def test_count_params_counts_a_quantized_weight_by_its_original_parameters():
     w_bytes = 64 * 128 * 4
     assert quantized.total_bytes == plain.total_bytes - w_bytes + qbase["w"].nbytes
     assert "(64, 128)" in lorax_fn.summary(qbase, lt)
+
+
+def test_describe_shows_a_quantized_weight_as_one_row():
+    base = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+    table = lorax_fn.describe(lorax_fn.quantize_base(base, "w"))
+    lines = table.splitlines()
+    assert len(lines) == 3 and "codes" not in table
+    assert lines[2].split() == ["w", "(64,", "64)", "float32", "as", "nf4"]
+    assert lines[1].split() == ["b", "(64,)", "float32"]
