@@ -1,11 +1,11 @@
 """`optimizer`: an optax transformation that trains the factors and keeps nothing for the rest.
 
-Every leaf of the tree being optimised gets one of four labels (:func:`lora_labels`):
+Every leaf of the tree being optimised gets one of five labels (:func:`lora_labels`):
 
 - ``"lora_a"`` / ``"lora_b"``: the A and B arrays of each :class:`~lorax_fn.LoraFactors`;
+- ``"lora_magnitude"``: DoRA's magnitude vectors (``LoraSpec(use_dora=True)``);
 - ``"trainable"``: any other floating leaf (the leaves ``LoraSpec(trainable=...)`` put in
-  the LoRA tree, DoRA's magnitude vectors, or whatever else a combined tree holds that is
-  not frozen);
+  the LoRA tree, or whatever else a combined tree holds that is not frozen);
 - ``"frozen"``: leaves matched by ``frozen=`` and every non-floating leaf (integer
   counters, PRNG keys). They go to ``optax.set_to_zero()``: zero updates, no state.
 
@@ -35,6 +35,7 @@ from lorax_fn.paths import (
 )
 
 LORA_A, LORA_B, TRAINABLE, FROZEN = "lora_a", "lora_b", "trainable", "frozen"
+LORA_MAGNITUDE = "lora_magnitude"
 
 # Biases, norm scales and norm layers: the leaves AdamW recipes (BERT, GPT-2, PEFT
 # trainers) leave undecayed. Matched per path component.
@@ -62,9 +63,10 @@ def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) 
     """The optax label of every leaf of ``params``: a tree of the same structure.
 
     Use it to build your own ``optax.partition`` with the labels ``"lora_a"``,
-    ``"lora_b"``, ``"trainable"`` and ``"frozen"``. ``frozen`` filters (globs, regexes
-    or callables over the ``/``-joined paths of ``params``) win over every other label;
-    a filter that matches no leaf is an error listing the nearest paths.
+    ``"lora_b"``, ``"lora_magnitude"`` (DoRA), ``"trainable"`` and ``"frozen"``.
+    ``frozen`` filters (globs, regexes or callables over the ``/``-joined paths of
+    ``params``) win over every other label; a filter that matches no leaf is an error
+    listing the nearest paths.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -102,6 +104,8 @@ def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> An
             labels.append(FROZEN)
         elif parent in factor_paths and field in ("a", "b"):
             labels.append(LORA_A if field == "a" else LORA_B)
+        elif parent in factor_paths and field == "magnitude":
+            labels.append(LORA_MAGNITUDE)
         else:
             labels.append(TRAINABLE)
     for f, n in zip(filters, hits, strict=True):
@@ -148,9 +152,10 @@ def optimizer(
     Weight decay belongs inside ``tx`` so it shares the learning-rate schedule: pass
     ``optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)``.
 
-    A DoRA adapter's magnitude (``LoraSpec(use_dora=True)``) is labelled ``"trainable"``:
-    it is trained, by ``trainable_tx`` when given, and is not weight-decayed by
-    :func:`weight_decay_mask`.
+    A DoRA adapter's magnitude (``LoraSpec(use_dora=True)``) is labelled
+    ``"lora_magnitude"``: it is part of the adapter, trained by ``tx`` as PEFT does
+    (never by ``trainable_tx``, which is for leaves such as a head, and without LoRA+'s
+    ratio), and is not weight-decayed by :func:`weight_decay_mask`.
 
     It is ``optax.partition`` with callable labels (:func:`lora_labels`): each
     non-frozen label keeps its own copy of ``tx``'s state over its own leaves: with
@@ -180,6 +185,7 @@ def optimizer(
     candidates = {
         LORA_A: tx,
         LORA_B: b_tx,
+        LORA_MAGNITUDE: tx,
         TRAINABLE: tx if trainable_tx is None else trainable_tx,
         FROZEN: optax.set_to_zero(),
     }

@@ -537,4 +537,4 @@ def test_dora_magnitude_is_counted_and_trained_without_lora_plus():
     assert counts.trainable == 2 * (8 + 16) + 2 * (16 + 4) + 16 + 4
     assert "dora" in lorax_fn.summary(base, lt)
     labels = lorax_fn.lora_labels(lt)
-    assert labels["params/Dense_0/kernel"].magnitude == "trainable"
+    assert labels["params/Dense_0/kernel"].magnitude == "lora_magnitude"

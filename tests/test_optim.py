@@ -285,7 +285,9 @@ def test_composes_with_optax_tree_map_params(setup, with_tree):
     moments = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.float32]
     assert len(moments) == 2 * len(jax.tree.leaves(lt)) and all(np.all(v == 7.0) for v in moments)
     counts = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.int32]
-    assert [int(c) for c in counts] == [-1, -1, -1]  # one count per label present
+    # One count per label present (given a tree) or per trained label (lora_a, lora_b,
+    # lora_magnitude, trainable) without one.
+    assert [int(c) for c in counts] == [-1] * (3 if with_tree else 4)
 
 
 def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
@@ -300,7 +302,11 @@ def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
     assert float(jnp.abs(grads[path].magnitude).max()) > 0
 
     labels = lorax_fn.lora_labels(lt)[path]
-    assert (labels.a, labels.b, labels.magnitude) == ("lora_a", "lora_b", "trainable")
+    assert (labels.a, labels.b, labels.magnitude) == ("lora_a", "lora_b", "lora_magnitude")
+    # The magnitude is the adapter's: trainable_tx (a head's rate) never reaches it.
+    head_only = lorax_fn.optimizer(optax.sgd(1.0), lt, trainable_tx=optax.sgd(0.0))
+    moved = head_only.update(grads, head_only.init(lt), lt)[0][path].magnitude
+    np.testing.assert_allclose(moved, -grads[path].magnitude, rtol=1e-6)
     mask = lorax_fn.weight_decay_mask(lt)[path]
     assert (mask.a, mask.b, mask.magnitude) == (True, True, False)
 
