@@ -42,6 +42,20 @@ SPEC = lorax_fn.LoraSpec(
 )
 
 
+# Base partition specs on a 2x4 ("data", "model") mesh.
+MESH_SPECS = {
+    "params": {
+        "dense": {"kernel": P("data", "model")},
+        "attn": {
+            "query": {"kernel": P("data", None, None)},
+            "out": {"kernel": P(None, None, "model")},
+        },
+        "stack": {"kernel": P(None, "data", "model")},
+        "head": {"kernel": P("data", None), "bias": P()},
+    }
+}
+
+
 def make_params(layers: int = 3, d: int = 16, dtype=jnp.float32) -> dict:
     rng = np.random.default_rng(0)  # numpy, so that building test trees compiles nothing
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
@@ -122,20 +136,9 @@ def test_restore_onto_replicated_and_sharded_mesh(tmp_path, model):
 
     # A follows the weight's fan-in, B its fan-out: shard the 16/32-sized axes over 8.
     mesh2 = jax.make_mesh((2, 4), ("data", "model"))
-    base_specs = {
-        "params": {
-            "dense": {"kernel": P("data", "model")},
-            "attn": {
-                "query": {"kernel": P("data", None, None)},
-                "out": {"kernel": P(None, None, "model")},
-            },
-            "stack": {"kernel": P(None, "data", "model")},
-            "head": {"kernel": P("data", None), "bias": P()},
-        }
-    }
     got = restore(
         tmp_path / "ad",
-        shardings=lambda abstract: lorax_fn.lora_shardings(abstract, base_specs, mesh2),
+        shardings=lambda abstract: lorax_fn.lora_shardings(abstract, MESH_SPECS, mesh2),
     )
     assert_same_tree(got, lt)
     assert got["params/dense/kernel"].a.sharding.spec == P("data", None)
@@ -697,18 +700,6 @@ def test_a_damaged_checkpoint_prints_nothing_but_its_error(tmp_path):
 # --------------------------------------------------------------------------- DoRA
 
 DORA_SPEC = dataclasses.replace(SPEC, use_dora=True)
-# The 2x4 mesh layout of test_restore_onto_replicated_and_sharded_mesh.
-MESH_SPECS = {
-    "params": {
-        "dense": {"kernel": P("data", "model")},
-        "attn": {
-            "query": {"kernel": P("data", None, None)},
-            "out": {"kernel": P(None, None, "model")},
-        },
-        "stack": {"kernel": P(None, "data", "model")},
-        "head": {"kernel": P("data", None), "bias": P()},
-    }
-}
 
 
 @pytest.fixture(scope="module")
