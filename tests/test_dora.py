@@ -16,7 +16,7 @@ from flax import linen as nn
 from helpers import assert_matches_merged, randomize_b
 from jax import lax
 from test_structure import _flops, _tainted_shapes
-from test_transform import ScannedLM, TiedLM
+from test_transform import TiedLM
 
 import lorax_fn
 from lorax_fn import Layout, LoraSpec, dequantize_base, merge, quantize_base
@@ -95,12 +95,29 @@ def test_conv(kernel, kw):
     assert_matches_merged(model.apply, base, lt, x)
 
 
+class HeadsCell(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.DenseGeneral((2, 4))(x)  # a multi-axis fan-out, as attention's query
+        return x + nn.DenseGeneral(8, axis=(-2, -1))(jnp.tanh(h)), None
+
+
+class ScannedHeads(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(13, 8)
+        stack = nn.scan(
+            HeadsCell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return embed.attend(stack()(embed(ids), None)[0])
+
+
 def test_scan_stacked_layers_keep_a_magnitude_per_layer():
-    model = ScannedLM()
+    model = ScannedHeads()
     ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 12]])
     base, lt = _dora(model.init(KEY, ids), ["**/kernel", "**/embedding"], model.apply, ids)
-    query = next(v for p, v in lt.items() if p.endswith("query/kernel"))
-    assert query.magnitude.shape == (3, 2, 4)  # (layers, heads, head_dim)
+    heads = lt["params/ScanHeadsCell_0/DenseGeneral_0/kernel"]
+    assert heads.magnitude.shape == (3, 2, 4)  # (layers, heads, head_dim)
     assert_matches_merged(model.apply, base, lt, ids, rtol=1e-4, atol=1e-4)
 
 
