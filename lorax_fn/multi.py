@@ -371,29 +371,23 @@ def select_adapters(stack: AdapterStack, adapter_ids: Any) -> AdapterSelection:
         raise LoraError(f"expected an AdapterStack (see stack_adapters), got {type(stack)}")
     _refuse_dora(stack.entries, "the stack")
     ids = _checked_ids(adapter_ids, stack.size)
-    n = stack.size
-    adapted = ids != -1
-    # Ids outside [-1, N) index past the end, which gathers NaN: loud, never the base.
-    index = jnp.where(ids < 0, jnp.where(adapted, n, 0), ids)
 
     def take(x: jax.Array) -> jax.Array:
-        return jnp.take(x, index, axis=0, mode="fill")
+        return routing.take(x, ids)
 
-    # Base rows get A = B = 0, not adapter 0's A with B = 0: 0·NaN is NaN, so one bad
-    # adapter would otherwise poison every base row's output and input gradient.
-    # Their trained-in-full leaves are replaced by the base's when the selection is used.
+    # Base rows get A = B = 0 (see routing.take); their trained-in-full leaves are
+    # replaced by the base's when the selection is used.
     return AdapterSelection(
         {
             path: (
-                LoraFactors(_where(adapted, take(e.a), 0), _where(adapted, take(e.b), 0),
-                            e.scale, e.layout)
+                LoraFactors(take(e.a), take(e.b), e.scale, e.layout)
                 if isinstance(e, LoraFactors)
                 else take(e)
             )
             for path, e in stack.entries.items()
         },
         ids,
-    )  # fmt: skip
+    )
 
 
 def _where(adapted: jax.Array, x: jax.Array, otherwise: Any) -> jax.Array:
@@ -546,6 +540,7 @@ def multi_lora(
         return jax.lax.map(per_example, inputs, batch_size=chunk_size)
 
     def run(base: Any, stack: AdapterStack, ids: jax.Array, args: tuple, kwargs: dict) -> Any:
+        _refuse_dora(stack.entries, "the stack")
         check_fits(base, _per_adapter(stack))
         _check_batch(args, ids.shape[0])
 

@@ -30,8 +30,8 @@ class RoutedFactors:
         >>> import jax.numpy as jnp
         >>> f = RoutedFactors(jnp.ones((2, 8, 1)), jnp.ones((2, 1, 4)), jnp.array(1),
         ...                   Layout((0,), (1,)))
-        >>> f.select().a.shape, f.shapes().weight_shape
-        ((8, 1), (8, 4))
+        >>> f.shapes().weight_shape
+        (8, 4)
     """
 
     a: jax.Array
@@ -47,27 +47,25 @@ class RoutedFactors:
 
         return LoraFactors(sds(self.a), sds(self.b), 1.0, self.layout)
 
-    def select(self) -> LoraFactors:
-        """This example's factors, gathered (zero for the base, NaN for an invalid id)."""
-        return LoraFactors(
-            take(self.a, self.adapter_id), take(self.b, self.adapter_id), 1.0, self.layout
-        )
 
+def take(stack: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+    """``stack[adapter_ids]``: zeros for the base (-1), NaN for an id outside ``[-1, N)``.
 
-def take(stack: jax.Array, adapter_id: jax.Array) -> jax.Array:
-    """``stack[adapter_id]``: zeros for the base (-1), NaN for an id outside ``[-1, N)``.
+    ``adapter_ids`` is one id or an array of them (one per example).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> take(jnp.ones((2, 3)), jnp.array(-1)).tolist()
-        [0.0, 0.0, 0.0]
+        >>> take(jnp.ones((2, 3)), jnp.array([-1, 1])).tolist()
+        [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
-    # The base (-1) reads no adapter's values: zeros, so a NaN in an adapter stays in
-    # its own rows. An id past the stack gathers NaN (mode="fill"): loud, never the base.
+    # The base (-1) reads no adapter's values, not adapter 0's: 0·NaN is NaN, so one bad
+    # adapter would otherwise poison every base row's output and input gradient. An id
+    # past the stack gathers NaN (mode="fill"): loud, never the base.
     n = stack.shape[0]
-    index = jnp.where(adapter_id == -1, 0, jnp.where(adapter_id < 0, n, adapter_id))
+    index = jnp.where(adapter_ids == -1, 0, jnp.where(adapter_ids < 0, n, adapter_ids))
     taken = jnp.take(stack, index, axis=0, mode="fill")
-    return jnp.where(adapter_id == -1, jnp.zeros_like(taken), taken)
+    base = (adapter_ids == -1).reshape(adapter_ids.shape + (1,) * (stack.ndim - 1))
+    return jnp.where(base, 0, taken)
 
 
 def _gathered(x: jax.Array, a: jax.Array, b: jax.Array, adapter_id: jax.Array) -> jax.Array:
