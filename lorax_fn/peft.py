@@ -830,14 +830,13 @@ def _factors(
         if "a" not in got or "b" not in got:
             raise LoraError(f"{module}: the adapter lacks lora_A or lora_B for this module")
         a, b = got["a"], got["b"]
-        r = a.shape[0]
         if experts is not None:
             a, b = _expert_factors(module, path, a, b, shape, layout, experts)
         elif a.ndim > 2:
             a, b = _conv_factors(module, path, a, b, shape, layout)
         elif (
             b.ndim != 2
-            or b.shape[1] != r
+            or b.shape[1] != a.shape[0]
             or (a.shape[1], b.shape[0]) != (math.prod(in_dims), math.prod(out_dims))
         ):
             raise LoraError(
@@ -857,7 +856,7 @@ def _factors(
             raise LoraError(
                 f"{module}: the adapter has a {_MAGNITUDE[1:]} but its config says use_dora=False"
             )
-        r = a.shape[-1]  # PEFT's r; an expert lora_A has r·E rows
+        r = a.shape[-1]  # the rank, after conversion: an expert lora_A has r·E rows
         scales.add(_peft_alpha(config, got["name"]) / (math.sqrt(r) if rslora else r))
     if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
         raise LoraError(
