@@ -192,30 +192,6 @@ class RunResult:
         return out
 
 
-def decay_mask(params: Any) -> Any:
-    """:func:`lorax_fn.weight_decay_mask`, except that DoRA's magnitude is never decayed.
-
-    The magnitude is each column's length (initialised to ``‖W0‖_c``): decaying it would
-    shrink the pretrained weights towards zero, so it is treated like the norm scales,
-    which are not decayed either.
-
-    Example::
-
-        tx = optax.adamw(1e-3, weight_decay=1e-2, mask=decay_mask)
-    """
-
-    def no_magnitude(x: Any) -> Any:
-        if isinstance(x, lorax_fn.LoraFactors) and x.magnitude is not None:
-            return dataclasses.replace(x, magnitude=False)
-        return x
-
-    return jax.tree.map(
-        no_magnitude,
-        lorax_fn.weight_decay_mask(params),
-        is_leaf=lambda x: isinstance(x, lorax_fn.LoraFactors),
-    )
-
-
 def make_optimizer(
     method: Method, lora_tree: dict[str, Any], settings: Settings, total_steps: int
 ) -> optax.GradientTransformation:
@@ -238,7 +214,9 @@ def make_optimizer(
 
     def adamw(lr: float) -> optax.GradientTransformation:
         schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
-        return optax.adamw(schedule, weight_decay=settings.weight_decay, mask=decay_mask)
+        return optax.adamw(
+            schedule, weight_decay=settings.weight_decay, mask=lorax_fn.weight_decay_mask
+        )
 
     def group(key_path: Any, _: Any) -> str:
         return "head" if lorax_fn.path_str(key_path).startswith(HEAD_PREFIX) else "encoder"
