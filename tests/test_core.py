@@ -276,12 +276,19 @@ def test_merge_donate_and_safe():
     donor = jax.tree_util.tree_map(jnp.copy, base)
     got = lorax_fn.merge(donor, lt, donate=True)
     np.testing.assert_array_equal(got["w"], want["w"])
+    # Donation hands the adapted leaf's buffer to XLA; a leaf with no adapter stays the
+    # caller's (it is not part of the fold).
+    assert donor["w"].is_deleted() and not donor["v"].is_deleted()
+    kept = jax.tree_util.tree_map(jnp.copy, base)
+    np.testing.assert_array_equal(lorax_fn.merge(kept, lt)["w"], want["w"])
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(kept))
     bad = {
         "w": LoraFactors(lt["w"].a, lt["w"].b.at[0, 3].set(jnp.inf), lt["w"].scale, lt["w"].layout)
     }
     keep = jax.tree_util.tree_map(jnp.copy, base)
     with pytest.raises(LoraError, match=r"merge would produce NaN/Inf at \['w'\]"):
         lorax_fn.merge(keep, bad, donate=True, safe=True)
+    assert not keep["w"].is_deleted()
     np.testing.assert_array_equal(keep["w"], base["w"])  # nothing was donated or changed
     with pytest.raises(LoraError, match=r"unmerge would produce NaN/Inf"):
         lorax_fn.unmerge(want, bad, safe=True)
