@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import lorax_fn
+from helpers import randomize_b
 from lorax_fn import LoraError, LoraFactors, LoraSpec
 
 KEY = jax.random.key(1)
@@ -116,17 +117,21 @@ def test_lora_plus_sgd_step_scales_b_exactly():
 
 def test_lora_plus_with_adam_equals_b_at_ratio_times_the_learning_rate(setup):
     base, lt, x, y = setup
+    lt = randomize_b(lt)  # B ≠ 0, so ∂L/∂A ≠ 0 and A's step shows which rate it got
     lr, ratio = 1e-2, 16.0
     plus, _, _ = train(
         lorax_fn.optimizer(optax.adam(lr), lt, lora_plus_ratio=ratio), base, lt, x, y, steps=1
     )
-    fast_b, _, _ = train(lorax_fn.optimizer(optax.adam(lr * ratio), lt), base, lt, x, y, steps=1)
+    plain, _, _ = train(lorax_fn.optimizer(optax.adam(lr), lt), base, lt, x, y, steps=1)
+    fast, _, _ = train(lorax_fn.optimizer(optax.adam(lr * ratio), lt), base, lt, x, y, steps=1)
     for path, f in plus.items():
         if isinstance(f, LoraFactors):
-            # Adam's moments never see the ratio; only the final step is scaled.
-            np.testing.assert_allclose(f.b, fast_b[path].b, rtol=1e-6, atol=1e-7)
-            assert np.any(f.b != 0)
-            np.testing.assert_array_equal(f.a, lt[path].a)  # B was 0, so ∂L/∂A was 0
+            # Adam's moments never see the ratio; only the final step is scaled: B moves
+            # at ratio·lr, A at lr.
+            np.testing.assert_allclose(f.b, fast[path].b, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(f.a, plain[path].a, rtol=1e-6, atol=1e-7)
+            assert not np.allclose(f.a, lt[path].a)
+            assert not np.allclose(f.a, fast[path].a)
 
 
 def test_trainable_tx_is_used_for_full_leaves_only(setup):
@@ -170,7 +175,8 @@ def test_weight_decay_mask_spares_biases_and_norms_and_decays_kernels_and_factor
 
 def test_adamw_with_the_decay_mask_inside_the_optimizer(setup):
     _, lt, _, _ = setup
-    lt = {**lt, "params/LayerNorm_0/scale": jnp.ones(16) * 2.0}
+    # B ≠ 0, or B's decay (0·(1 - lr·wd) = 0) could not be told from no decay.
+    lt = {**randomize_b(lt), "params/LayerNorm_0/scale": jnp.ones(16) * 2.0}
     lr, wd = 0.1, 0.5
     tx = lorax_fn.optimizer(optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask), lt)
     zeros = jax.tree.map(jnp.zeros_like, lt)
@@ -180,6 +186,8 @@ def test_adamw_with_the_decay_mask_inside_the_optimizer(setup):
     for path, entry in lt.items():
         if isinstance(entry, LoraFactors):
             np.testing.assert_allclose(new[path].a, entry.a * (1 - lr * wd), rtol=1e-6)
+            np.testing.assert_allclose(new[path].b, entry.b * (1 - lr * wd), rtol=1e-6)
+            assert not np.allclose(new[path].b, entry.b)
         else:  # the Dense_1 bias and the norm scale
             np.testing.assert_array_equal(new[path], entry)
 
