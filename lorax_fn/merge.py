@@ -232,10 +232,14 @@ def dora_norms(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
         >>> bool(jnp.allclose(back["w"], base["w"], atol=1e-5))
         True
     """
+    return _dora_norms(base, lora, "dora_norms")
+
+
+def _dora_norms(base: Any, lora: dict[str, Any], who: str) -> dict[str, jax.Array]:
     check_fits(base, lora)
     dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
     if not dora:
-        raise LoraError("dora_norms: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
+        raise LoraError(f"{who}: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
     # One weight at a time, V never formed: a quantized base is never in float at once.
     norms = {p: _weight_norms(w, dora[p]) for p, w in weight_leaves(base) if p in dora}
     return {p: norms[p] for p in dora}
@@ -269,7 +273,7 @@ def init_magnitudes(base: Any, lora: dict[str, Any]) -> dict[str, Any]:
         >>> bool(jnp.allclose(merged, qbase["w"].dequantize(), atol=1e-5))
         True
     """
-    norms = dora_norms(base, lora)
+    norms = _dora_norms(base, lora, "init_magnitudes")
     return {
         p: dataclasses.replace(e, magnitude=norms[p].astype(e.magnitude.dtype)) if p in norms else e
         for p, e in lora.items()

@@ -126,8 +126,8 @@ class LoraSpec:
             raise LoraError(f"unknown scaling {self.scaling!r}; expected one of {SCALINGS}")
         if self.init not in INITS:
             raise LoraError(f"unknown init {self.init!r}; expected one of {INITS}")
-        if self.init_std is not None and not self.init_std > 0:
-            raise LoraError(f"init_std must be > 0, got {self.init_std!r}")
+        if self.init_std is not None and not 0 < self.init_std < math.inf:
+            raise LoraError(f"init_std must be finite and > 0, got {self.init_std!r}")
         if not jnp.issubdtype(jnp.dtype(self.factor_dtype), jnp.floating):
             raise LoraError(f"factor_dtype must be a floating dtype, got {self.factor_dtype!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -221,3 +221,6 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise LoraError(f"{name} must be > 0, got {value!r}")
+    # An infinite alpha turns the B = 0 init into inf·0 = NaN in every adapted weight.
+    if not math.isfinite(value):
+        raise LoraError(f"{name} must be finite, got {value!r}")
