@@ -157,9 +157,15 @@ def draw_subspace_similarity(ax: Any, grid: ArrayLike) -> Any:
     Rows are ``i = 1..r1`` top to bottom, columns ``j = 1..r2``, the colour scale fixed
     to ``[0, 1]`` so that panels are comparable.
 
-    Example::
-
-        >>> image = draw_subspace_similarity(ax, subspace_similarity_grid(a1, a2))  # doctest: +SKIP
+    Example:
+        >>> import jax
+        >>> from matplotlib.figure import Figure
+        >>> a1 = jax.random.normal(jax.random.key(0), (32, 4))
+        >>> a2 = jax.random.normal(jax.random.key(1), (32, 8))
+        >>> ax = Figure().add_subplot()
+        >>> image = draw_subspace_similarity(ax, subspace_similarity_grid(a1, a2))
+        >>> image.get_array().shape, image.get_clim()
+        ((4, 8), (0.0, 1.0))
     """
     values = np.asarray(grid, dtype=np.float64)
     r1, r2 = values.shape
@@ -187,10 +193,14 @@ def plot_subspace_similarity(
     columns ``j = 1..r2``; the colour scale is fixed to ``[0, 1]`` so plots are comparable.
     Needs ``matplotlib`` (imported here so the library does not depend on it).
 
-    Example::
-
-        >>> grid = subspace_similarity_grid(a_rank8, a_rank64)       # doctest: +SKIP
-        >>> plot_subspace_similarity(grid, "phi.png", title="Wq, layer 0")  # doctest: +SKIP
+    Example:
+        >>> import jax
+        >>> a_rank8 = jax.random.normal(jax.random.key(0), (64, 8))
+        >>> a_rank64 = jax.random.normal(jax.random.key(1), (64, 64))
+        >>> grid = subspace_similarity_grid(a_rank8, a_rank64)
+        >>> plot_subspace_similarity(grid, "phi.png", title="Wq, layer 0")
+        >>> open("phi.png", "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
+        True
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
