@@ -280,7 +280,7 @@ def test_qdora_init_magnitudes_start_from_the_quantized_model():
     for p in lt:
         np.testing.assert_array_equal(fixed[p].a, lt[p].a)
         np.testing.assert_array_equal(fixed[p].b, lt[p].b)
-    with pytest.raises(lorax_fn.LoraError, match="^init_magnitudes: .*no DoRA entries"):
+    with pytest.raises(lorax_fn.LoraError, match=r"^init_magnitudes: .*no DoRA entries"):
         lorax_fn.init_magnitudes(
             base, lorax_fn.split(base, LoraSpec("**/kernel", rank=2), key=KEY)[1]
         )
