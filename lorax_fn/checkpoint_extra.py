@@ -18,14 +18,16 @@ import numpy as np
 
 from lorax_fn.checkpoint_format import array_info, default_sharding, verify_array
 from lorax_fn.errors import LoraError
-from lorax_fn.paths import compile_filter, leaves_with_paths, path_str
+from lorax_fn.paths import compile_filter, path_str
+from lorax_fn.quantize import QuantizedArray, weight_leaves
 
 
 def select_extra(base: Any, filters: Any, lora_tree: Mapping[str, Any]) -> dict[str, Any]:
     """``{path: leaf}`` of the base leaves that ``filters`` select, to save beside the adapter.
 
     ``filters`` are path filters as in :class:`LoraSpec` (``"batch_stats/**"``, a list...).
-    Selecting nothing, or a leaf the LoRA tree already holds, is refused.
+    Selecting nothing, a leaf the LoRA tree already holds, or a quantized weight (frozen
+    parameters, not state) is refused.
 
     Example:
         >>> import numpy as np
@@ -37,7 +39,7 @@ def select_extra(base: Any, filters: Any, lora_tree: Mapping[str, Any]) -> dict[
         raise LoraError("extra= saves leaves of the base: pass base= too")
     filters = (filters,) if isinstance(filters, str) or callable(filters) else tuple(filters)
     predicates = [compile_filter(f) for f in filters]
-    leaves = leaves_with_paths(base)
+    leaves = weight_leaves(base)
     chosen = {p: x for p, x in leaves if any(match(p, x) for match in predicates)}
     if not chosen:
         raise LoraError(
@@ -46,6 +48,11 @@ def select_extra(base: Any, filters: Any, lora_tree: Mapping[str, Any]) -> dict[
         )
     if both := sorted(set(chosen) & set(lora_tree)):
         raise LoraError(f"extra= selects leaves the LoRA tree already holds: {both}")
+    if quantized := sorted(p for p, x in chosen.items() if isinstance(x, QuantizedArray)):
+        raise LoraError(
+            f"extra= selects quantized weights {quantized}: it saves state such as "
+            "BatchNorm statistics, not the frozen base; narrow the filters"
+        )
     return chosen
 
 
@@ -101,7 +108,8 @@ def abstract_extra(infos: list[dict[str, Any]], base: Any, where: str) -> dict[s
     """The orbax restore target for the ``extra`` item, placed like the base leaves.
 
     Each saved path must be a leaf of ``base`` with the saved shape (the dtype may
-    differ; the value is cast to the base leaf's dtype, as :func:`lorax_fn.merge` casts).
+    differ; the value is cast to the base leaf's dtype, as :func:`lorax_fn.merge` casts),
+    and not a quantized weight, which a saved float array cannot replace.
 
     Example:
         >>> import numpy as np
@@ -111,12 +119,17 @@ def abstract_extra(infos: list[dict[str, Any]], base: Any, where: str) -> dict[s
         ...
         lorax_fn.errors.LoraError: the checkpoint: its extra leaf s is (2,), the base has (3,)
     """
-    leaves = dict(leaves_with_paths(base))
+    leaves = dict(weight_leaves(base))
     out = {}
     for i, info in enumerate(infos):
         path, shape = info["path"], tuple(info["shape"])
         if path not in leaves:
             raise LoraError(f"{where}: its extra leaf {path} is not in the base")
+        if isinstance(leaves[path], QuantizedArray):
+            raise LoraError(
+                f"{where}: its extra leaf {path} is a quantized weight of the base; restore "
+                "into the float base and quantize after"
+            )
         if tuple(np.shape(leaves[path])) != shape:
             raise LoraError(
                 f"{where}: its extra leaf {path} is {shape}, the base has "
@@ -143,7 +156,9 @@ def apply_extra(
     for i, info in enumerate(infos):
         verify_array(f"extra {info['path']}", info, arrays[str(i)], where)
         saved[info["path"]] = arrays[str(i)]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        base, is_leaf=lambda x: isinstance(x, QuantizedArray)
+    )
     leaves = []
     for key, leaf in flat:
         x = saved.get(path_str(key), leaf)
@@ -164,9 +179,7 @@ def unsaved_state(base: Any, saved: set[str]) -> list[str]:
         ['batch_stats/mean']
     """
     if isinstance(base, Mapping) and "params" in base:
-        return [
-            p for p, _ in leaves_with_paths(base) if not p.startswith("params/") and p not in saved
-        ]
+        return [p for p, _ in weight_leaves(base) if not p.startswith("params/") and p not in saved]
     try:
         from flax import nnx
     except ImportError:  # pragma: no cover - flax is a dependency

@@ -38,7 +38,8 @@ from jax.experimental import multihost_utils
 import lorax_fn
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
-from lorax_fn.paths import compile_filter, leaves_with_paths
+from lorax_fn.paths import compile_filter
+from lorax_fn.quantize import weight_leaves
 from lorax_fn.spec import LoraSpec
 
 FORMAT = "lorax_fn.checkpoint"
@@ -114,13 +115,19 @@ def array_info(x: Any) -> dict[str, Any]:
 def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """``{path: (shape, dtype)}`` of every leaf; concrete or abstract leaves both work.
 
+    A :class:`lorax_fn.QuantizedArray` is one leaf, described by the float array it
+    stands for (as :func:`lorax_fn.merge` checks it), not by its stored codes.
+
     Example:
         >>> import numpy as np
         >>> leaf_specs({"w": np.zeros((2, 3), np.float32), "n": 1.0})
         {'n': ((), None), 'w': ((2, 3), 'float32')}
+        >>> import jax.numpy as jnp, lorax_fn
+        >>> leaf_specs({"q": lorax_fn.quantize(jnp.ones((2, 64), jnp.bfloat16))})
+        {'q': ((2, 64), 'bfloat16')}
     """
     out = {}
-    for path, leaf in leaves_with_paths(tree):
+    for path, leaf in weight_leaves(tree):
         dtype = getattr(leaf, "dtype", None)
         out[path] = (tuple(np.shape(leaf)), None if dtype is None else np.dtype(dtype).name)
     return out

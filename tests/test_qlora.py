@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 from helpers import randomize_b
@@ -275,3 +276,54 @@ def test_a_quantized_weight_dequantized_outside_a_consumer_is_reported():
     with pytest.warns(UserWarning, match="w is consumed by `output`"):
         _, w = lorax_fn.lora(fn)(qbase, lt, x)
     np.testing.assert_array_equal(w, qbase["w"].dequantize())
+
+
+def _assert_same_adapter(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)  # scale, layout, dropout
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_quantized_base_checkpoints_like_a_float_one(tmp_path, fmt):
+    # Each QuantizedArray is one leaf of the base, checked by its float shape and dtype, in
+    # save, restore, the manager and stack_checkpoints (it used to be its codes and scales:
+    # "not a leaf of the given base").
+    model = MLP()
+    x = jax.random.normal(jax.random.key(2), (4, 64))
+    variables = jax.tree.map(lambda v: v.astype(jnp.bfloat16), model.init(jax.random.key(0), x))
+    spec = LoraSpec(["**/Dense_0/kernel", "**/Dense_2/kernel"], rank=4, trainable="**/bias")
+    base, lt0 = lorax_fn.split(variables, spec, key=jax.random.key(1))
+    trees = [randomize_b(lt0, seed=s) for s in (1, 2)]
+    qbase = quantize_base(base, "**/kernel", format=fmt)
+    g = jax.jit(lorax_fn.lora(model.apply, on_fallback="error"))
+    for i, lt in enumerate(trees):
+        lorax_fn.save(tmp_path / f"ad{i}", lt, spec, base=qbase)
+    info = lorax_fn.checkpoint_info(tmp_path / "ad0")
+    assert info.base_leaves["params/Dense_0/kernel"] == ((64, 128), "bfloat16")
+    restored = lorax_fn.restore(tmp_path / "ad0", base=qbase)
+    _assert_same_adapter(restored, trees[0])
+    np.testing.assert_array_equal(g(qbase, restored, x), g(qbase, trees[0], x))
+
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(trees[0])
+    with lorax_fn.LoraCheckpointManager(tmp_path / "run", spec, base=qbase) as manager:
+        manager.save(3, trees[0], opt_state)
+        state = manager.restore(opt_state=jax.eval_shape(tx.init, trees[0]), base=qbase)
+    _assert_same_adapter(state.lora_tree, trees[0])
+    _assert_same_adapter(state.opt_state, opt_state)
+
+    stack = lorax_fn.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=qbase)
+    _assert_same_adapter(stack, lorax_fn.stack_adapters(trees, base=qbase))
+
+    with pytest.raises(LoraError, match=r"extra= selects quantized weights \['params/Dense_1"):
+        lorax_fn.save(tmp_path / "x", trees[0], spec, base=qbase, extra="**/Dense_1/kernel")
+    # The checks still bite: a quantized weight of another shape is refused by path.
+    dense_2 = dict(base["params"]["Dense_2"], kernel=jnp.ones((64, 128), jnp.bfloat16))
+    wider = {"params": dict(base["params"], Dense_2=dense_2)}
+    other = quantize_base(wider, "**/kernel", format=fmt)
+    with pytest.raises(LoraError, match=r"Dense_2/kernel: made for shape \(64, 64\)"):
+        lorax_fn.restore(tmp_path / "ad0", base=other)
+    with pytest.raises(LoraError, match=r"(?s)ad0: .*Dense_2/kernel: made for shape \(64, 64\)"):
+        lorax_fn.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=other)
