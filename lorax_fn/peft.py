@@ -49,7 +49,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import PathFilter, compile_filter
-from lorax_fn.quantize import weight_leaves
+from lorax_fn.quantize import QuantizedArray, weight_leaves
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import default_layout
 
@@ -57,6 +57,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 _MAGNITUDE = ".lora_magnitude_vector"
+# PEFT's copy of an adapted embedding's or lm_head's base weight (save_embedding_layers).
+_BASE_WEIGHT = ".base_layer.weight"
 _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
     ".lora_A.weight": ("a", False),
     ".lora_B.weight": ("b", False),
@@ -627,6 +629,14 @@ def import_peft(
     gives factors with their ``magnitude``, which every module must have, of PEFT's
     shape (``(out,)``, a conv's ``(1, out, 1, …)``).
 
+    An adapter on an embedding or ``lm_head`` is saved by PEFT (``save_embedding_layers=
+    "auto"``) with a copy of that module's base weight, ``<module>.base_layer.weight``,
+    which PEFT loads over the model's own weight. A LoRA tree holds no base weights, so
+    the copy is checked against ``base`` instead: equal up to rounding into the coarser of
+    the two dtypes, it is skipped; different (another base, a resized vocabulary), it is
+    refused, naming it — import with the base the adapter was trained on. A quantized
+    leaf cannot be compared: import on the float base, then :func:`lorax_fn.quantize_base`.
+
     The config's ``target_parameters`` (mixture-of-experts weights; see
     :func:`export_peft`'s ``experts``) are the base leaves whose ``name_map`` name, a
     PyTorch parameter name, is one of them or ends with ``.<one of them>``, as PEFT
@@ -708,6 +718,7 @@ def import_peft(
     # path -> {"layout": Layout, layer: {"module": name, "a": lora_A, "b": lora_B}}
     found: dict[str, dict[Any, Any]] = collections.defaultdict(dict)
     full: dict[str, np.ndarray] = {}
+    saved_bases: dict[str, np.ndarray] = {}  # module -> PEFT's copy of its base weight
     unmapped = []
     for key, x in tensors.items():
         suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
@@ -715,8 +726,11 @@ def import_peft(
             unmapped.append(key)
         elif suffix is None:
             name = key[len(_PREFIX) :]
+            module = name.removesuffix(_BASE_WEIGHT)
             if name in full_names:
                 full[full_names[name]] = x
+            elif module != name and module in factor_names and factor_names[module][4] is None:
+                saved_bases[module] = x  # not an expert wrapper: PEFT's copy of a base weight
             else:
                 unmapped.append(key)
         else:
@@ -735,6 +749,11 @@ def import_peft(
             + (f" and {len(unmapped) - 10} more" if len(unmapped) > 10 else "")
         )
 
+    for module, x in sorted(saved_bases.items()):
+        path, layer, layout = factor_names[module][:3]
+        embedding = f"{_PREFIX}{module}.lora_embedding_A" in tensors
+        _check_saved_base(module, x, path, leaves[path], layout, layer, embedding)
+
     tree: dict[str, Any] = {}
     for path, got in sorted(found.items()):
         tree[path] = _factors(path, got, leaves[path], config, rslora, exact.get(path))
@@ -749,6 +768,59 @@ def import_peft(
         tree[path] = jax.numpy.asarray(value, leaf.dtype)
     check_fits(base, tree)
     return tree
+
+
+def _check_saved_base(
+    module: str,
+    x: np.ndarray,
+    path: str,
+    leaf: Any,
+    layout: Layout,
+    layer: int | None,
+    embedding: bool,
+) -> None:
+    """Refuse PEFT's saved copy of ``module``'s base weight unless it is ``base``'s weight.
+
+    PEFT loads the copy over the model's own weight; a LoRA tree holds no base weights,
+    so one that differs would be dropped without a word.
+    """
+    key = f"{_PREFIX}{module}{_BASE_WEIGHT}"
+    what = (
+        f"{key}: PEFT saved this copy of the base weight of an adapted "
+        f"{'embedding' if embedding else 'Linear'} (save_embedding_layers) and "
+        "loads it over the model's own weight"
+    )
+    if isinstance(leaf, QuantizedArray):
+        raise LoraError(
+            f"{what}; it cannot be compared with the quantized base leaf {path}: import the "
+            "adapter with the float base, then quantize_base"
+        )
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+        raise LoraError(f"{what}; it is {x.dtype}, not a float array")
+    w = np.asarray(leaf)
+    w = np.transpose(w, [*layout.batch_axes, *sorted(layout.in_axes), *sorted(layout.out_axes)])
+    w = w if layer is None else w[layer]
+    w = w.reshape(math.prod(w.shape[: len(layout.in_axes)]), -1)
+    want = w if embedding else w.T  # PEFT: an Embedding's weight is (vocab, features)
+    if x.shape != want.shape:
+        raise LoraError(
+            f"{what}; it has shape {list(x.shape)}, but the base's {path} is "
+            f"{list(want.shape)} as PyTorch stores it: was the vocabulary resized? Import "
+            "with the base the adapter was trained on"
+        )
+    # Equal up to rounding into the coarser of the two dtypes (e.g. a float16 save).
+    eps, tiny = max(
+        (jax.numpy.finfo(d).eps, jax.numpy.finfo(d).smallest_subnormal) for d in (x.dtype, w.dtype)
+    )
+    common = np.float64 if x.dtype == w.dtype == np.float64 else np.float32
+    diff = np.abs(x.astype(common) - want.astype(common))
+    bad = ~(diff <= eps * np.abs(want.astype(common)) + tiny)  # NaN counts as different
+    if bad.any():
+        raise LoraError(
+            f"{what}; it differs from the base's {path} in {int(bad.sum())} of {bad.size} "
+            f"values (largest difference {np.nanmax(diff):.3g}): the adapter was trained on "
+            "another base. Import with that base (this tensor is its weight)"
+        )
 
 
 def _conv_factors(

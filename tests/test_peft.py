@@ -978,3 +978,159 @@ def test_peft_moe_experts_match_flax_both_ways(tmp_path):
     assert np.abs(want - np.asarray(moe_forward(base, *inputs))).max() > 0.1
     got = np.asarray(lorax_fn.lora(moe_forward, on_fallback="error")(base, imported, *inputs))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- embeddings, lm_head
+
+LLAMA_VOCAB, LLAMA_D, LLAMA_HEADS, LLAMA_KV = 32, 16, 4, 2
+LLAMA_MAP = [
+    (r"params/embed_tokens/embedding", "model.embed_tokens"),
+    (r"params/lm_head/kernel", "lm_head"),
+]
+PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def torch_llama(seed: int = 0):
+    """A one-layer transformers Llama, untied, so that lm_head is a module of its own."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=LLAMA_D,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=LLAMA_HEADS,
+        num_key_value_heads=LLAMA_KV,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def llama_params(model) -> dict:
+    """The Flax-layout params of ``model``: kernels (in, out), norms as ``scale``."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    layer = {
+        name: {"kernel": jnp.asarray(sd[f"model.layers.0.{group}.{name}.weight"].T)}
+        for group, names in PROJECTIONS.items()
+        for name in names
+    } | {
+        norm: {"scale": jnp.asarray(sd[f"model.layers.0.{norm}.weight"])}
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    }
+    return {
+        "params": {
+            "embed_tokens": {"embedding": jnp.asarray(sd["model.embed_tokens.weight"])},
+            "layers_0": layer,
+            "norm": {"scale": jnp.asarray(sd["model.norm.weight"])},
+            "lm_head": {"kernel": jnp.asarray(sd["lm_head.weight"].T)},
+        }
+    }
+
+
+def llama_forward(params: dict, tokens: jax.Array) -> jax.Array:
+    """LlamaForCausalLM's logits for one sequence: RMSNorm, RoPE, causal GQA, SwiGLU."""
+    p = params["params"]
+    hd, group = LLAMA_D // LLAMA_HEADS, LLAMA_HEADS // LLAMA_KV
+    rms = lambda x, w: w * x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)  # noqa: E731
+    angles = jnp.arange(len(tokens))[:, None] / 10000.0 ** (jnp.arange(0, hd, 2) / hd)
+    cos, sin = (f(jnp.concatenate([angles, angles], -1))[:, None] for f in (jnp.cos, jnp.sin))
+    rope = lambda t: t * cos + jnp.concatenate([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin  # noqa: E731
+    x = p["embed_tokens"]["embedding"][tokens]
+    w = {k: v["kernel"] for k, v in p["layers_0"].items() if "kernel" in v}
+    h = rms(x, p["layers_0"]["input_layernorm"]["scale"])
+    q = rope((h @ w["q_proj"]).reshape(len(tokens), LLAMA_HEADS, hd))
+    k = jnp.repeat(rope((h @ w["k_proj"]).reshape(len(tokens), LLAMA_KV, hd)), group, axis=1)
+    v = jnp.repeat((h @ w["v_proj"]).reshape(len(tokens), LLAMA_KV, hd), group, axis=1)
+    scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+    scores = jnp.where(jnp.tri(len(tokens), dtype=bool), scores, -jnp.inf)
+    attn = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, -1), v)
+    x = x + attn.reshape(len(tokens), LLAMA_D) @ w["o_proj"]
+    h = rms(x, p["layers_0"]["post_attention_layernorm"]["scale"])
+    x = x + (jax.nn.silu(h @ w["gate_proj"]) * (h @ w["up_proj"])) @ w["down_proj"]
+    return rms(x, p["norm"]["scale"]) @ p["lm_head"]["kernel"]
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)[None]).logits[0].numpy()
+
+
+def peft_embedding_adapter(directory) -> tuple[dict, object]:
+    """PEFT's default save of a LoRA on ``embed_tokens`` and ``lm_head``, and its model."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = torch_llama()
+    base = llama_params(model)
+    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["lm_head", "embed_tokens"])
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's init leaves lora_B / lora_embedding_A at zero
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        model.save_pretrained(str(directory))
+    return base, model.eval()
+
+
+def test_peft_default_save_of_embedding_and_lm_head_adapters_imports_and_matches(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model = peft_embedding_adapter(tmp_path / "peft")
+    tensors = safetensors.numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    copies = {f"base_model.model.{m}.base_layer.weight" for m in ("lm_head", "model.embed_tokens")}
+    assert copies <= set(tensors)  # the case at hand: PEFT wrote the base weights too
+    tokens = np.arange(12) * 5 % LLAMA_VOCAB
+    want = torch_logits(model, tokens)
+    np.testing.assert_allclose(
+        llama_forward(base, jnp.asarray(tokens)),
+        torch_logits(torch_llama(), tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )  # the JAX model is the transformers one
+
+    lt = import_peft(tmp_path / "peft", base, name_map=LLAMA_MAP)
+    assert set(lt) == {"params/embed_tokens/embedding", "params/lm_head/kernel"}
+    assert all(isinstance(f, LoraFactors) and f.scale == 1.5 for f in lt.values())
+    got = np.asarray(llama_forward(lorax_fn.merge(base, lt), jnp.asarray(tokens)))
+    assert np.abs(want - np.asarray(llama_forward(base, jnp.asarray(tokens)))).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    # A half-precision save rounds the copies: equal within float16's rounding, accepted.
+    half = {k: v.astype(np.float16) for k, v in tensors.items()}
+    safetensors.numpy.save_file(half, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(import_peft(tmp_path / "peft", base, name_map=LLAMA_MAP)) == set(lt)
+
+    # And back: our export of these targets loads in PEFT with the same logits.
+    export_peft(tmp_path / "ours", lt, name_map=LLAMA_MAP)
+    exported = peft.PeftModel.from_pretrained(torch_llama(), str(tmp_path / "ours")).eval()
+    np.testing.assert_allclose(torch_logits(exported, tokens), want, rtol=1e-4, atol=1e-5)
+
+
+def test_import_refuses_peft_base_weight_copies_that_are_not_the_base(tmp_path):
+    base, _ = peft_embedding_adapter(tmp_path)
+    other = jax.tree.map(lambda x: x, base)
+    head = other["params"]["lm_head"]
+    head["kernel"] = head["kernel"].at[3, 7].add(0.01)  # another base, one value apart
+    with pytest.raises(
+        LoraError,
+        match=r"lm_head\.base_layer\.weight: PEFT saved this copy of the base weight .* "
+        r"differs from the base's params/lm_head/kernel in 1 of 512 values",
+    ):
+        import_peft(tmp_path, other, name_map=LLAMA_MAP)
+    other = jax.tree.map(lambda x: x, base)
+    embed = other["params"]["embed_tokens"]
+    embed["embedding"] = jnp.concatenate([embed["embedding"], embed["embedding"][:1]])
+    with pytest.raises(
+        LoraError,
+        match=r"embed_tokens\.base_layer\.weight: .* has shape \[32, 16\], but the base's "
+        r"params/embed_tokens/embedding is \[33, 16\] .* vocabulary resized",
+    ):
+        import_peft(tmp_path, other, name_map=LLAMA_MAP)
+    quantized = lorax_fn.quantize_base(base, "**/lm_head/kernel")
+    with pytest.raises(LoraError, match=r"cannot be compared with the quantized base leaf params/"):
+        import_peft(tmp_path, quantized, name_map=LLAMA_MAP)
