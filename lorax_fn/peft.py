@@ -295,8 +295,18 @@ def export_peft(
     and then renamed into place, so a crash never leaves a half-written one.
 
     Example:
-        >>> lorax_fn.export_peft("out/", lt, spec, name_map=[  # doctest: +SKIP
-        ...     (r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")])
+        >>> import json
+        >>> import jax.numpy as jnp
+        >>> params = {"params": {"h_0": {"attn": {"c_attn": {"kernel": jnp.ones((8, 24))}}}}}
+        >>> spec = lorax_fn.LoraSpec(targets="**/c_attn/kernel", rank=2, alpha=4.0)
+        >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+        >>> rules = [(r"params/h_(\\d+)/attn/c_attn/kernel", r"transformer.h.\\1.attn.c_attn")]
+        >>> out = lorax_fn.export_peft("adapter/", lt, spec, name_map=rules)
+        >>> sorted(file.name for file in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+        >>> config = json.loads((out / "adapter_config.json").read_text())
+        >>> config["target_modules"], config["r"], config["lora_alpha"]
+        (['transformer.h.0.attn.c_attn'], 2, 4)
     """
     dora = _refuse_mixed_dora(lora_tree)
     is_conv = _as_predicates(conv)
@@ -644,8 +654,22 @@ def import_peft(
     out)``, and ``parameter_order`` says how PEFT nested the wrappers of a module.
 
     Example:
-        >>> lt = lorax_fn.import_peft("out/", base, name_map=rules)  # doctest: +SKIP
-        >>> logits = lorax_fn.lora(model.apply)(base, lt, tokens)  # doctest: +SKIP
+        >>> import jax.numpy as jnp
+        >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 4))}}}
+        >>> spec = lorax_fn.LoraSpec(targets="**/kernel", rank=2)
+        >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+        >>> lt = jax.tree.map(lambda x: x + 0.5, lt)  # as if trained: B is no longer zero
+        >>> _ = lorax_fn.export_peft("adapter/", lt, spec)
+        >>> back = lorax_fn.import_peft("adapter/", base)
+        >>> got, want = back["params/fc/kernel"], lt["params/fc/kernel"]
+        >>> bool(jnp.array_equal(got.a, want.a) and jnp.array_equal(got.b, want.b))
+        True
+        >>> got.scale == want.scale, got.layout == want.layout
+        (True, True)
+        >>> x = jnp.arange(24.0).reshape(3, 8)
+        >>> y = lorax_fn.lora(lambda p, x: x @ p["params"]["fc"]["kernel"])(base, back, x)
+        >>> bool(jnp.allclose(y, x @ lorax_fn.merge(base, lt)["params"]["fc"]["kernel"]))
+        True
     """
     directory = Path(directory)
     config = _read_config(directory)
