@@ -10,6 +10,9 @@ it; layout inference learns nothing from it).
 Kinds:
 
 - ``"same"``: the weight passes with its axes unchanged (casts, copies, barriers).
+  ``lora`` applies a cast to W0 alone only where :func:`keeps_factors` says that
+  this is the cast of the sum up to the cast's own rounding; any other cast forms
+  the weight (reported), while layout inference follows every cast.
 - ``"layout"``: transposes, grouping reshapes, unit broadcasts and slices of it.
 - ``"consumer"``: the products computed factorized, ``x·W0 + scale·(x·A)·B``
   (``ragged_dot_general`` is ``lax.ragged_dot``: grouped, mixture-of-experts products).
@@ -23,6 +26,9 @@ Kinds:
 from __future__ import annotations
 
 from typing import Any, Literal
+
+import jax.numpy as jnp
+import numpy as np
 
 Kind = Literal["same", "layout", "consumer", "call", "scan", "cond", "while", "custom"]
 
@@ -90,6 +96,46 @@ def dispatch(handlers: dict[str, Any]) -> dict[str, Any]:
             raise KeyError(f"no handler for {name!r} (kind {kind!r})")
         table[name] = handler
     return table
+
+
+# The coarsest float format a cast of an adapted weight may round to with W0 alone:
+# bfloat16's 7 stored mantissa bits (a step of 2^-8 relative).
+MIN_MANTISSA_BITS = 7
+
+
+def keeps_factors(primitive: str, params: dict[str, Any], dtype: Any) -> bool:
+    """May this ``"same"`` primitive act on W0 alone, the factors passing unchanged?
+
+    ``dtype`` is W0's. Held as ``cast(W0) + scale·A·B``, a cast to a float format at
+    least as fine as bfloat16 (f32→bf16/f16: mixed precision) differs from
+    ``cast(W0 + scale·A·B)`` by one rounding step of that format, the error the cast
+    makes anyway, and its low-rank term (in the factors' dtype) is rounded less, not
+    more. Anything else changes the values by more than rounding, so W0 alone cannot
+    stand for the sum and ``lora`` forms the weight: an integer or bool target
+    (truncation, a mask; both with a zero gradient), a float8 or float4 target (2-3
+    mantissa bits: the rounding is the quantisation, and would miss the update), and a
+    ``reduce_precision`` that changes values of W0's format (fake quantisation). One
+    that changes none (``jax.checkpoint`` inserts those) is the identity and kept.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> keeps_factors("convert_element_type", {"new_dtype": jnp.bfloat16}, jnp.float32)
+        True
+        >>> keeps_factors("convert_element_type", {"new_dtype": jnp.int32}, jnp.float32)
+        False
+        >>> rp = {"exponent_bits": 8, "mantissa_bits": 7}
+        >>> keeps_factors("reduce_precision", rp, jnp.float32)
+        False
+        >>> keeps_factors("reduce_precision", rp, jnp.bfloat16)
+        True
+    """
+    if primitive == "convert_element_type":
+        target = np.dtype(params["new_dtype"])
+        return jnp.issubdtype(target, jnp.floating) and jnp.finfo(target).nmant >= MIN_MANTISSA_BITS
+    if primitive == "reduce_precision":
+        own = jnp.finfo(dtype)
+        return params["exponent_bits"] >= own.nexp and params["mantissa_bits"] >= own.nmant
+    return True
 
 
 def unit_broadcast(

@@ -187,6 +187,8 @@ def _same(eqn, invals, ctx):
         # A cast or copy acts on W0; the low-rank path keeps the factors' dtype, as
         # for a bfloat16 base with float32 factors.
         w = invals[0]
+        if not primitives.keeps_factors(eqn.primitive.name, eqn.params, w.w0.dtype):
+            return None  # not a rounding of the sum (int, bool, float8): formed, reported
         return w.replace(w0=_layout_w0(eqn, w.w0))
     # optimization_barrier: the same barrier over every array, factors included.
     leaves, treedef = jax.tree_util.tree_flatten(invals)
