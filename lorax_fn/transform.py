@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -38,7 +38,7 @@ from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import path_str
 from lorax_fn.quantize import QuantizedArray
 from lorax_fn.routing import RoutedFactors
-from lorax_fn.signature import Trace, aval_key, describe, split_static
+from lorax_fn.signature import Split, StaticArgs, Trace, aval_key, describe, split_static
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
 
@@ -482,6 +482,8 @@ def lora(
     factorized: bool = True,
     on_fallback: FallbackMode = "warn",
     cache_size: int = 32,
+    static_argnums: int | Iterable[int] | None = None,
+    static_argnames: str | Iterable[str] | None = None,
 ) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, lora_tree, *args, lora_key=None, **kw)``.
 
@@ -530,10 +532,24 @@ def lora(
     ``jax.random.fold_in(lora_key, k)``; inside a ``scan`` the key is first folded with
     the iteration index, so stacked layers get different masks.
 
-    ``fn`` is traced once per input signature: array leaves of the arguments are
-    traced, other leaves (``train=True``, ``mutable=[...]``) are static and must be
-    hashable, as for ``jax.jit``. The traces of the ``cache_size`` most recently used
-    signatures are kept (least recently used dropped first).
+    ``fn`` is traced once per input signature. Array leaves of the arguments are
+    traced, and so are Python floats (and complex numbers), as weakly typed scalars, as
+    ``jax.jit`` traces them: a new temperature or loss weight neither retraces nor
+    recompiles, and a float multiplying bfloat16 activations keeps them bfloat16. Python
+    bools and ints stay static (unlike ``jax.jit``), so that ``train=True``,
+    ``deterministic=True`` or a decode length can drive Python control flow without a
+    mark; so do strings and any other leaf (``mutable=[...]``). Static values key the
+    trace cache and must be hashable, as for ``jax.jit``; the traces of the
+    ``cache_size`` most recently used signatures are kept (least recently used dropped
+    first). ``static_argnums`` / ``static_argnames`` make whole arguments static, as in
+    ``jax.jit``: a float that drives Python control flow (``if temperature == 0:``), or a
+    hashable configuration object. Positions count ``fn``'s parameters, ``params``
+    being 0 (so the first argument after ``base, lora_tree`` is 1), as ``jax.jit(fn,
+    static_argnums=...)`` counts them; a parameter named either way is static however
+    it is passed, and a position or name ``fn`` has no parameter for raises
+    :class:`LoraError`. An int to be traced instead (a step counter) is passed as an
+    array: ``jnp.asarray(step)``. Tracing a float that ``fn`` needs concretely raises
+    :class:`LoraError` saying to mark it static.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -543,14 +559,32 @@ def lora(
         >>> g = lora(lambda p, x: x @ p["w"])
         >>> g(base, lt, jnp.ones((2, 4))).shape
         (2, 3)
+
+        A float is traced (one trace for every temperature), an int is static, and a
+        float that Python branches on is marked static:
+
+        >>> def logits(p, x, temperature, steps):
+        ...     for _ in range(steps):  # steps: an int, static by default
+        ...         x = jnp.tanh(x @ p["w"] @ p["w"].T)
+        ...     return x @ p["w"] / temperature
+        >>> g = lora(logits)
+        >>> [g(base, lt, jnp.ones((2, 4)), t, 2).shape for t in (0.5, 1.0)]
+        [(2, 3), (2, 3)]
+        >>> def sample(p, x, temperature):
+        ...     y = x @ p["w"]
+        ...     return jnp.argmax(y, -1) if temperature == 0 else y / temperature
+        >>> lora(sample, static_argnames="temperature")(base, lt, jnp.ones((2, 4)), 0.0)
+        Array([0, 0], dtype=int32)
     """
     if on_fallback not in ("warn", "error", "ignore"):
         raise LoraError(f"on_fallback must be 'warn', 'error' or 'ignore', got {on_fallback!r}")
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
         raise LoraError(f"cache_size must be an int >= 1, got {cache_size!r}")
+    static = StaticArgs.resolve(fn, static_argnums, static_argnames)
     traces: OrderedDict[Any, Trace] = OrderedDict()
 
-    def trace(paths, params_def, param_avals, args_static, args_def, arg_avals) -> Trace:
+    def trace(paths, params_def, param_avals, split: Split) -> Trace:
+        args_static, args_def, arg_avals = split.static, split.treedef, split.arrays
         cache_key = (
             params_def,
             tuple(map(aval_key, param_avals)),
@@ -578,7 +612,18 @@ def lora(
             ]
             for xs in (param_avals, arg_avals)
         ]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
+        try:
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+            if not split.scalars:
+                raise
+            raise LoraError(
+                f"lora(fn): fn needs the value of a traced argument ({type(e).__name__}). "
+                f"Python floats are traced, as under jax.jit ({', '.join(split.scalars)}): "
+                "if one of them drives Python control flow, make it static with "
+                "lora(fn, static_argnames=...) or static_argnums=..., or bind it with "
+                "functools.partial(fn, name=value)"
+            ) from e
         out_def = jax.tree_util.tree_structure(out_shape)
         used = used_inputs(closed.jaxpr)[: len(paths)]
         entry = Trace(
@@ -627,12 +672,10 @@ def lora(
             lora_tree[p] if p in lora_tree and not isinstance(lora_tree[p], _FACTORS) else x
             for p, (_, x) in zip(paths, flat, strict=True)
         ]
-        arg_leaves, args_static, args_def = split_static((args, kwargs))
-        entry = trace(
-            paths, params_def, list(map(_aval, param_leaves)), args_static, args_def, arg_leaves
-        )
+        split = split_static(args, kwargs, static)
+        entry = trace(paths, params_def, list(map(_aval, param_leaves)), split)
         entry.check_usage(tuple(lora_tree))
         factors = {p: f for p, f in lora_tree.items() if isinstance(f, _FACTORS)}
-        return entry.evaluate(paths, param_leaves, factors, arg_leaves, lora_key)
+        return entry.evaluate(paths, param_leaves, factors, split.arrays, lora_key)
 
     return wrapped
