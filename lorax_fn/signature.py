@@ -13,7 +13,10 @@ so a second signature that hits the same problem is reported again.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -26,6 +29,38 @@ from lorax_fn.errors import LoraError
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _package_dirs(*names: str) -> tuple[str, ...]:
+    dirs = [os.path.dirname(__file__)]
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        dirs += list(spec.submodule_search_locations or []) if spec else []
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+# Frames a warning never names: lorax_fn's, and those of the transforms (jit, grad,
+# scan, nnx.jit) between the user's call and the evaluation that reports.
+_INTERNAL = _package_dirs("jax", "jaxlib", "flax")
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first frame outside lorax_fn, JAX
+    and Flax: the user's line that called the wrapped function, however deep in a
+    ``jit`` trace or a ``scan`` body the report is made.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_at_caller("lorax_fn: w is consumed by `abs`")
+        >>> caught[0].filename.startswith(_INTERNAL)
+        False
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level if frame is not None else 2)
 
 
 def _is_array(x: Any) -> bool:
@@ -287,8 +322,7 @@ class Trace:
             return
         self.checked.add(adapted)
         for path in unused:
-            warnings.warn(
+            warn_at_caller(
                 f"lorax_fn: fn never reads {path} (inputs {self.signature}); its adapter has "
-                "no effect and a zero gradient",
-                stacklevel=3,
+                "no effect and a zero gradient"
             )

@@ -20,7 +20,6 @@ symbolic.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -38,7 +37,15 @@ from lorax_fn.merge import check_fits, merge
 from lorax_fn.paths import path_str
 from lorax_fn.quantize import QuantizedArray
 from lorax_fn.routing import RoutedFactors
-from lorax_fn.signature import Split, StaticArgs, Trace, aval_key, describe, split_static
+from lorax_fn.signature import (
+    Split,
+    StaticArgs,
+    Trace,
+    aval_key,
+    describe,
+    split_static,
+    warn_at_caller,
+)
 from lorax_fn.symbolic import SymbolicWeight
 from lorax_fn.usage import used_inputs
 
@@ -73,7 +80,7 @@ class _Context:
             if self.on_fallback == "error":
                 raise LoraError(message)
             if self.on_fallback == "warn":
-                warnings.warn(message, stacklevel=5)
+                warn_at_caller(message)
 
     def fallback(self, w: SymbolicWeight | LazyWeight, primitive: str, why: str = "") -> jax.Array:
         formed = (
@@ -508,8 +515,10 @@ def lora(
     ``jax.nn.relu``, stay on the fast path). That, and any other consumer without a
     factorized rule, materializes that one weight (always correct) and is reported once
     per (input signature, path, primitive) by ``on_fallback``: ``"warn"``, ``"error"``
-    (raise :class:`LoraError`) or ``"ignore"``. ``factorized=False`` is plain
-    merge-then-call (the reference, and a baseline for benchmarks).
+    (raise :class:`LoraError`) or ``"ignore"``. A warning names the line that called
+    the wrapped function (the first frame outside lorax_fn, JAX and Flax), under
+    ``jit``, ``grad`` or ``scan`` too. ``factorized=False`` is plain merge-then-call
+    (the reference, and a baseline for benchmarks).
 
     A base holding :class:`~lorax_fn.QuantizedArray` weights (from
     :func:`lorax_fn.quantize_base`: QLoRA) gives ``fn(merge(dequantize_base(base),

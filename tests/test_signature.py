@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,54 @@ def test_multi_lora_with_a_float_keyword_argument():
             params = base if tree is None else lorax_fn.merge(base, tree)
             np.testing.assert_allclose(got[i], scaled(params, x[i], t), rtol=1e-5, atol=1e-6)
     assert fn.traces == 1
+
+
+def normalized(p, x):
+    return (x @ p["w"]) / jnp.linalg.norm(p["w"])  # the norm has no factorized rule
+
+
+def caught_from(call):
+    """The warnings ``call()`` raises, and the line that made it (``call``'s own)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return caught
+
+
+def assert_names_this_file(caught, line, match):
+    hits = [w for w in caught if re.search(match, str(w.message))]
+    assert hits, [str(w.message) for w in caught]
+    for w in hits:
+        assert (w.filename, w.lineno) == (__file__, line), (w.filename, w.lineno)
+
+
+def test_a_fallback_warning_names_the_callers_line():
+    base, lt = adapted((5, 5))
+    x = jnp.ones((2, 5))
+    scanned = lorax_fn.lora(
+        lambda p, x: jax.lax.scan(lambda c, _: (normalized(p, c), None), x, None, length=2)[0]
+    )
+    calls = {
+        "direct": lambda: lorax_fn.lora(normalized)(base, lt, x),
+        "jit": lambda: jax.jit(lorax_fn.lora(normalized))(base, lt, x),
+        "grad of jit": lambda: jax.grad(
+            lambda lt: jax.jit(lorax_fn.lora(normalized))(base, lt, x).sum()
+        )(lt),
+        "in a scan body": lambda: scanned(base, lt, x),
+    }
+    for name, call in calls.items():
+        line = call.__code__.co_firstlineno + (name == "grad of jit")
+        caught = caught_from(call)
+        assert_names_this_file(caught, line, "w is consumed by")
+
+
+def test_an_unread_weight_warning_names_the_callers_line():
+    params = {"w": jnp.ones((5, 4)), "v": jnp.ones((5, 4))}
+    base, lt = lorax_fn.split(params, LoraSpec(["w", "v"], rank=2), key=jax.random.key(1))
+    x = jnp.ones((2, 5))
+    for call in (
+        lambda: lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, x),
+        lambda: jax.jit(lorax_fn.lora(lambda p, x: x @ p["w"]))(base, lt, x),
+    ):
+        caught = caught_from(call)
+        assert_names_this_file(caught, call.__code__.co_firstlineno, "never reads v")
