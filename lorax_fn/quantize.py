@@ -492,6 +492,7 @@ def quantize_base(
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_quantized)
     pairs = [(path_str(k), leaf) for k, leaf in flat]
+    shapes = {p: tuple(np.shape(leaf)) for p, leaf in pairs}
     selected = _select(pairs, targets, exclude)
     layouts = dict(layouts or {})
     plans: dict[str, _Plan] = {}
@@ -514,7 +515,7 @@ def quantize_base(
             )
         channel_axes = None
         if format == "int8":
-            layout = layouts.get(path) or default_layout(path, shape)
+            layout = layouts.get(path) or default_layout(path, shape, shapes)
             if layout is not None:
                 layout.check(path, shape)
                 channel_axes = layout.batch_axes + layout.out_axes

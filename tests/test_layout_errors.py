@@ -1,0 +1,110 @@
+"""Where split cannot place a weight, it says why and what to do (issue #17 items 3, 8, 9)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+from flax import nnx
+from helpers import assert_matches_merged, randomize_b
+
+import lorax_fn
+from lorax_fn import LoraError, LoraSpec
+
+KEY = jax.random.key(0)
+ATTENTION_KERNELS = ["**/query/kernel", "**/key/kernel", "**/value/kernel", "**/out/kernel"]
+
+
+# ------------------------------------ item 3: the attention default needs attention shapes
+
+
+class ScanCell(nn.Module):
+    """One layer of plain Dense projections that happen to be named like attention's."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        q, k, v = (nn.Dense(64, name=n)(x) for n in ("query", "key", "value"))
+        mix = jax.nn.softmax(q @ k.swapaxes(-1, -2) / 8.0) @ v
+        return jnp.tanh(x + nn.Dense(64, name="out")(mix)), None  # bounded over 12 layers
+
+
+class ScanStack(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        stack = nn.scan(
+            ScanCell, variable_axes={"params": 0}, split_rngs={"params": True}, length=12
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+def test_scan_stack_named_like_attention_is_refused_then_split_by_inferred_layouts():
+    model = ScanStack()
+    x = jax.random.normal(KEY, (2, 5, 64))
+    variables = model.init(KEY, x)
+    assert variables["params"]["layers"]["query"]["kernel"].shape == (12, 64, 64)
+    spec = LoraSpec(ATTENTION_KERNELS, rank=4)
+    with pytest.raises(
+        LoraError, match=r"params/layers/\w+/kernel: .*shape \(12, 64, 64\).*infer_layouts"
+    ):
+        lorax_fn.split(variables, spec, key=KEY)
+
+    layouts = lorax_fn.infer_layouts(model.apply, variables, x)
+    base, lt = lorax_fn.split(variables, spec, key=KEY, layouts=layouts)
+    for name in ("query", "key", "value", "out"):
+        f = lt[f"params/layers/{name}/kernel"]
+        assert f.layout == lorax_fn.Layout((1,), (2,), (0,))  # one rank-4 adapter per layer
+        assert (f.a.shape, f.b.shape) == ((12, 64, 4), (12, 4, 64))
+    assert_matches_merged(model.apply, base, randomize_b(lt), x, rtol=1e-4, atol=1e-4)
+
+
+class CrossAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        return nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=24, out_features=10)(
+            x, context
+        )
+
+
+def _normal(*shape: int, seed: int = 1) -> jax.Array:
+    # Random tokens: with equal ones the key gradient is zero up to rounding noise.
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _linen(model: nn.Module, *args: jax.Array):
+    return model.apply, model.init(KEY, *args), args
+
+
+def _nnx(in_features: int, heads: int, x: jax.Array):
+    attn = nnx.MultiHeadAttention(heads, in_features, decode=False, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(attn)
+
+    def apply(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    return apply, state, (x,)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # Flax's defaults: qkv_features = out_features = d.
+        lambda: _linen(nn.MultiHeadDotProductAttention(num_heads=4), _normal(2, 5, 32)),
+        lambda: _nnx(32, 4, _normal(2, 5, 32)),
+        # Features set apart from d, and cross-attention with another width for key/value.
+        lambda: _linen(
+            nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6),
+            _normal(2, 4, 6),
+        ),
+        lambda: _linen(CrossAttention(), _normal(2, 4, 16), _normal(2, 3, 7, seed=2)),
+    ],
+    ids=["linen-defaults", "nnx-defaults", "linen-features", "linen-cross"],
+)
+def test_flax_attention_still_splits_by_default_as_it_is_used(make):
+    apply, variables, args = make()
+    spec = LoraSpec(ATTENTION_KERNELS, rank=2)
+    base, lt = lorax_fn.split(variables, spec, key=KEY)
+    inferred = lorax_fn.infer_layouts(apply, variables, *args)
+    assert len(lt) == 4
+    assert {p: f.layout for p, f in lt.items()} == {p: inferred[p] for p in lt}
+    assert_matches_merged(apply, base, randomize_b(lt), *args, rtol=1e-4, atol=1e-4)
