@@ -499,8 +499,15 @@ def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: 
 
 
 def _gather_factor(
-    factor: jax.Array, axes: list[int], collapsed: Sequence[int], indices: jax.Array, params: dict
+    factor: jax.Array,
+    axes: list[int],
+    collapsed: Sequence[int],
+    indices: jax.Array,
+    params: dict,
+    fill_value: float,
 ) -> jax.Array:
+    """``factor`` gathered as the weight is; an index out of range (mode ``fill``) gives
+    ``fill_value``, not the weight's fill (which belongs to W0's gather alone)."""
     positions = [axes.index(k) for k in collapsed]
     rest = [p for p in range(factor.ndim) if p not in positions]
     sizes = [1 if p in positions else factor.shape[p] for p in range(factor.ndim)]
@@ -518,16 +525,33 @@ def _gather_factor(
         new_dn,
         tuple(sizes),
         mode=params["mode"],
-        fill_value=params["fill_value"],
+        fill_value=fill_value,
         indices_are_sorted=params["indices_are_sorted"],
         unique_indices=params["unique_indices"],
     )
 
 
+def _reached(
+    w: SymbolicWeight, collapsed: Sequence[int], indices: jax.Array, params: dict, out_ndim: int
+) -> jax.Array | None:
+    """Which looked-up rows an index reaches (broadcast against the output), or ``None``
+    where every row is reached (modes ``clip`` and ``promise_in_bounds``)."""
+    if params["mode"] != lax.GatherScatterMode.FILL_OR_DROP:
+        return None
+    ones = jnp.ones([w.w0.shape[k] for k in collapsed] + [1], bool)
+    reached = _gather_factor(ones, list(collapsed), collapsed, indices, params, False)
+    return reached.reshape(reached.shape[:-1] + (1,) * (out_ndim - reached.ndim + 1))
+
+
 def gather(
     w: SymbolicWeight, indices: jax.Array, params: dict, base_out: jax.Array, key: jax.Array | None
 ) -> SymbolicWeight | jax.Array | None:
-    """``W[idx]``: of stacked layers (stays symbolic) or of embedding rows (gathers A)."""
+    """``W[idx]``: of stacked layers (stays symbolic) or of embedding rows (gathers A).
+
+    An index out of range in mode ``fill`` gives the fill, as merge-then-call does: the
+    fill is W0's (``base_out``), and the factors gather zeros there (DoRA's scale ones),
+    so that no fill enters the low-rank term or its gradient.
+    """
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     if not _standard_take(dn, sizes, w, base_out.ndim):
         return None
@@ -535,18 +559,18 @@ def gather(
     roles = {w.kinds[k] for k in collapsed}
     n_batch = indices.ndim - 1
     rest = [k for k in range(w.w0.ndim) if k not in collapsed]
+
+    def take(factor: jax.Array, group: str, fill_value: float = 0.0) -> jax.Array:
+        return _gather_factor(factor, w.axes_of(group), collapsed, indices, params, fill_value)
+
     if roles == {"b"}:
         kinds = ("b",) * n_batch + tuple(w.kinds[k] for k in rest)
-        return w.map_b(
-            lambda x: _gather_factor(x, w.axes_of("b"), collapsed, indices, params),
-            w0=base_out,
-            kinds=kinds,
-            a=_gather_factor(w.a, w.axes_of("a"), collapsed, indices, params),
-        )
+        c = None if w.c is None else take(w.c, "b", 1.0)
+        return w.replace(w0=base_out, kinds=kinds, a=take(w.a, "a"), b=take(w.b, "b"), c=c)
     if roles != {"i"}:
         return None
     del key  # dropout acts on a layer's input features; a lookup has none.
-    rows = _gather_factor(w.a, w.axes_of("a"), collapsed, indices, params)
+    rows = take(w.a, "a")
     letters = iter(string.ascii_letters)
     idx_sub = "".join(next(letters) for _ in range(n_batch))
     w_sub = {k: next(letters) for k in rest}
@@ -557,4 +581,10 @@ def gather(
     c = None
     if w.c is not None:  # an embedding row's features, each times its column's scale
         c = _on_axes(w.c[..., 0], b_sub[:-1], out_sub)
-    return _add_scaled(base_out, y, w.scale, c)
+    reached = _reached(w, collapsed, indices, params, base_out.ndim)
+    if reached is None:
+        return _add_scaled(base_out, y, w.scale, c)
+    # An unreached row is W0's fill, not fill·c (DoRA), and no fill enters the sum:
+    # a NaN there would meet the gradient of B or of DoRA's scale (0·NaN).
+    out = _add_scaled(jnp.where(reached, base_out, 0), y, w.scale, c)
+    return jnp.where(reached, out, base_out)

@@ -530,3 +530,39 @@ def test_a_float_rounding_cast_and_a_no_op_reduce_precision_stay_factorized(dtyp
     base, lt = adapt({"w": jax.random.normal(jax.random.key(0), (16, 8))}, "w")
     x = jax.random.normal(jax.random.key(2), (4, 16))
     assert_matches_merged(fn, base, lt, x, rtol=3e-2, atol=3e-2)  # on_fallback="error"
+
+
+LOOKUPS = [
+    pytest.param(lambda e, ids: jnp.take(e, ids, axis=0, fill_value=1.0), id="take-fill-1"),
+    pytest.param(lambda e, ids: e.at[ids].get(mode="fill", fill_value=2.0), id="get-fill-2"),
+    pytest.param(lambda e, ids: jnp.take(e, ids, axis=0, fill_value=0.0), id="fill-0"),
+    pytest.param(lambda e, ids: jnp.take(e, ids, axis=0), id="fill-nan"),  # nn.Embed's
+    pytest.param(lambda e, ids: jnp.take(e, ids, axis=0, mode="clip"), id="clip"),
+]
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_an_embedding_row_out_of_range_is_the_fill(lookup, use_dora):
+    # The fill leaked into A's rows: fill + s·(fill·1)·B; a NaN fill made dB NaN.
+    def fn(p, ids):
+        return lookup(p["e"], ids)
+
+    params = {"e": jax.random.normal(jax.random.key(0), (7, 4))}
+    ids = jnp.array([[0, 6, 7], [-9, 3, 40]])  # 7, -9 and 40 are out of range
+    base, lt = adapt(params, "e", fn, ids, use_dora=use_dora)
+    assert lt["e"].layout == Layout((0,), (1,))
+    assert_matches_merged(fn, base, lt, ids)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("fill", [1.5, 0.0, float("nan")])
+def test_a_stacked_layer_out_of_range_is_the_fill(fill, use_dora):
+    def fn(p, x, layer):
+        return x @ jnp.take(p["w"], layer, axis=0, fill_value=fill)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 5, 4))}
+    x = jax.random.normal(jax.random.key(2), (2, 5))
+    base, lt = adapt(params, "w", layouts={"w": Layout((1,), (2,), (0,))}, use_dora=use_dora)
+    for layer in (1, 3):
+        assert_matches_merged(fn, base, lt, x, jnp.array(layer))
