@@ -41,6 +41,7 @@ from lorax_fn.checkpoint_format import (
     abstract_lora,
     check_against_base,
     check_entries,
+    check_pissa_base,
     checkpoint_path,
     decode,
     encode,
@@ -167,9 +168,10 @@ def save(
     fingerprint of the base leaves the adapter targets (paths, shapes and — when
     ``base`` is given — dtypes), a SHA-256 per array, ``lorax_fn.__version__`` and a
     SHA-256 of the metadata itself. A DoRA adapter's magnitude is saved as one more
-    array of its entry and restored with it. ``spec`` must agree with the tree (targets,
-    trained leaves, ranks, scales, dropout, ``use_dora``) or be ``None``. With ``base``,
-    the tree is first checked to fit it.
+    array of its entry and restored with it, a PiSSA adapter's record of the residual
+    base it needs (:mod:`lorax_fn.pissa`) as metadata. ``spec`` must agree with the tree
+    (targets, trained leaves, ranks, scales, dropout, ``use_dora``, ``init="pissa"``) or
+    be ``None``. With ``base``, the tree is first checked to fit it.
 
     ``extra`` (path filters over ``base``, e.g. ``"batch_stats/**"``) saves those base
     leaves beside the adapter — non-parameter state such as BatchNorm statistics, which
@@ -190,6 +192,8 @@ def save(
     """
     directory = checkpoint_path(directory)
     arrays, meta = encode(lora_tree, spec, None if base is None else leaf_specs(base))
+    if base is not None:
+        check_pissa_base(meta, base, "the LoRA tree")
     extra_leaves = {} if extra is None else select_extra(base, extra, lora_tree)
     extra_arrays, meta["extra"] = encode_extra(extra_leaves)
     meta = seal(meta)
@@ -262,7 +266,9 @@ def restore(
     rules: every path present with the recorded shape; factors accept any floating
     base dtype (a float32 adapter fits a bfloat16 copy of its base), a leaf trained in
     full must have its base leaf's dtype; no base leaf that the stored spec selects
-    missing from the adapter. Every array is then checked against its SHA-256. Any
+    missing from the adapter; a PiSSA adapter's base is its residual, not the original
+    weights (:func:`lorax_fn.pissa.check_base`). Every array is then checked against its
+    SHA-256. Any
     failure raises :class:`LoraError` (:class:`CheckpointDamaged` for damaged files);
     nothing of the caller's is modified. ``shardings`` places the arrays (see
     :data:`Shardings`; default: this process's first local device).
@@ -283,6 +289,7 @@ def restore(
     meta = _load_meta(directory)
     if base is not None:
         check_against_base(meta, leaf_specs(base), where)
+        check_pissa_base(meta, base, where)
     saved_extra = requested_extra(meta, extra, base, where, stacklevel=3)
     items = {LORA_ITEM: ocp.args.StandardRestore(abstract_lora(meta, shardings))}
     if saved_extra:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import lorax_fn
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.paths import compile_filter
+from lorax_fn.pissa import PROBES, PissaRecord, check_base
 from lorax_fn.quantize import weight_leaves
 from lorax_fn.spec import LoraSpec
 
@@ -206,6 +208,8 @@ def encode(
             if entry.is_dora:  # plain entries have no key, exactly as before DoRA
                 arrays[str(i)]["magnitude"] = entry.magnitude
                 info["magnitude"] = array_info(entry.magnitude)
+            if entry.pissa is not None:  # nor do entries without a PiSSA record
+                info["pissa"] = entry.pissa.to_json()
             entries.append(info)
             shape, dtype = entry.weight_shape, None
         elif hasattr(entry, "shape") and hasattr(entry, "dtype"):
@@ -245,7 +249,8 @@ def encode(
 
 
 def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
-    """Refuse entries that contradict a spec: targets, trained leaves, rank, scale, dropout, DoRA.
+    """Refuse entries that contradict a spec: targets, trained leaves, rank, scale, dropout,
+    DoRA, and a PiSSA record under another ``init``.
 
     A checkpoint stores one spec for its tree, so the two must agree: a rank-2 tree
     saved with ``LoraSpec(rank=8)`` would otherwise restore under a spec it was not
@@ -289,6 +294,8 @@ def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whos
         if ("magnitude" in e) != spec.use_dora:
             kind = "a DoRA adapter (it has a magnitude)" if "magnitude" in e else "plain LoRA"
             problems.append(f"{path}: {kind}, the spec says use_dora={spec.use_dora}")
+        if "pissa" in e and spec.init != "pissa":
+            problems.append(f"{path}: made by init='pissa', the spec says init={spec.init!r}")
     if problems:
         raise LoraError(f"{where} contradicts {whose}:\n  " + "\n  ".join(problems))
 
@@ -351,6 +358,10 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
                         )
                 if not all(isinstance(e[k], int | float) for k in ("scale", "dropout")):
                     raise LoraError(f"{path}: scale/dropout must be numbers")
+                if "pissa" in e:
+                    record = PissaRecord.from_json(e["pissa"])
+                    if {len(record.original), len(record.residual)} != {PROBES}:
+                        raise ValueError(f"{path}: a PiSSA record of {PROBES} probes expected")
             elif e["kind"] == "array":
                 info, dtype = e["array"], base[path]["dtype"]
                 if tuple(info["shape"]) != shape or dtype not in (None, info["dtype"]):
@@ -371,13 +382,18 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
         ) from None
 
 
-def _spec_paths(spec_json: dict[str, Any], leaves: Mapping[str, Any]) -> set[str]:
-    """The paths of ``leaves`` that the stored spec would target or train in full."""
-    spec = LoraSpec.from_json(spec_json)
+def spec_paths(spec: LoraSpec, leaves: Iterable[str]) -> set[str]:
+    """The paths among ``leaves`` that ``spec`` would target or train in full.
+
+    Example:
+        >>> sorted(spec_paths(LoraSpec("*/kernel", exclude="head/*"), ["a/kernel", "head/kernel"]))
+        ['a/kernel']
+    """
+    paths = list(leaves)
 
     def hit(filters: tuple[Any, ...]) -> set[str]:
         predicates = [compile_filter(f) for f in filters]
-        return {p for p in leaves if any(match(p, None) for match in predicates)}
+        return {p for p in paths if any(match(p, None) for match in predicates)}
 
     return (hit(spec.targets) | hit(spec.trainable)) - hit(spec.exclude)
 
@@ -425,11 +441,54 @@ def check_against_base(
                 )
         elif dtype is None or not jnp.issubdtype(np.dtype(dtype), jnp.floating):
             problems.append(f"{path}: adapted weight, the base has non-floating dtype {dtype}")
-    selected = set() if meta["spec"] is None else _spec_paths(meta["spec"], base_leaves)
+    selected = (
+        set() if meta["spec"] is None else spec_paths(LoraSpec.from_json(meta["spec"]), base_leaves)
+    )
     if extra := sorted(selected - set(recorded)):
         problems.append(f"base paths its spec selects but it lacks: {extra}")
     if problems:
         raise LoraError(f"{where} was made for a different base:\n  " + "\n  ".join(problems))
+
+
+def _record(entry: dict[str, Any]) -> PissaRecord | None:
+    return PissaRecord.from_json(entry["pissa"]) if "pissa" in entry else None
+
+
+def check_pissa_base(
+    meta: dict[str, Any], base: Any, where: str, *, sketches: bool = False
+) -> None:
+    """Refuse a base that holds the original weights of the checkpoint's PiSSA factors.
+
+    The rule is :func:`lorax_fn.pissa.check_base`'s, on the records saved with each entry;
+    ``base`` is a base tree or, with ``sketches=True``, its sketches by path. Factors
+    whose stored spec says ``init="pissa"`` but that carry no record (saved before
+    lorax_fn recorded one, or split under a JAX transformation) cannot be checked, and
+    a warning names them.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+        >>> spec = lorax_fn.LoraSpec("w", rank=2, init="pissa")
+        >>> residual, lt = lorax_fn.split(params, spec, key=jax.random.key(1))
+        >>> _, meta = encode(lt, spec, None)
+        >>> check_pissa_base(meta, residual, "the adapter")
+        >>> check_pissa_base(meta, params, "the adapter")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the adapter is a PiSSA adapter, made for the residual ...
+    """
+    factors = [e for e in meta["entries"] if e["kind"] == "factors"]
+    pissa_spec = (meta["spec"] or {}).get("init") == "pissa"
+    if pissa_spec and (unchecked := [e["path"] for e in factors if "pissa" not in e]):
+        warnings.warn(
+            f"PiSSA factors {unchecked} carry no record of the residual base they were "
+            "made for (saved by an older lorax_fn, or split under a JAX transformation): "
+            "whether the base given is that residual cannot be checked",
+            UserWarning,
+            stacklevel=3,
+        )
+    records = {e["path"]: _record(e) for e in factors if "pissa" in e}
+    check_base(records, base, where, sketches=sketches)
 
 
 # ---------------------------------------------------------------------------
@@ -487,6 +546,7 @@ def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
             Layout(**e["layout"]),
             e["dropout"],
             sds(e["magnitude"]) if "magnitude" in e else None,
+            _record(e),
         )
         if e["kind"] == "factors"
         else sds(e["array"])
@@ -576,7 +636,13 @@ def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[
                 magnitude = item["magnitude"]
                 verify_array(f"{path} (DoRA magnitude)", e["magnitude"], magnitude, where)
             tree[path] = LoraFactors(
-                item["a"], item["b"], e["scale"], Layout(**e["layout"]), e["dropout"], magnitude
+                item["a"],
+                item["b"],
+                e["scale"],
+                Layout(**e["layout"]),
+                e["dropout"],
+                magnitude,
+                _record(e),
             )
         else:
             verify_array(path, e["array"], item, where)

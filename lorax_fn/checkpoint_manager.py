@@ -43,6 +43,7 @@ from lorax_fn.checkpoint_format import (
     array_info,
     check_against_base,
     check_entries,
+    check_pissa_base,
     check_spec,
     checkpoint_path,
     decode,
@@ -50,9 +51,11 @@ from lorax_fn.checkpoint_format import (
     encode,
     leaf_specs,
     seal,
+    spec_paths,
     verify_array,
 )
 from lorax_fn.errors import LoraError
+from lorax_fn.pissa import base_sketches
 from lorax_fn.spec import LoraSpec
 
 # orbax deletes old steps with a plain rmtree, so a kill mid-delete would leave a broken
@@ -119,8 +122,10 @@ class LoraCheckpointManager:
     deletes with a plain ``rmtree``) never leaves a half-deleted step listed.
     A step directory is also a valid :func:`lorax_fn.restore` / :func:`lorax_fn.checkpoint_info`
     target. ``spec`` must agree with every tree saved or restored (ranks, scales,
-    targets); ``extra`` (path filters over the base, e.g. ``"batch_stats/**"``) saves
-    those base leaves with every step, taken from the ``base`` given to :meth:`save`.
+    targets); a PiSSA adapter is refused on its original weights, with ``base`` here or
+    in :meth:`save`/:meth:`restore` (:mod:`lorax_fn.pissa`); ``extra`` (path filters over
+    the base, e.g. ``"batch_stats/**"``) saves those base leaves with every step, taken
+    from the ``base`` given to :meth:`save`.
 
     Example:
         >>> mngr = lorax_fn.LoraCheckpointManager("/tmp/run", spec, base=base,  # doctest: +SKIP
@@ -160,6 +165,9 @@ class LoraCheckpointManager:
             self._spec_json = None
         self._extra = extra
         self._base_leaves = None if base is None else leaf_specs(base)
+        # PiSSA adapters are checked against these (see lorax_fn.pissa), not the base itself,
+        # which the caller may donate or delete while the manager lives.
+        self._base_sketches = None if base is None else base_sketches(base, self._pissa_paths())
         if base is not None:
             saved = set() if extra is None else set(select_extra(base, extra, {}))
             warn_unsaved(base, saved, f"the checkpoints in {self.directory}")
@@ -200,6 +208,19 @@ class LoraCheckpointManager:
                 f"cannot keep checkpoints in {self.directory}: {type(err).__name__}: {err}"
             ) from err
         self._purge_deleted()
+
+    def _pissa_paths(self) -> set[str]:
+        paths = self._base_leaves or {}
+        if self._spec_json is None:
+            return set(paths)  # no stored spec to hold trees to: any weight may be PiSSA's
+        # Under another init, check_spec refuses PiSSA factors before they are compared.
+        return spec_paths(self._spec, paths) if self._spec.init == "pissa" else set()
+
+    def _check_pissa(self, meta: dict[str, Any], base: Any, where: str) -> None:
+        if base is not None:
+            check_pissa_base(meta, base, where)
+        elif self._base_sketches is not None:
+            check_pissa_base(meta, self._base_sketches, where, sketches=True)
 
     def _purge_deleted(self) -> None:
         # Only called with no save in flight: orbax renames into this folder while saving.
@@ -260,6 +281,7 @@ class LoraCheckpointManager:
             raise LoraError(f"step {step} is already saved in {self.directory}")
         base_leaves = self._base_leaves if base is None else leaf_specs(base)
         arrays, meta = encode(lora_tree, self._spec, base_leaves)
+        self._check_pissa(meta, base, f"the LoRA tree of step {step}")
         if self._extra is not None and base is None:
             raise LoraError(
                 f"step {step}: this manager saves extra={self._extra!r} from the base: "
@@ -397,6 +419,7 @@ class LoraCheckpointManager:
         base_leaves = self._base_leaves if base is None else leaf_specs(base)
         if base_leaves is not None:
             check_against_base(meta, base_leaves, where)
+        self._check_pissa(meta, base, where)
         saved_extra = requested_extra(meta, extra, base, where, stacklevel=4)
         lora_target = abstract_lora(meta, shardings)
         items = {LORA_ITEM: ocp.args.StandardRestore(lora_target)}

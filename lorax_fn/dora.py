@@ -12,6 +12,7 @@ As in the paper (§4.3) and PEFT, ``‖V‖_c`` is a constant in the gradient
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from typing import Any
 
@@ -142,7 +143,7 @@ def init_magnitude(w0: jax.Array, factors: LoraFactors) -> LoraFactors:
     """
     v = w0.astype(jnp.float32) + delta(factors)
     m = column_norms(v, factors.layout).astype(factors.a.dtype)
-    return LoraFactors(factors.a, factors.b, factors.scale, factors.layout, factors.dropout, m)
+    return dataclasses.replace(factors, magnitude=m)
 
 
 def refuse_dora(tree: Any, what: str) -> None:

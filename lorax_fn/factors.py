@@ -15,12 +15,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn.errors import LoraError
+
+if TYPE_CHECKING:
+    from lorax_fn.pissa import PissaRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +90,9 @@ class LoraFactors:
 
     ``magnitude`` is DoRA's trainable magnitude vector (``LoraSpec(use_dora=True)``):
     one entry per (batch, out) index of the weight, shape B's without the rank axis;
-    ``None`` for plain LoRA. See :mod:`lorax_fn.dora`.
+    ``None`` for plain LoRA. See :mod:`lorax_fn.dora`. ``pissa`` (static) is set by
+    ``split(init="pissa")``: the record of the residual base these factors need
+    (:mod:`lorax_fn.pissa`); ``None`` otherwise.
 
     Example:
         >>> import jax.numpy as jnp
@@ -101,11 +107,14 @@ class LoraFactors:
     layout: Layout = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
     magnitude: jax.Array | None = None
+    pissa: PissaRecord | None = dataclasses.field(default=None, metadata={"static": True})
 
     def __repr__(self) -> str:
         extra = f", dropout={self.dropout:g}" if self.dropout else ""
         if self.magnitude is not None:
             extra += f", magnitude={_brief(self.magnitude)}"
+        if self.pissa is not None:
+            extra += ", pissa"
         return (
             f"LoraFactors(a={_brief(self.a)}, b={_brief(self.b)}, scale={self.scale:g}, "
             f"layout={self.layout}{extra})"

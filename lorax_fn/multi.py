@@ -34,6 +34,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import leaves_with_paths
+from lorax_fn.pissa import check_base, tree_records
 from lorax_fn.quantize import weight_leaves
 from lorax_fn.routing import RoutedFactors
 from lorax_fn.split import LoraTree
@@ -180,7 +181,8 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
     dtype). A leaf trained in full must be trained in full by every adapter, with the
     same shape and dtype: it is stacked and selected per example like the factors,
     so it costs N copies of that leaf. With ``base``, every tree is first checked to
-    fit it. Errors name the adapter and the path.
+    fit it (a PiSSA adapter to find its residual there, not the original weights: see
+    :mod:`lorax_fn.pissa`). Errors name the adapter and the path.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn
@@ -205,6 +207,7 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
                 check_fits(base, tree)
             except LoraError as err:
                 raise LoraError(f"adapter {i}: {err}") from None
+            check_base(tree_records(tree), base, f"adapter {i}")
     _check_alike(trees)
     entries: dict[str, Any] = {}
     for path, first in trees[0].items():

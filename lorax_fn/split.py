@@ -166,7 +166,13 @@ def _init_factors(
     b = (root[..., :, None] * vh[..., :rank, :]).reshape(b_shape)
     factors = LoraFactors(a.astype(dtype), b.astype(dtype), scale, layout, spec.dropout)
     residual = (w.astype(jnp.float32) - delta(factors)).astype(w.dtype)
-    return factors, residual
+    # Imported here: pissa checks quantized bases, and quantize builds on this module.
+    from lorax_fn.pissa import record
+
+    # The adapter is right on this residual only; the record lets restore, the manager and
+    # stack_adapters refuse the original weights (see lorax_fn.pissa).
+    pissa = record(w, residual)
+    return LoraFactors(factors.a, factors.b, scale, layout, spec.dropout, pissa=pissa), residual
 
 
 def split(

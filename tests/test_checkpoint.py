@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorax_fn
-from lorax_fn import Layout, LoraError, LoraFactors
+from lorax_fn import Layout, LoraError, LoraFactors, quantize_base
 from lorax_fn.checkpoint import (
     LoraCheckpointManager,
     checkpoint_info,
@@ -893,3 +893,97 @@ def test_a_checkpoint_written_before_dora_restores_as_plain_lora(tmp_path, model
     ):
         manager.restore()
     manager.close()
+
+
+# --------------------------------------------------------------------------- PiSSA
+
+PISSA_SPEC = dataclasses.replace(SPEC, init="pissa")
+ORIGINAL = r"(?s)PiSSA adapter.*params/dense/kernel \(it holds the original weights\)"
+
+
+def relative(got, want) -> float:
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+def kernels_in_bf16(params: dict) -> dict:
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim > 1 else x, params)
+
+
+def test_a_pissa_adapter_is_refused_on_the_original_base(tmp_path, model):
+    params = make_params()
+    residual, lt = make_lora(params, PISSA_SPEC)
+    # Accepting the original weights is no small error: the adapted part counts twice.
+    for path in ("dense", "stack"):
+        on_original = lorax_fn.merge(params, lt)["params"][path]["kernel"]
+        right = lorax_fn.merge(residual, lt)["params"][path]["kernel"]
+        assert relative(on_original, right) > 0.25, path
+
+    save(tmp_path / "ad", lt, PISSA_SPEC, base=residual)
+    _, gaussian = model
+    save(tmp_path / "gauss", gaussian, SPEC)
+    for wrong in (params, kernels_in_bf16(params), quantize_base(params, PISSA_SPEC)):
+        with pytest.raises(LoraError, match=ORIGINAL):
+            restore(tmp_path / "ad", base=wrong)
+    with pytest.raises(LoraError, match="adapter 0 is a PiSSA adapter"):
+        lorax_fn.stack_adapters([lt, gaussian], base=params)
+    with pytest.raises(LoraError, match=r"(?s)ad: .*" + ORIGINAL[4:]):
+        lorax_fn.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=params)
+    with pytest.raises(LoraError, match=ORIGINAL):
+        save(tmp_path / "new", lt, PISSA_SPEC, base=params)
+    assert not (tmp_path / "new").exists()
+    # Nor a base that is neither (the residual's sign flipped): it is not the residual.
+    flipped = jax.tree.map(lambda x: -x, residual)
+    with pytest.raises(LoraError, match=r"dense/kernel \(it differs from the residual by about"):
+        restore(tmp_path / "ad", base=flipped)
+
+    # The manager: its own base, or one given to save/restore.
+    tx = optax.adam(1e-2)
+    with LoraCheckpointManager(tmp_path / "run", PISSA_SPEC, base=params) as manager:
+        with pytest.raises(LoraError, match=ORIGINAL):
+            manager.save(1, lt, tx.init(lt))
+        assert manager.all_steps() == []
+        manager.save(1, lt, tx.init(lt), base=residual)
+        with pytest.raises(LoraError, match=ORIGINAL):
+            manager.restore()
+    with LoraCheckpointManager(tmp_path / "run", PISSA_SPEC, base=residual) as manager:
+        with pytest.raises(LoraError, match=ORIGINAL):
+            manager.restore(base=params)
+        assert_same_tree(manager.restore().lora_tree, lt)
+
+    # Copies of the residual are accepted, rounded or quantized.
+    for right in (
+        residual,
+        kernels_in_bf16(residual),
+        quantize_base(residual, PISSA_SPEC, format="nf4"),
+        quantize_base(residual, PISSA_SPEC, format="int8"),
+    ):
+        assert_same_tree(restore(tmp_path / "ad", base=right), lt)  # the record included
+        lorax_fn.stack_adapters([lt, gaussian], base=right)
+    stack = lorax_fn.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=residual)
+    assert_same_tree(stack.entries, lorax_fn.stack_adapters([lt, gaussian]).entries)
+
+
+def test_pissa_records_travel_with_the_adapter_and_old_checkpoints_warn(tmp_path):
+    params = make_params()
+    _, lt = make_lora(params, PISSA_SPEC)
+    assert all(f.pissa is not None for f in lt.values() if isinstance(f, LoraFactors))
+    # Training steps keep the record (a static field), and so does DoRA's magnitude.
+    tx = optax.adam(1e-2)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, lt), tx.init(lt), lt)
+    trained = optax.apply_updates(lt, updates)
+    assert trained["params/dense/kernel"].pissa == lt["params/dense/kernel"].pissa
+    _, dora = lorax_fn.split(
+        params, dataclasses.replace(PISSA_SPEC, use_dora=True), key=jax.random.key(1), layouts=STACK
+    )
+    assert dora["params/dense/kernel"].pissa == lt["params/dense/kernel"].pissa
+    # The record is the spec's init: saving it under another init is a contradiction.
+    with pytest.raises(LoraError, match="dense/kernel: made by init='pissa', the spec says"):
+        save(tmp_path / "x", lt, SPEC)
+    # A checkpoint whose spec says PiSSA but that holds no record cannot be checked: it warns.
+    save(tmp_path / "ad", lt, PISSA_SPEC)
+    edit_metadata(
+        tmp_path / "ad", lambda m: [e.pop("pissa", None) for e in m["entries"]], reseal=True
+    )
+    with pytest.warns(UserWarning, match="carry no record of the residual base"):
+        got = restore(tmp_path / "ad", base=params)
+    assert got["params/dense/kernel"].pissa is None
