@@ -6,13 +6,15 @@ from a scan-stacked Dense kernel ``(layers, in, out)`` or a 1-D conv kernel
 ``dot_general`` contracts are the fan-in, its batch axes, the axes a ``scan``
 slices and the expert axis of a ``ragged_dot`` weight are stacked, a ``conv``
 kernel's output-feature axis is the fan-out, and the axis an embedding ``gather``
-indexes plays the fan-in role.
+indexes plays the fan-in role. A weight with none of these uses gets a reason
+instead: the function never reads it, or reads it through an op (named) whose
+effect on its axes is not followed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,8 +22,47 @@ from jax.extend import core
 
 from lorax_fn.factors import Layout
 from lorax_fn.paths import leaves_with_paths
-from lorax_fn.primitives import SUB_JAXPR, dispatch, unit_broadcast
+from lorax_fn.primitives import PRIMITIVES, SUB_JAXPR, dispatch, unit_broadcast
 from lorax_fn.symbolic import reshape_groups
+from lorax_fn.usage import used_inputs
+
+# Kinds whose rules end a weight's track by design: they record a layout or walk a body.
+_ENDS_TRACK = ("consumer", "scan", "cond", "while")
+
+
+class InferredLayouts(dict[str, Layout]):
+    """``{path: Layout}`` from :func:`infer_layouts`, with why the other weights have none.
+
+    ``unplaced`` maps each leaf of rank ≥ 2 without a layout to the reason, a sentence
+    that says what to do: the function never reads it (exclude it), or reads it
+    through an op whose effect on its axes is not followed (give its layout).
+    :func:`lorax_fn.split` quotes it when such a weight is targeted. A ``dict``, so it
+    merges and edits like one; a copy made with ``dict(...)`` drops the reasons.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> got = infer_layouts(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 3)),
+        ...                     "unused": jnp.ones((3, 3))}, jnp.ones((1, 2)))
+        >>> dict(got), got.unplaced["unused"].split(":")[0]
+        ({'w': Layout(in_axes=(0,), out_axes=(1,), batch_axes=())}, 'the function never reads it')
+    """
+
+    def __init__(
+        self, found: Mapping[str, Layout] | None = None, unplaced: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(found or {})
+        self.unplaced: dict[str, str] = dict(unplaced or {})
+
+
+_NEVER_READ = (
+    "the function never reads it: an adapter there would train with a zero gradient. "
+    "Leave it out of the targets (LoraSpec(exclude=...))"
+)
+_NOT_CONSUMED = (
+    "the function reads it, but no dot_general, conv_general_dilated, gather or "
+    "ragged_dot consumes it (it is only returned or passed on). Give its layout: "
+    "LoraSpec(layouts={pattern: lorax_fn.Layout(...)}) or split(..., layouts=)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +91,39 @@ class _Walker:
     def __init__(self) -> None:
         self.found: dict[str, Layout] = {}
         self.lookups: dict[str, Layout] = {}
+        self.why: dict[str, str] = {}  # the first use that placed no layout, per path
 
-    def record(self, track: _Track, layout: Layout | None, lookup: bool = False) -> None:
+    def record(self, track: _Track, layout: Layout | None, op: str, lookup: bool = False) -> None:
         if layout is not None:
             (self.lookups if lookup else self.found).setdefault(track.path, layout)
+        else:
+            self.why.setdefault(
+                track.path,
+                f"the function's `{op}` contracts it with no fan-in or no fan-out axis left "
+                "(or contracts an axis a scan stacks). Give its layout: "
+                "LoraSpec(layouts={pattern: lorax_fn.Layout(...)}) or split(..., layouts=)",
+            )
+
+    def lost(self, ins: Sequence[_Track | None], op: str) -> None:
+        for t in ins:
+            if t is not None:
+                self.why.setdefault(
+                    t.path,
+                    f"the function reads it through `{op}`, an op whose effect on the "
+                    "weight's axes infer_layouts does not follow. Give its layout: "
+                    "LoraSpec(layouts={pattern: lorax_fn.Layout(...)}) or split(..., layouts=)",
+                )
 
     def walk(self, jaxpr: core.Jaxpr, tracks: Sequence[_Track | None]) -> list[_Track | None]:
         env: dict[Any, _Track | None] = dict(zip(jaxpr.invars, tracks, strict=True))
         read = lambda v: None if isinstance(v, core.Literal) else env.get(v)  # noqa: E731
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            rule = _RULES.get(eqn.primitive.name)
+            name = eqn.primitive.name
+            rule = _RULES.get(name)
             outs = rule(self, eqn, ins) if rule and any(ins) else None
+            if any(ins) and not any(outs or ()) and PRIMITIVES.get(name) not in _ENDS_TRACK:
+                self.lost(ins, name)
             for v, t in zip(eqn.outvars, outs or [None] * len(eqn.outvars), strict=True):
                 env[v] = t
         return [read(v) for v in jaxpr.outvars]
@@ -106,7 +168,7 @@ def _dot_general(w, eqn, ins):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     for track, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
         if track is not None:
-            w.record(track, track.layout(c, b))
+            w.record(track, track.layout(c, b), eqn.primitive.name)
 
 
 def _ragged_dot(w, eqn, ins):
@@ -116,7 +178,7 @@ def _ragged_dot(w, eqn, ins):
     (_, rc), (_, rb) = dn.dot_dimension_numbers
     t = ins[1]
     if t is not None and dn.rhs_group_dimensions:
-        w.record(t, t.layout(rc, (*rb, *dn.rhs_group_dimensions)))
+        w.record(t, t.layout(rc, (*rb, *dn.rhs_group_dimensions)), eqn.primitive.name)
 
 
 def _conv(w, eqn, ins):
@@ -124,14 +186,14 @@ def _conv(w, eqn, ins):
     if k is not None:
         out_axis = eqn.params["dimension_numbers"].rhs_spec[0]
         others = [i for i in range(len(k.axes)) if i != out_axis]
-        w.record(k, k.layout(others, ()))
+        w.record(k, k.layout(others, ()), eqn.primitive.name)
 
 
 def _gather(w, eqn, ins):
     t = ins[0]
     if t is not None:
         dims = eqn.params["dimension_numbers"].collapsed_slice_dims
-        w.record(t, t.layout(dims, ()), lookup=True)
+        w.record(t, t.layout(dims, ()), eqn.primitive.name, lookup=True)
 
 
 def _call(w, eqn, ins):
@@ -198,7 +260,7 @@ _RULES: dict[str, Callable] = dispatch(
 
 def infer_layouts(
     fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
-) -> dict[str, Layout]:
+) -> InferredLayouts:
     """Trace ``fn(params, *args, **kwargs)`` and read each weight's Layout off its use.
 
     Returns ``{path: Layout}`` for every leaf of ``params`` (of rank ≥ 2) consumed by a
@@ -209,7 +271,8 @@ def infer_layouts(
     reshapes, slices, ``jit``, ``remat``, ``scan`` (the scanned axis is stacked),
     ``cond``, ``while``, and the primal body of custom-derivative functions). An
     embedding lookup decides for a tied table; otherwise the first consumer does. Pass
-    the result to :func:`lorax_fn.split` as ``layouts=``.
+    the result to :func:`lorax_fn.split` as ``layouts=``: for a targeted weight it could
+    not place, its ``unplaced`` reason (see :class:`InferredLayouts`) is the error.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -230,4 +293,11 @@ def infer_layouts(
     ]
     walker = _Walker()
     walker.walk(closed.jaxpr, tracks)
-    return {**walker.found, **walker.lookups}
+    found = {**walker.found, **walker.lookups}
+    read = used_inputs(closed.jaxpr)
+    unplaced = {
+        path: walker.why.get(path, _NOT_CONSUMED) if used else _NEVER_READ
+        for (path, _), track, used in zip(leaves, tracks, read, strict=True)
+        if track is not None and path not in found
+    }
+    return InferredLayouts(found, unplaced)

@@ -93,7 +93,10 @@ def _attention_module(module: list[str], shapes: Mapping[str, tuple[int, ...]]) 
     return all(len(s) == 3 and s[1:] == heads and s[0] != heads[0] for s in kernels.values())
 
 
-def _no_layout(path: str, shape: tuple[int, ...]) -> LoraError:
+def _no_layout(path: str, shape: tuple[int, ...], inferred: str | None) -> LoraError:
+    if inferred is not None:
+        # The caller already passed infer_layouts' result: say what it found instead.
+        return LoraError(f"{path}: infer_layouts found no layout for shape {shape}: {inferred}")
     why = (
         " Its name is a Flax attention kernel's, but its module's kernels are not "
         "query/key/value (d, heads, head_dim) with out (heads, head_dim, d) (an nn.scan "
@@ -193,7 +196,9 @@ def split(
     Factor shapes follow how each weight is contracted: from ``layouts`` (e.g. from
     :func:`lorax_fn.infer_layouts`), else the spec's ``layouts``, else
     :func:`default_layout`; a weight none of them can place is an error, never a
-    silently different factorisation.
+    silently different factorisation. With ``infer_layouts``' result, the error says
+    what it found: the function never reads the weight, or reads it through an op it
+    cannot follow (named).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -205,6 +210,7 @@ def split(
     """
     paths_leaves = leaves_with_paths(params)
     shapes = {p: tuple(np.shape(x)) for p, x in paths_leaves}
+    unplaced = getattr(layouts, "unplaced", {})
     layouts = dict(layouts or {})
     excluded = set().union(*_matches(spec.exclude, paths_leaves, "exclude").values())
     targeted = set().union(*_matches(spec.targets, paths_leaves, "target").values()) - excluded
@@ -231,7 +237,7 @@ def split(
             layouts.get(path) or spec.layout_for(path, leaf) or default_layout(path, shape, shapes)
         )
         if layout is None:
-            raise _no_layout(path, shape)
+            raise _no_layout(path, shape, unplaced.get(path))
         layout.check(path, shape)
         rank = spec.rank_for(path, leaf)
         fan_in, fan_out = layout.fan_in(shape), layout.fan_out(shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -108,3 +109,65 @@ def test_flax_attention_still_splits_by_default_as_it_is_used(make):
     assert len(lt) == 4
     assert {p: f.layout for p, f in lt.items()} == {p: inferred[p] for p in lt}
     assert_matches_merged(apply, base, randomize_b(lt), *args, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------- item 8: infer_layouts says why it placed no layout, split quotes it
+
+
+def kv_shared(params: dict, x: jax.Array) -> jax.Array:
+    """Two layers; the second reads the first's kv projection (Gemma-style KV sharing)."""
+    kv = jnp.einsum("btd,cdhk->cbthk", x, params["layer_0"]["kv_einsum"]["w"])
+    for name in ("layer_0", "layer_1"):
+        q = jnp.einsum("btd,dhk->bthk", x, params[name]["q_einsum"]["w"])
+        att = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, kv[0]))
+        x = x + jnp.einsum("bhts,bshk->bthk", att, kv[1]).reshape(x.shape)
+    return x
+
+
+def _kv_params() -> dict:
+    w = lambda seed, *shape: jax.random.normal(jax.random.key(seed), shape) / 4  # noqa: E731
+    return {
+        f"layer_{i}": {
+            "q_einsum": {"w": w(2 * i, 8, 2, 4)},
+            "kv_einsum": {"w": w(2 * i + 1, 2, 8, 2, 4)},
+        }
+        for i in range(2)
+    }
+
+
+def test_a_target_the_function_never_reads_is_named_with_exclude():
+    params, x = _kv_params(), jax.random.normal(KEY, (2, 3, 8))
+    layouts = lorax_fn.infer_layouts(kv_shared, params, x)
+    assert "layer_0/kv_einsum/w" in layouts and "layer_1/kv_einsum/w" not in layouts
+    spec = LoraSpec(["**/q_einsum/w", "**/kv_einsum/w"], rank=2)
+    with pytest.raises(
+        LoraError,
+        match=r"layer_1/kv_einsum/w: infer_layouts found no layout for shape \(2, 8, 2, 4\): "
+        r"the function never reads it.*exclude",
+    ):
+        lorax_fn.split(params, spec, key=KEY, layouts=layouts)
+    # The advice works: without the unread weight the rest splits and equals merge-then-call.
+    spec = LoraSpec(["**/q_einsum/w", "**/kv_einsum/w"], rank=2, exclude="layer_1/kv_einsum/w")
+    base, lt = lorax_fn.split(params, spec, key=KEY, layouts=layouts)
+    assert_matches_merged(kv_shared, base, randomize_b(lt), x, rtol=1e-4, atol=1e-4)
+
+
+def test_a_target_read_through_an_op_layouts_cannot_follow_names_the_op():
+    model = nn.ConvTranspose(6, (3, 3), transpose_kernel=True)  # flips the kernel with `rev`
+    x = jax.random.normal(KEY, (1, 5, 5, 4))
+    variables = model.init(KEY, x)
+    layouts = lorax_fn.infer_layouts(model.apply, variables, x)
+    with pytest.raises(
+        LoraError,
+        match=r"params/kernel: infer_layouts found no layout for shape \(3, 3, 6, 4\): the "
+        r"function reads it through `rev`.*Give its layout",
+    ):
+        lorax_fn.split(variables, LoraSpec("**/kernel", rank=2), key=KEY, layouts=layouts)
+    assert "`rev`" in layouts.unplaced["params/kernel"]
+    # The advice works: given its layout (features out: axis 2), the kernel is adapted.
+    given = {"params/kernel": lorax_fn.Layout(in_axes=(0, 1, 3), out_axes=(2,))}
+    base, lt = lorax_fn.split(variables, LoraSpec("**/kernel", rank=2), key=KEY, layouts=given)
+    lt = randomize_b(lt)
+    with pytest.warns(UserWarning, match="rev"):
+        got = lorax_fn.lora(model.apply)(base, lt, x)
+    np.testing.assert_allclose(got, model.apply(lorax_fn.merge(base, lt), x), rtol=1e-5, atol=1e-5)
