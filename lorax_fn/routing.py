@@ -75,7 +75,9 @@ def _gathered(x: jax.Array, a: jax.Array, b: jax.Array, adapter_id: jax.Array) -
 
 def _grouped(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Array:
     """``x: (B, rows, in)``, ``ids: (B,)`` → ``(B, rows, out)`` by two ragged_dots."""
-    batch, rows, _ = x.shape
+    # Sizes are spelled out, not -1: an empty batch (no examples, or no rows) has none
+    # to infer.
+    batch, rows, features = x.shape
     n = a.shape[0]
     # ragged_dot may mask by multiplying (0·NaN = NaN, as XLA:CPU does): a NaN or Inf in
     # one adapter would reach every row. So it runs on finite factors, and the rows of
@@ -86,9 +88,9 @@ def _grouped(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Ar
     # Base rows (and invalid ids) sort last, past every group: ragged_dot leaves them 0.
     order = jnp.argsort(jnp.where(valid, ids, n), stable=True)
     sizes = jnp.zeros(n, jnp.int32).at[jnp.where(valid, ids, n)].add(rows, mode="drop")
-    xs = x[order].reshape(batch * rows, -1)
+    xs = x[order].reshape(batch * rows, features)
     y = lax.ragged_dot(lax.ragged_dot(xs, a, sizes), b, sizes)
-    y = y.reshape(batch, rows, -1)[jnp.argsort(order)]
+    y = y.reshape(batch, rows, b.shape[-1])[jnp.argsort(order)]
     healthy = (finite[0] & finite[1])[jnp.clip(ids, 0, n - 1)]
     bad = (ids != -1) & ~(valid & healthy)
     return jnp.where(bad[:, None, None], jnp.nan, y).astype(x.dtype)

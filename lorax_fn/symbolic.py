@@ -352,7 +352,9 @@ def _as_rows(x: jax.Array, xc, wc, order: list[int]) -> tuple[jax.Array, list[in
     x_contract = [xc[list(wc).index(k)] for k in order]
     x_free = [k for k in range(x.ndim) if k not in xc]
     free_shape = [x.shape[k] for k in x_free]
-    return jnp.transpose(x, x_free + x_contract).reshape(math.prod(free_shape), -1), free_shape
+    # Both sizes given: an empty batch (F = 0) leaves no -1 to infer.
+    rows = (math.prod(free_shape), math.prod(x.shape[k] for k in x_contract))
+    return jnp.transpose(x, x_free + x_contract).reshape(rows), free_shape
 
 
 def _unflatten(y: jax.Array, free_shape: list[int], rest_shape, weight_is_lhs: bool) -> jax.Array:

@@ -486,3 +486,22 @@ def test_grouped_refusals():
         g(base, lorax_fn.select_adapters(stack, ids), jnp.ones((2, 6)))
     with pytest.raises(LoraError, match="leading batch axis of 2"):
         g(base, stack, ids, jnp.ones((3, 6)))
+
+
+@pytest.mark.parametrize("method", ["gather", "grouped"])
+@pytest.mark.parametrize(
+    "ids, shape", [([0, -1, 1], (3, 0, 6)), ([], (0, 2, 6))], ids=["no-rows", "no-examples"]
+)
+def test_an_empty_batch_gives_the_empty_result(method, ids, shape):
+    # Both methods crashed (ZeroDivisionError) flattening rows; grouped on no examples too.
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 5))}
+    base, trees = adapters(params, [1, 2], "w")
+    stack = lorax_fn.stack_adapters(trees)
+    ids, x = jnp.array(ids, jnp.int32), jnp.ones(shape)
+    g = lorax_fn.multi_lora(lambda p, x: x @ p["w"], method=method, on_fallback="error")
+    out = jax.jit(g)(base, stack, ids, x)
+    assert out.shape == shape[:-1] + (5,)
+    check_rows(lambda p, x: x @ p["w"], base, trees, ids, x, out)
+    grads = jax.grad(lambda stack: jnp.sum(jnp.sin(g(base, stack, ids, x))))(stack)
+    for leaf in jax.tree.leaves(grads):  # no example, no gradient: zeros, not NaN
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))

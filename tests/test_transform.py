@@ -566,3 +566,22 @@ def test_a_stacked_layer_out_of_range_is_the_fill(fill, use_dora):
     base, lt = adapt(params, "w", layouts={"w": Layout((1,), (2,), (0,))}, use_dora=use_dora)
     for layer in (1, 3):
         assert_matches_merged(fn, base, lt, x, jnp.array(layer))
+
+
+EMPTY_BATCHES = [
+    pytest.param(nn.Dense(4), (1, 5), (0, 5), id="dense-no-rows"),
+    pytest.param(nn.Dense(4), (1, 5), (2, 0, 5), id="dense-no-tokens"),
+    pytest.param(nn.Einsum((5, 3, 4), "bti,ihd->bthd"), (1, 2, 5), (0, 2, 5), id="einsum"),
+    pytest.param(nn.MultiHeadDotProductAttention(num_heads=2), (1, 3, 4), (2, 0, 4), id="mha"),
+]
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("model, example, empty", EMPTY_BATCHES)
+def test_an_empty_batch_gives_the_empty_result(model, example, empty, use_dora):
+    # Flattening the rows of an empty batch was reshape(0, -1): ZeroDivisionError.
+    example = jnp.ones(example)
+    variables = init(model, example)
+    base, lt = adapt(variables, "**/kernel", model.apply, example, use_dora=use_dora)
+    out = assert_matches_merged(model.apply, base, lt, jnp.ones(empty))  # gradients: zeros
+    assert out.shape == model.apply(variables, jnp.ones(empty)).shape
