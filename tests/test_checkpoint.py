@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -586,29 +587,76 @@ def test_batch_stats_saved_with_extra_restore_the_same_eval_output(tmp_path):
 # --------------------------------------------------------------------------- placement, errors
 
 
+def trained_on_a_mesh(lt: dict, tx, shardings: dict, steps: int = 3) -> tuple[dict, Any]:
+    """The LoRA tree and optimizer state after real steps, placed by ``shardings``."""
+    lt = jax.device_put(lt, shardings)
+    opt_state = jax.jit(tx.init)(lt)
+
+    @jax.jit
+    def step(lt, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, lt)
+        return optax.apply_updates(lt, updates), opt_state
+
+    rng = np.random.default_rng(2)
+    for _ in range(steps):  # random gradients: every moment non-zero and different
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), lt)
+        lt, opt_state = step(lt, opt_state, jax.device_put(grads, shardings))
+    return lt, opt_state
+
+
+def same_place(x: jax.Array, sharding: jax.sharding.Sharding) -> bool:
+    return x.sharding.is_equivalent_to(sharding, x.ndim)
+
+
 def test_resume_on_a_mesh_with_the_readme_template(tmp_path, model):
     # The README's template, jax.eval_shape(tx.init, lt), carries abstract meshes (and no
     # sharding at all for the step count): optimizer leaves follow the LoRA leaves instead.
+    # Saved after real steps on a 2x4 mesh, so that zeroed moments or moments placed
+    # anywhere but with their factor would show.
     base, lt = model
     tx = optax.adam(1e-2)
-    opt_state = tx.init(lt)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = lorax_fn.lora_shardings(lt, MESH_SPECS, mesh)
+    lt, opt_state = trained_on_a_mesh(lt, tx, sharded)
+    adam = opt_state[0]
+    assert int(adam.count) == 3 and all(
+        np.all(np.asarray(m) != 0) for m in jax.tree.leaves(adam.mu)
+    )
+    assert not lt["params/dense/kernel"].a.sharding.is_fully_replicated  # the sharding shows
     with LoraCheckpointManager(tmp_path / "run", SPEC, base=base) as manager:
-        manager.save(1, lt, opt_state)
-    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+        manager.save(3, lt, opt_state)
     replicated = NamedSharding(mesh, P())
-    on_mesh = jax.device_put(lt, replicated)
-    manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
-    state = manager.restore(opt_state=jax.eval_shape(tx.init, on_mesh), shardings=replicated)
-    manager.close()
-    assert all(x.sharding == replicated for x in jax.tree.leaves(state.opt_state))
-    for g, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(opt_state), strict=True):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    # The restored state trains: no "incompatible devices" between LoRA and optimizer leaves.
-    grads = jax.tree.map(jnp.ones_like, state.lora_tree)
-    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.lora_tree)
-    want, _ = tx.update(jax.tree.map(jnp.ones_like, lt), opt_state, lt)
-    for g, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    for shardings in (
+        replicated,
+        lambda abstract: lorax_fn.lora_shardings(abstract, MESH_SPECS, mesh),
+    ):
+        manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
+        on_mesh = jax.device_put(lt, replicated if shardings is replicated else sharded)
+        template = jax.eval_shape(tx.init, on_mesh)
+        state = manager.restore(opt_state=template, shardings=shardings)
+        manager.close()
+        assert_same_tree(state.lora_tree, lt)
+        if shardings is replicated:
+            assert all(x.sharding == replicated for x in jax.tree.leaves(state.opt_state))
+        else:
+            # mu and nu of each factor lie where that factor lies; the step count replicated.
+            got = state.opt_state[0]
+            for moments in (got.mu, got.nu):
+                placed = jax.tree.map(lambda m, x: same_place(m, x.sharding), moments, lt)
+                assert all(jax.tree.leaves(placed)), placed
+            assert same_place(
+                moments["params/dense/kernel"].b, NamedSharding(mesh, P(None, "model"))
+            )
+            assert got.count.sharding == replicated
+        for g, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(opt_state), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        # The restored state trains: no "incompatible devices" between LoRA and optimizer
+        # leaves, and the step is the one the saved state would have taken.
+        grads = jax.tree.map(jnp.ones_like, state.lora_tree)
+        updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.lora_tree)
+        want, _ = tx.update(jax.tree.map(jnp.ones_like, lt), opt_state, lt)
+        for g, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
 
 
 def test_failures_other_than_damage_are_not_called_corruption(tmp_path, model, monkeypatch):
