@@ -66,6 +66,20 @@ def _stored_quantized(x: Any) -> bool:
     return hasattr(x, "codes") and hasattr(x, "dequantize") and hasattr(x, "format")
 
 
+def quantized_weights(tree: Any) -> list[tuple[str, Any]]:
+    """The ``(path, QuantizedArray)`` pairs of ``tree``, each named as one weight.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lorax_fn import quantize_base
+        >>> q = quantize_base({"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}, "w")
+        >>> [(p, x.format) for p, x in quantized_weights(q)]
+        [('w', 'nf4')]
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_stored_quantized)
+    return [(path_str(k), leaf) for k, leaf in flat if _stored_quantized(leaf)]
+
+
 def describe(tree: Any) -> str:
     """A table of every leaf's path, shape and dtype — what filters match against.
 

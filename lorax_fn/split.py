@@ -18,6 +18,7 @@ from lorax_fn.paths import (
     compile_filter,
     filter_name,
     leaves_with_paths,
+    quantized_weights,
     unmatched_filter,
 )
 from lorax_fn.spec import LoraSpec
@@ -125,6 +126,22 @@ def _matches(filters, paths_leaves, what: str) -> dict[str, set[str]]:
     return out
 
 
+def _refuse_quantized(spec: LoraSpec, params: Any) -> None:
+    """A quantized base flattens into codes and scales: say so, not 'matches no parameter'."""
+    for path, leaf in quantized_weights(params):
+        # The weight's own path, or one of its stored arrays (…/kernel/scale).
+        named = [(path, leaf)] + [(f"{path}/{p}", x) for p, x in leaves_with_paths(leaf)]
+        excluded = any(compile_filter(e)(path, leaf) for e in spec.exclude)
+        for f in (*(() if excluded else spec.targets), *spec.trainable):
+            if any(compile_filter(f)(p, x) for p, x in named):
+                raise LoraError(
+                    f"{path} is already quantized ({leaf.format}), and filter "
+                    f"{filter_name(f)!r} selects it: split comes before quantize_base. Split "
+                    "the float params, then quantize the base: base, lt = lorax_fn.split("
+                    "params, spec, key=key); qbase = lorax_fn.quantize_base(base, lt)"
+                )
+
+
 def _check_overrides_match(spec: LoraSpec, targeted: list[tuple[str, Any]]) -> None:
     for name, items in (
         ("rank_pattern", spec.rank_pattern),
@@ -212,6 +229,7 @@ def split(
     shapes = {p: tuple(np.shape(x)) for p, x in paths_leaves}
     unplaced = getattr(layouts, "unplaced", {})
     layouts = dict(layouts or {})
+    _refuse_quantized(spec, params)
     excluded = set().union(*_matches(spec.exclude, paths_leaves, "exclude").values())
     targeted = set().union(*_matches(spec.targets, paths_leaves, "target").values()) - excluded
     trainable = set().union(*_matches(spec.trainable, paths_leaves, "trainable").values())

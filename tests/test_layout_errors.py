@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,38 @@ def test_a_target_read_through_an_op_layouts_cannot_follow_names_the_op():
     with pytest.warns(UserWarning, match="rev"):
         got = lorax_fn.lora(model.apply)(base, lt, x)
     np.testing.assert_allclose(got, model.apply(lorax_fn.merge(base, lt), x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------ item 9: split of an already-quantized base
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_split_of_a_quantized_base_says_split_comes_first(fmt):
+    params = {
+        "params": {
+            "mlp": {"kernel": jax.random.normal(KEY, (64, 64)), "bias": jnp.zeros(64)},
+            "head": {"kernel": jax.random.normal(KEY, (64, 2))},
+        }
+    }
+    qbase = lorax_fn.quantize_base(params, "**/mlp/kernel", format=fmt)
+    for spec in (
+        LoraSpec("**/mlp/kernel", rank=2),  # was: "matches no parameter", nearest …/codes
+        LoraSpec("**/kernel", rank=2),  # was: only head/kernel adapted, silently
+        LoraSpec("**/head/kernel", rank=2, trainable="**/mlp/*"),
+        LoraSpec("**/mlp/kernel/*", rank=2),  # a stored array of it
+    ):
+        with pytest.raises(LoraError) as err:
+            lorax_fn.split(qbase, spec, key=KEY)
+        message = str(err.value)
+        assert re.match(
+            rf"params/mlp/kernel is already quantized \({fmt}\), .*split comes before "
+            r"quantize_base",
+            message,
+        ), message
+        assert "Nearest paths" not in message and "codes" not in message
+    # Weights left unquantized can still be adapted on it, and the order the error gives works.
+    _, lt = lorax_fn.split(qbase, LoraSpec("**/head/kernel", rank=2), key=KEY)
+    assert set(lt) == {"params/head/kernel"}
+    base, lt = lorax_fn.split(params, LoraSpec("**/mlp/kernel", rank=2), key=KEY)
+    kernel = lorax_fn.quantize_base(base, lt, format=fmt)["params"]["mlp"]["kernel"]
+    assert isinstance(kernel, lorax_fn.QuantizedArray)
