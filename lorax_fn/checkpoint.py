@@ -138,8 +138,20 @@ def checkpoint_info(directory: str | os.PathLike) -> CheckpointInfo:
     :class:`LoraCheckpointManager`.
 
     Example:
-        >>> info = lorax_fn.checkpoint_info("/tmp/adapter")  # doctest: +SKIP
-        >>> base, lt = lorax_fn.split(params, info.spec, key=key)  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+        >>> spec = lorax_fn.LoraSpec("**/kernel", rank=2, trainable="**/bias")
+        >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+        >>> _ = lorax_fn.save("adapter", lt, spec, base=base)
+        >>> info = lorax_fn.checkpoint_info("adapter")
+        >>> info.spec == spec, info.entries
+        (True, {'dense/bias': 'array', 'dense/kernel': 'factors'})
+        >>> info.base_leaves["dense/kernel"], info.library_version == lorax_fn.__version__
+        (((8, 4), 'float32'), True)
+        >>> # The stored spec is enough to make a tree of the same shape, e.g. a restore target.
+        >>> _, fresh = lorax_fn.split(params, info.spec, key=jax.random.key(1))
+        >>> fresh["dense/kernel"].a.shape == lt["dense/kernel"].a.shape
+        True
     """
     meta = _load_meta(checkpoint_path(directory))
     return CheckpointInfo(
@@ -185,10 +197,23 @@ def save(
     An existing empty directory is written into, as :func:`lorax_fn.export_peft` does.
 
     Example:
-        >>> base, lt = lorax_fn.split(variables, spec, key=jax.random.key(0))  # doctest: +SKIP
-        >>> lorax_fn.save("/tmp/adapter", lt, spec, base=base,  # doctest: +SKIP
-        ...               extra="batch_stats/**")
-        >>> lt2, base2 = lorax_fn.restore("/tmp/adapter", base=base, extra=True)  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> variables = {"params": {"dense": {"kernel": jnp.ones((8, 4))}},
+        ...              "batch_stats": {"mean": jnp.full(4, 0.5)}}
+        >>> spec = lorax_fn.LoraSpec("**/kernel", rank=2)
+        >>> base, lt = lorax_fn.split(variables, spec, key=jax.random.key(0))
+        >>> lorax_fn.save("adapter", lt, spec, base=base, extra="batch_stats/**").name
+        'adapter'
+        >>> drifted = dict(base, batch_stats={"mean": jnp.zeros(4)})
+        >>> lt2, base2 = lorax_fn.restore("adapter", base=drifted, extra=True)
+        >>> base2["batch_stats"]["mean"].tolist()  # the statistics saved with the adapter
+        [0.5, 0.5, 0.5, 0.5]
+        >>> bool((lt2["params/dense/kernel"].a == lt["params/dense/kernel"].a).all())
+        True
+        >>> lorax_fn.save("adapter", lt, spec)
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: ...adapter already exists; pass overwrite=True to replace it
     """
     directory = checkpoint_path(directory)
     arrays, meta = encode(lora_tree, spec, None if base is None else leaf_specs(base))
@@ -279,10 +304,25 @@ def restore(
     not asked for.
 
     Example:
-        >>> lt = lorax_fn.restore("/tmp/adapter", base=base,  # doctest: +SKIP
-        ...                       shardings=NamedSharding(mesh, P()))  # replicated
-        >>> lt = lorax_fn.restore("/tmp/adapter", base=base,  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> spec = lorax_fn.LoraSpec("w", rank=2)
+        >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+        >>> _ = lorax_fn.save("adapter", lt, spec, base=base)
+        >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        >>> got = lorax_fn.restore("adapter", base=base, shardings=NamedSharding(mesh, P()))
+        >>> got["w"].a.sharding.is_fully_replicated, bool((got["w"].a == lt["w"].a).all())
+        (True, True)
+        >>> base_shardings = {"w": NamedSharding(mesh, P("data", None))}
+        >>> got = lorax_fn.restore("adapter", base=base,
         ...     shardings=lambda abstract: lorax_fn.lora_shardings(abstract, base_shardings))
+        >>> got["w"].a.sharding.spec, got["w"].b.sharding.spec  # A follows the fan-in
+        (P('data', None), P(None, None))
+        >>> lorax_fn.restore("adapter", base={"w": jnp.ones((8, 5))})
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the checkpoint at ... was made for a different base:
+          w: made for shape (8, 4), the base has (8, 5)
     """
     directory = checkpoint_path(directory)
     where = f"the checkpoint at {directory}"

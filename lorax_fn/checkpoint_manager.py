@@ -128,14 +128,28 @@ class LoraCheckpointManager:
     from the ``base`` given to :meth:`save`.
 
     Example:
-        >>> mngr = lorax_fn.LoraCheckpointManager("/tmp/run", spec, base=base,  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, optax, lorax_fn
+        >>> spec = lorax_fn.LoraSpec("w", rank=2)
+        >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+        >>> tx = optax.adam(1e-2)
+        >>> opt_state, start = tx.init(lt), 0
+        >>> mngr = lorax_fn.LoraCheckpointManager("run", spec, base=base,
         ...                                       max_to_keep=2, best_metric="loss")
-        >>> if mngr.latest_step() is not None:  # doctest: +SKIP
-        ...     state = mngr.restore(opt_state=opt_state)
-        ...     lt, opt_state, start = state.lora_tree, state.opt_state, state.step
-        >>> mngr.save(step, lt, opt_state, metrics={"loss": 0.3},  # doctest: +SKIP
-        ...           data_state={"epoch": 1, "index": 512})
-        >>> mngr.close()  # doctest: +SKIP
+        >>> if mngr.latest_step() is not None:  # resuming: nothing saved yet here
+        ...     state = mngr.restore(opt_state=jax.eval_shape(tx.init, lt))
+        ...     lt, opt_state, start = state.lora_tree, state.opt_state, state.step + 1
+        >>> for step, loss in zip(range(start, 4), [0.9, 0.3, 0.5, 0.4]):
+        ...     grads = jax.tree.map(jnp.ones_like, lt)
+        ...     updates, opt_state = tx.update(grads, opt_state, lt)
+        ...     lt = optax.apply_updates(lt, updates)
+        ...     mngr.save(step, lt, opt_state, metrics={"loss": loss},
+        ...               data_state={"epoch": 0, "index": 32 * step})
+        >>> mngr.all_steps(), mngr.best_step()  # the last two, and the best one
+        ([1, 2, 3], 1)
+        >>> state = mngr.restore(opt_state=jax.eval_shape(tx.init, lt))
+        >>> state.step, state.data_state, bool((state.lora_tree["w"].b == lt["w"].b).all())
+        (3, {'epoch': 0, 'index': 96}, True)
+        >>> mngr.close()
     """
 
     def __init__(
@@ -231,7 +245,14 @@ class LoraCheckpointManager:
         """The newest step, or ``None`` (with ``async_save``, possibly one still being written).
 
         Example:
-            >>> mngr.latest_step()  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> with lorax_fn.LoraCheckpointManager("run", spec) as mngr:
+            ...     print(mngr.latest_step())
+            ...     mngr.save(1200, lt, optax.sgd(0.1).init(lt))
+            ...     print(mngr.latest_step())
+            None
             1200
         """
         return self._manager.latest_step()
@@ -240,7 +261,13 @@ class LoraCheckpointManager:
         """The step with the best ``best_metric`` (the latest step without one).
 
         Example:
-            >>> mngr.best_step()  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> with lorax_fn.LoraCheckpointManager("run", spec, best_metric="loss") as mngr:
+            ...     for step, loss in ((800, 0.2), (1100, 0.5), (1200, 0.4)):
+            ...         mngr.save(step, lt, (), metrics={"loss": loss})
+            ...     print(mngr.best_step())
             800
         """
         return self._manager.best_step()
@@ -249,7 +276,13 @@ class LoraCheckpointManager:
         """Every committed step still kept, ascending.
 
         Example:
-            >>> mngr.all_steps()  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> with lorax_fn.LoraCheckpointManager("run", spec, max_to_keep=3) as mngr:
+            ...     for step in (500, 800, 1100, 1200):
+            ...         mngr.save(step, lt, ())
+            ...     print(mngr.all_steps())
             [800, 1100, 1200]
         """
         return sorted(self._manager.all_steps())
@@ -273,8 +306,22 @@ class LoraCheckpointManager:
         arrays are copied to host memory; call :meth:`wait_until_finished` or :meth:`close`.
 
         Example:
-            >>> mngr.save(100, lt, opt_state, metrics={"loss": 1.7},  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> variables = {"params": {"w": jnp.ones((8, 4))},
+            ...              "batch_stats": {"mean": jnp.ones(4)}}
+            >>> spec = lorax_fn.LoraSpec("params/w", rank=2)
+            >>> base, lt = lorax_fn.split(variables, spec, key=jax.random.key(0))
+            >>> mngr = lorax_fn.LoraCheckpointManager("run", spec, extra="batch_stats/**")
+            >>> mngr.save(100, lt, optax.adam(1e-3).init(lt), metrics={"loss": 1.7},
             ...           data_state={"index": 3200}, base=base)
+            >>> mngr.save(100, lt, ())
+            Traceback (most recent call last):
+            ...
+            lorax_fn.errors.LoraError: step 100 is already saved in ...run
+            >>> info = lorax_fn.checkpoint_info("run/100")  # a step is an adapter checkpoint
+            >>> info.entries, info.extra
+            ({'params/w': 'factors'}, {'batch_stats/mean': ((4,), 'float32')})
+            >>> mngr.close()
         """
         step = int(step)
         if step in self._manager.all_steps():
@@ -357,9 +404,19 @@ class LoraCheckpointManager:
         a warning naming each damaged step skipped.
 
         Example:
-            >>> state = mngr.restore(opt_state=jax.eval_shape(tx.init, lt))  # doctest: +SKIP
-            >>> state.step, state.data_state  # doctest: +SKIP
-            (1200, {'index': 38400})
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> tx = optax.adam(1e-2)
+            >>> updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, lt), tx.init(lt), lt)
+            >>> with lorax_fn.LoraCheckpointManager("run", spec, base=base) as mngr:
+            ...     mngr.save(1200, lt, opt_state, data_state={"index": 38400})
+            ...     state = mngr.restore(opt_state=jax.eval_shape(tx.init, lt))
+            >>> state.step, state.data_state, state.metrics
+            (1200, {'index': 38400}, None)
+            >>> mu = state.opt_state[0].mu["w"].a  # the optimizer state, as saved
+            >>> bool((mu == opt_state[0].mu["w"].a).all()) and bool(mu.any())
+            True
         """
         self._manager.wait_until_finished()  # an async save of the step asked for may be pending
         args = dict(opt_state=opt_state, base=base, shardings=shardings, extra=extra)
@@ -512,7 +569,15 @@ class LoraCheckpointManager:
         """Block until an async save has been committed.
 
         Example:
-            >>> mngr.wait_until_finished()  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> mngr = lorax_fn.LoraCheckpointManager("run", spec, async_save=True)
+            >>> mngr.save(1, lt, ())  # returns once the arrays are copied to host memory
+            >>> mngr.wait_until_finished()
+            >>> mngr.all_steps(), lorax_fn.checkpoint_info("run/1").entries
+            ([1], {'w': 'factors'})
+            >>> mngr.close()
         """
         self._manager.wait_until_finished()
 
@@ -520,7 +585,15 @@ class LoraCheckpointManager:
         """Finish pending saves and release orbax's resources.
 
         Example:
-            >>> mngr.close()  # doctest: +SKIP
+            >>> import jax, jax.numpy as jnp, optax, lorax_fn
+            >>> spec = lorax_fn.LoraSpec("w", rank=2)
+            >>> base, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, spec, key=jax.random.key(0))
+            >>> mngr = lorax_fn.LoraCheckpointManager("run", spec, async_save=True)
+            >>> mngr.save(1, lt, ())
+            >>> mngr.close()  # waits for the save
+            >>> with lorax_fn.LoraCheckpointManager("run", spec) as reopened:
+            ...     print(reopened.all_steps())
+            [1]
         """
         self._manager.close()
         self._purge_deleted()

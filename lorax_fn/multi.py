@@ -236,7 +236,23 @@ def stack_checkpoints(
     stacking; a failure names the directory.
 
     Example:
-        >>> stack = stack_checkpoints(["/ckpt/legal", "/ckpt/medical"], base=base)  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> params = {"w": jnp.ones((8, 4))}
+        >>> trees = {}
+        >>> for name, rank in (("legal", 2), ("medical", 3)):
+        ...     spec = lorax_fn.LoraSpec("w", rank=rank)
+        ...     _, trees[name] = lorax_fn.split(params, spec, key=jax.random.key(rank))
+        ...     _ = lorax_fn.save(name, trees[name], spec, base=params)
+        >>> stack = stack_checkpoints(["legal", "medical"], base=params)
+        >>> stack.entries["w"].a.shape  # two adapters, ranks zero-padded to 3
+        (2, 8, 3)
+        >>> want = stack_adapters([trees["legal"], trees["medical"]])
+        >>> bool((stack.entries["w"].a == want.entries["w"].a).all())
+        True
+        >>> stack_checkpoints(["legal", "missing"])
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: missing: no checkpoint at ...missing
     """
     trees = []
     for directory in directories:
