@@ -678,6 +678,7 @@ def import_peft(
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     leaves = dict(weight_leaves(base))
+    shapes = {p: tuple(np.shape(x)) for p, x in leaves.items()}
     layouts = dict(layouts or {})
     conv_modules = {
         key[len(_PREFIX) : -len(".lora_A.weight")]
@@ -722,7 +723,7 @@ def import_peft(
             # PEFT's conv format says what the kernel is: Flax (*window, in, out).
             layout = layouts.get(path) or _conv_layout(shape, (0,) if stacked else ())
         else:
-            layout = layouts.get(path) or default_layout(path, shape)
+            layout = layouts.get(path) or default_layout(path, shape, shapes)
         if (
             layout is None
             or len(shape) < 2
