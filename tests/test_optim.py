@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import randomize_b
 
 import lorax_fn
-from helpers import randomize_b
 from lorax_fn import LoraError, LoraFactors, LoraSpec
 
 KEY = jax.random.key(1)
