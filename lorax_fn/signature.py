@@ -297,9 +297,12 @@ class Trace:
         lorax_fn.errors.LoraError: lora(fn): fn never reads any weight of the LoRA tree (v) ...
     """
 
-    def __init__(self, used: frozenset[str], signature: str):
+    def __init__(self, used: frozenset[str], signature: str, empty: bool = False):
         self.used = used
         self.signature = signature
+        # Every output has size 0 (an empty batch): nothing can depend on any weight, and
+        # that says nothing about how fn reads its params.
+        self.empty = empty
         self.reported: set = set()
         self.checked: set = set()
         self.evaluate: Callable[..., Any] | None = None
@@ -307,7 +310,7 @@ class Trace:
     def check_usage(self, adapted: tuple[str, ...]) -> None:
         """Refuse an ``fn`` that reads none of the LoRA tree; warn per unread entry."""
         unused = [p for p in adapted if p not in self.used]
-        if not unused:
+        if not unused or self.empty:
             return
         if len(unused) == len(adapted):
             listed = ", ".join(unused[:5]) + (", …" if len(unused) > 5 else "")

@@ -20,6 +20,7 @@ symbolic.
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -474,6 +475,12 @@ _FROZEN_RULES: dict[str, Callable] = {
 # ------------------------------------------------------------ the transform
 
 
+def _all_empty(outputs: Any) -> bool:
+    """Whether ``fn`` returned arrays and every one has size 0 (an empty batch)."""
+    leaves = jax.tree.leaves(outputs)
+    return bool(leaves) and all(math.prod(o.shape) == 0 for o in leaves)
+
+
 def _quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
@@ -636,7 +643,9 @@ def lora(
         out_def = jax.tree_util.tree_structure(out_shape)
         used = used_inputs(closed.jaxpr)[: len(paths)]
         entry = Trace(
-            frozenset(p for p, u in zip(paths, used, strict=True) if u), describe(arg_avals)
+            frozenset(p for p, u in zip(paths, used, strict=True) if u),
+            describe(arg_avals),
+            empty=_all_empty(out_shape),
         )
 
         # Jitted so that an eager call evaluates the jaxpr once per signature too; under

@@ -585,3 +585,17 @@ def test_an_empty_batch_gives_the_empty_result(model, example, empty, use_dora):
     base, lt = adapt(variables, "**/kernel", model.apply, example, use_dora=use_dora)
     out = assert_matches_merged(model.apply, base, lt, jnp.ones(empty))  # gradients: zeros
     assert out.shape == model.apply(variables, jnp.ones(empty)).shape
+
+
+@pytest.mark.parametrize("ids_shape", [(0,), (2, 0)])
+def test_an_embedding_lookup_of_no_ids_gives_the_empty_result(ids_shape):
+    # jnp.take of no ids never reads the table: that is an empty batch, not an fn that
+    # reads its weights from somewhere else, so it is neither refused nor warned about.
+    model = nn.Embed(7, 4)
+    variables = init(model, jnp.zeros((1,), jnp.int32))
+    base, lt = adapt(variables, "**/embedding")
+    ids = jnp.zeros(ids_shape, jnp.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = assert_matches_merged(model.apply, base, lt, ids)
+    assert out.shape == (*ids_shape, 4)
