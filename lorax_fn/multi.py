@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -447,6 +447,7 @@ def multi_lora(
     chunk_size: int | None = None,
     method: Literal["gather", "grouped", "auto"] = "gather",
     on_fallback: FallbackMode = "warn",
+    static_argnames: str | Iterable[str] | None = None,
 ) -> Callable[..., Any]:
     """Turn ``fn(params, *args, **kw)`` into ``g(base, stack, adapter_ids, *args, **kw)``.
 
@@ -496,6 +497,9 @@ def multi_lora(
     NaN. Base rows (id ``-1``) use no adapter's values at all, so a NaN/Inf in one
     adapter reaches only the rows (and gradients) that use it. ``on_fallback`` is as in
     :func:`lorax_fn.lora`; note that a fallback here forms one full weight per example.
+    Shared keyword arguments follow :func:`lorax_fn.lora`'s rule (floats traced; bools,
+    ints and strings static); ``static_argnames`` makes named ones static, e.g. a float
+    that drives Python control flow.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn
@@ -510,7 +514,7 @@ def multi_lora(
         raise LoraError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if method not in ("gather", "grouped", "auto"):
         raise LoraError(f"method must be 'gather', 'grouped' or 'auto', got {method!r}")
-    lora_fn = lora(fn, on_fallback=on_fallback)
+    lora_fn = lora(fn, on_fallback=on_fallback, static_argnames=static_argnames)
 
     def one_example(base: Any, tree: LoraTree, args: tuple, kwargs: dict) -> Any:
         if batch_of_one:

@@ -194,6 +194,27 @@ def test_multi_lora_with_a_float_keyword_argument():
     assert fn.traces == 1
 
 
+def test_multi_lora_passes_static_argnames_to_lora():
+    # A shared keyword float that drives Python control flow is marked static by name.
+    def repeated(p, x, times):
+        for _ in range(int(times)):
+            x = jnp.tanh(x @ p["w"])
+        return x
+
+    base, lt0 = adapted(shape=(5, 5))
+    _, lt1 = adapted(shape=(5, 5), seed=3)
+    stack = lorax_fn.stack_adapters([lt0, lt1])
+    x = jax.random.normal(jax.random.key(2), (2, 1, 5))
+    ids = jnp.array([1, 0])
+    with pytest.raises(lorax_fn.LoraError, match="static_argnames"):
+        lorax_fn.multi_lora(repeated)(base, stack, ids, x, times=2.0)
+    g = lorax_fn.multi_lora(repeated, static_argnames="times")
+    got = g(base, stack, ids, x, times=2.0)
+    for i, tree in enumerate([lt1, lt0]):
+        want = repeated(lorax_fn.merge(base, tree), x[i], 2.0)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
 def normalized(p, x):
     return (x @ p["w"]) / jnp.linalg.norm(p["w"])  # the norm has no factorized rule
 
