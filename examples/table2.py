@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 import lorax_fn  # noqa: E402
 from examples.bert import BertClassifier, BertConfig, init_classifier_params  # noqa: E402
 from examples.text_data import load_dataset, tokenize_examples  # noqa: E402
-from lorax_fn.quantize import Format, storage_bytes  # noqa: E402
+from lorax_fn.quant.quantized import Format, storage_bytes  # noqa: E402
 
 HEAD_PREFIX = "params/classifier/"
 HEAD = HEAD_PREFIX + "**"

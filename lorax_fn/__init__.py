@@ -8,24 +8,25 @@ Example:
     >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
 """
 
-from lorax_fn import analysis, dora, presets
+from lorax_fn import analysis
 from lorax_fn.accounting import ParamCount, count_params, summary
 from lorax_fn.checkpoint import (
     CheckpointDamaged,
     CheckpointInfo,
+    LoraCheckpointManager,
+    TrainState,
     checkpoint_info,
     restore,
     save,
 )
-from lorax_fn.checkpoint_manager import LoraCheckpointManager, TrainState
-from lorax_fn.combine import combine
+from lorax_fn.conventions import default_layout
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
-from lorax_fn.layouts import infer_layouts
 from lorax_fn.merge import check_fits, dora_norms, init_magnitudes, merge, unmerge
 from lorax_fn.multi import (
     AdapterSelection,
     AdapterStack,
+    combine,
     multi_lora,
     replace_adapter,
     select_adapters,
@@ -35,8 +36,8 @@ from lorax_fn.multi import (
 from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
 from lorax_fn.parallel import replicate, shard_batch, unreplicate
 from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
-from lorax_fn.peft import export_peft, import_peft
-from lorax_fn.quantize import (
+from lorax_fn.peft import export_peft, import_peft, presets
+from lorax_fn.quant import (
     QuantizedArray,
     bits_per_param,
     dequantize,
@@ -47,10 +48,10 @@ from lorax_fn.quantize import (
 )
 from lorax_fn.sharding import fsdp_shardings, lora_shardings, put_batch
 from lorax_fn.spec import LoraSpec
-from lorax_fn.split import LoraTree, default_layout, split
-from lorax_fn.transform import lora
-
-__version__ = "0.1.0"
+from lorax_fn.split import LoraTree, split
+from lorax_fn.transform import infer_layouts, lora
+from lorax_fn.variants import dora
+from lorax_fn.version import __version__
 
 __all__ = [
     "AdapterSelection",

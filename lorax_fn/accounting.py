@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from lorax_fn.factors import LoraFactors
-from lorax_fn.quantize import QuantizedArray, weight_leaves
+from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 
 
 @dataclasses.dataclass(frozen=True)

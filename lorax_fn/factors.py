@@ -90,7 +90,7 @@ class LoraFactors:
 
     ``magnitude`` is DoRA's trainable magnitude vector (``LoraSpec(use_dora=True)``):
     one entry per (batch, out) index of the weight, shape B's without the rank axis;
-    ``None`` for plain LoRA. See :mod:`lorax_fn.dora`. ``pissa`` (static) is set by
+    ``None`` for plain LoRA. See :mod:`lorax_fn.variants.dora`. ``pissa`` (static) is set by
     ``split(init="pissa")``: the record of the residual base these factors need
     (:mod:`lorax_fn.pissa`); ``None`` otherwise.
 

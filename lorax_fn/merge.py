@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn.dora import dora_weight, to_weight_axes, weight_norms
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
-from lorax_fn.quantize import QuantizedArray, weight_leaves
-from lorax_fn.routing import RoutedFactors
+from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
+from lorax_fn.variants.dora import dora_weight, to_weight_axes, weight_norms
 
 
 def check_fits(base: Any, lora: dict[str, Any]) -> None:
@@ -41,8 +40,6 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
     for path, entry in lora.items():
         leaf = leaves[path]
         shape, dtype = tuple(np.shape(leaf)), getattr(leaf, "dtype", None)
-        if isinstance(entry, RoutedFactors):
-            entry = entry.shapes()
         if isinstance(entry, LoraFactors):
             nb = len(entry.layout.batch_axes)
             a, b = np.shape(entry.a), np.shape(entry.b)
@@ -164,7 +161,7 @@ def merge(
 ) -> Any:
     """Params with the structure of ``base`` and ``W0 + scale·A·B`` in every adapted leaf.
 
-    A DoRA leaf becomes ``m·V/‖V‖_c`` with ``V = W0 + scale·A·B`` (:mod:`lorax_fn.dora`;
+    A DoRA leaf becomes ``m·V/‖V‖_c`` with ``V = W0 + scale·A·B`` (:mod:`lorax_fn.variants.dora`;
     the norm is a constant in the gradient, as in PEFT).
 
     Fully trainable leaves are replaced by their trained values. The update is

@@ -41,7 +41,7 @@ import numpy as np
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
-from lorax_fn.quantize import QuantizedArray, weight_leaves
+from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 
 PROBES = 64
 # How far (relative to the residual's norm) a base may be from the residual or the original

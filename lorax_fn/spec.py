@@ -71,7 +71,7 @@ class LoraSpec:
       use_dora: DoRA (PEFT's ``use_dora``): each adapted weight also gets a trainable
         magnitude per output column, ``W = m·(W0 + scale·A·B)/‖W0 + scale·A·B‖_c``,
         initialised to ``‖W0‖_c`` so the model starts equal to the base
-        (:mod:`lorax_fn.dora`).
+        (:mod:`lorax_fn.variants.dora`).
 
     Example:
         >>> spec = LoraSpec(targets=["**/query/kernel", "**/value/kernel"], rank=8,

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from jax.extend import core
 
 import lorax_fn
 from lorax_fn import LoraFactors
@@ -66,3 +68,37 @@ def assert_matches_merged(fn, base, lora_tree, *args, rtol=2e-5, atol=2e-5, **kw
                 err_msg=path,
             )
     return got
+
+
+def tainted_shapes(jaxpr: core.Jaxpr, tainted: list[bool]) -> list[tuple]:
+    """Shapes of every value computed from a tainted input, sub-jaxprs included."""
+    taint = {v: t for v, t in zip(jaxpr.invars, tainted, strict=True)}
+    shapes = []
+    for eqn in jaxpr.eqns:
+        hit = any(taint.get(v, False) for v in eqn.invars if not isinstance(v, core.Literal))
+        for sub in core.jaxprs_in_params(eqn.params):
+            n = len(sub.invars)
+            shapes += tainted_shapes(sub, [hit] * n)
+        for v in eqn.outvars:
+            taint[v] = hit
+            if hit:
+                shapes.append(tuple(v.aval.shape))
+    return shapes
+
+
+def compiled_flops(fn, *args) -> float:
+    """FLOPs of ``jax.jit(fn)`` compiled for ``args``, from XLA's cost analysis."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+class TiedLM(nn.Module):
+    """An embedding used for the lookup and, tied, for the output logits (``attend``)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(11, 8)
+        x = embed(ids)
+        x = nn.Dense(8)(jnp.tanh(x))
+        return embed.attend(x)

@@ -442,7 +442,9 @@ def test_dora_merge_equals_the_definition_in_value_and_gradient(stacked):
         )
     # The column norms of the merged weight are the magnitudes.
     merged = lorax_fn.merge(base, lt)["w"]
-    np.testing.assert_allclose(lorax_fn.dora.column_norms(merged, f.layout), f.magnitude, rtol=1e-5)
+    np.testing.assert_allclose(
+        lorax_fn.variants.dora.column_norms(merged, f.layout), f.magnitude, rtol=1e-5
+    )
 
 
 def test_dora_norms_without_the_merged_weight_and_on_transposed_layouts():
@@ -455,8 +457,8 @@ def test_dora_norms_without_the_merged_weight_and_on_transposed_layouts():
     f = randomize_b(lt, std=0.7)["w"]
     v = w0 + lorax_fn.delta(f)
     want = jnp.sqrt(jnp.sum(v * v, axis=2)).T  # (stack, out)
-    np.testing.assert_allclose(lorax_fn.dora.weight_norms(w0, f), want, rtol=1e-5)
-    np.testing.assert_allclose(lorax_fn.dora.column_norms(v, layout), want, rtol=1e-6)
+    np.testing.assert_allclose(lorax_fn.variants.dora.weight_norms(w0, f), want, rtol=1e-5)
+    np.testing.assert_allclose(lorax_fn.variants.dora.column_norms(v, layout), want, rtol=1e-6)
     merged = lorax_fn.merge(base, {"w": f})["w"]
     np.testing.assert_allclose(merged, v * (f.magnitude / want).T[:, :, None], rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,650 @@
+"""The on-disk format of lorax_fn checkpoints and its validation.
+
+A checkpoint directory holds orbax items only: ``lora`` (the factor arrays ``a``,
+``b`` and, for a DoRA adapter, its ``magnitude``, keyed by entry index because LoRA
+paths contain ``/``), optionally ``opt_state`` (the optimizer state's leaves, keyed
+by leaf index), optionally ``extra`` (chosen base leaves such as ``batch_stats``,
+keyed by index) and ``lorax_fn`` (JSON metadata:
+the spec, each entry's static fields, a fingerprint of the base leaves it was
+made for, a SHA-256 of every array, the library version, and a SHA-256 of the
+metadata itself). Nothing is ever unpickled: arrays go through orbax's standard
+(tensorstore) handler, the rest is JSON. orbax checksums neither array data nor
+metadata, which is why both carry SHA-256 digests. A digest covers the whole
+global array, so any process layout can verify what it reads: an array that is
+not fully addressable (sharded over several processes) is gathered to every
+process for hashing, which LoRA-sized arrays afford.
+
+This module turns a LoRA tree into those items and back, and validates the
+metadata (and, given a base, the adapter's fit to it) before any array is read;
+:mod:`lorax_fn.checkpoint.io` and :mod:`lorax_fn.checkpoint.manager` do the I/O,
+:mod:`lorax_fn.checkpoint.extra` handles the ``extra`` item and
+:mod:`lorax_fn.checkpoint.errors` tells damaged files from other read failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lorax_fn.errors import LoraError
+from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.paths import compile_filter
+from lorax_fn.pissa import PROBES, PissaRecord, check_base
+from lorax_fn.quant.quantized import weight_leaves
+from lorax_fn.spec import LoraSpec
+from lorax_fn.version import __version__
+
+FORMAT = "lorax_fn.checkpoint"
+# 2: the metadata carries its own SHA-256 and may list `extra` base leaves. Version-1
+# checkpoints (no metadata digest) are still read.
+# 3: a factors entry may carry a DoRA magnitude. Only a tree with DoRA entries is written
+# as 3, so that a lorax_fn that predates DoRA refuses it (it would drop the magnitude
+# and restore plain LoRA) while still reading every plain-LoRA checkpoint.
+FORMAT_VERSION = 3
+_PLAIN_VERSION = 2
+# The arrays of a factors entry in the `lora` item, DoRA's magnitude last.
+FACTOR_ROLES = ("a", "b", "magnitude")
+# The names of the orbax items in a checkpoint directory (see the module docstring).
+LORA_ITEM, OPT_ITEM, META_ITEM, EXTRA_ITEM = "lora", "opt_state", "lorax_fn", "extra"
+
+
+class CheckpointDamaged(LoraError):
+    """A checkpoint whose files are truncated, corrupted or edited (not a caller error).
+
+    :meth:`lorax_fn.LoraCheckpointManager.restore` with ``fallback=True`` skips steps
+    that raise it.
+
+    Example:
+        >>> issubclass(CheckpointDamaged, LoraError)
+        True
+    """
+
+
+Shardings = (
+    jax.sharding.Sharding | Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
+)
+"""Where restored arrays go: ``None`` (this process's first local device); one ``Sharding``
+for every array; ``{path: Sharding | LoraFactors-of-Shardings}`` covering every entry (what
+:func:`lorax_fn.lora_shardings` and ``jax.tree.map(lambda x: x.sharding, lora_tree)``
+return); or a function from the abstract LoRA tree (``LoraFactors`` of
+``jax.ShapeDtypeStruct``) to such a dict, e.g.
+``lambda lt: lorax_fn.lora_shardings(lt, base_shardings)``."""
+
+
+def checkpoint_path(directory: str | os.PathLike) -> Path:
+    """The absolute path of a checkpoint directory, with ``~`` expanded.
+
+    Example:
+        >>> checkpoint_path("~/adapter").is_absolute()
+        True
+    """
+    return Path(directory).expanduser().absolute()
+
+
+# ---------------------------------------------------------------------------
+# Metadata: built from a LoRA tree at save time, checked before anything is read.
+
+
+def _digest(x: Any) -> str:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        # Every process takes part (save and restore run on all of them, in the same
+        # order), so each one hashes the whole global array and verifies all of it.
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def array_info(x: Any) -> dict[str, Any]:
+    """The metadata recorded for one array: shape, dtype name and SHA-256.
+
+    Example:
+        >>> import numpy as np
+        >>> array_info(np.zeros((2, 3), np.float32))
+        {'shape': [2, 3], 'dtype': 'float32', 'sha256': '...'}
+    """
+    return {"shape": list(np.shape(x)), "dtype": np.dtype(x.dtype).name, "sha256": _digest(x)}
+
+
+def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """``{path: (shape, dtype)}`` of every leaf; concrete or abstract leaves both work.
+
+    A :class:`lorax_fn.QuantizedArray` is one leaf, described by the float array it
+    stands for (as :func:`lorax_fn.merge` checks it), not by its stored codes.
+
+    Example:
+        >>> import numpy as np
+        >>> leaf_specs({"w": np.zeros((2, 3), np.float32), "n": 1.0})
+        {'n': ((), None), 'w': ((2, 3), 'float32')}
+        >>> import jax.numpy as jnp, lorax_fn
+        >>> leaf_specs({"q": lorax_fn.quantize(jnp.ones((2, 64), jnp.bfloat16))})
+        {'q': ((2, 64), 'bfloat16')}
+    """
+    out = {}
+    for path, leaf in weight_leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        out[path] = (tuple(np.shape(leaf)), None if dtype is None else np.dtype(dtype).name)
+    return out
+
+
+def _fingerprint(base_leaves: list[dict[str, Any]]) -> str:
+    canonical = json.dumps(base_leaves, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(
+        json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def seal(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as it will read back from JSON, with the SHA-256 of everything else added.
+
+    Call it last, once every field is set; :func:`check_entries` refuses metadata whose
+    digest does not match (an edited ``scale``, ``spec``, ``step`` ...).
+
+    Example:
+        >>> sealed = seal({"scale": 2.0, "key": (1, 2)})
+        >>> sealed["key"], len(sealed["metadata_sha256"])
+        ([1, 2], 64)
+    """
+    meta = json.loads(json.dumps(meta))  # the digest must be of what is read back
+    return meta | {"metadata_sha256": _meta_digest(meta)}
+
+
+def encode(
+    lora_tree: Mapping[str, Any],
+    spec: LoraSpec | None,
+    base_leaves: Mapping[str, tuple[tuple[int, ...], str | None]] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The orbax array tree and the JSON metadata of ``lora_tree``, validated.
+
+    ``base_leaves`` (from :func:`leaf_specs`) supplies the dtypes for the fingerprint
+    and checks that the tree fits that base; ``None`` records dtypes as unknown.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> arrays, meta = encode({"w": f}, None, None)
+        >>> sorted(arrays["0"]), meta["base_leaves"]
+        (['a', 'b'], [{'path': 'w', 'shape': [4, 3], 'dtype': None}])
+        >>> dora = LoraFactors(f.a, f.b, 0.5, f.layout, magnitude=np.ones(3, np.float32))
+        >>> arrays, meta = encode({"w": dora}, None, None)
+        >>> sorted(arrays["0"]), meta["entries"][0]["magnitude"]["shape"], meta["format_version"]
+        (['a', 'b', 'magnitude'], [3], 3)
+    """
+    if not isinstance(lora_tree, Mapping) or not lora_tree:
+        raise LoraError(
+            f"expected a non-empty LoRA tree {{path: factors | array}}, got "
+            f"{type(lora_tree).__name__} {lora_tree!r:.80}"
+        )
+    arrays: dict[str, Any] = {}
+    entries, fingerprint = [], []
+    for i, path in enumerate(sorted(lora_tree)):
+        entry = lora_tree[path]
+        if isinstance(entry, LoraFactors):
+            arrays[str(i)] = {"a": entry.a, "b": entry.b}
+            info = {
+                "path": path,
+                "kind": "factors",
+                "scale": float(entry.scale),
+                "dropout": float(entry.dropout),
+                "layout": entry.layout.to_json(),
+                "a": array_info(entry.a),
+                "b": array_info(entry.b),
+            }
+            if entry.is_dora:  # plain entries have no key, exactly as before DoRA
+                arrays[str(i)]["magnitude"] = entry.magnitude
+                info["magnitude"] = array_info(entry.magnitude)
+            if entry.pissa is not None:  # nor do entries without a PiSSA record
+                info["pissa"] = entry.pissa.to_json()
+            entries.append(info)
+            shape, dtype = entry.weight_shape, None
+        elif hasattr(entry, "shape") and hasattr(entry, "dtype"):
+            arrays[str(i)] = entry
+            entries.append({"path": path, "kind": "array", "array": array_info(entry)})
+            shape, dtype = tuple(np.shape(entry)), np.dtype(entry.dtype).name
+        else:
+            raise LoraError(
+                f"{path}: a LoRA tree entry must be LoraFactors or an array, "
+                f"got {type(entry).__name__}"
+            )
+        if base_leaves is not None:
+            if path not in base_leaves:
+                raise LoraError(f"{path}: not a leaf of the given base")
+            shape, dtype = base_leaves[path]
+        fingerprint.append({"path": path, "shape": list(shape), "dtype": dtype})
+    try:
+        spec_json = None if spec is None else spec.to_json()
+    except LoraError:
+        spec_json = None  # callable filters: the adapter is still usable, the spec is not stored
+    dora = any("magnitude" in e for e in entries)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if dora else _PLAIN_VERSION,
+        "library_version": __version__,
+        "spec": spec_json,
+        "entries": entries,
+        "base_leaves": fingerprint,
+        "base_fingerprint": _fingerprint(fingerprint),
+    }
+    check_entries(meta, "the LoRA tree", sealed=False)
+    if spec_json is not None:
+        check_spec(meta, spec_json, "the LoRA tree", "the spec given with it")
+    if base_leaves is not None:
+        check_against_base(meta, base_leaves, "the LoRA tree")
+    return arrays, meta
+
+
+def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
+    """Refuse entries that contradict a spec: targets, trained leaves, rank, scale, dropout,
+    DoRA, and a PiSSA record under another ``init``.
+
+    A checkpoint stores one spec for its tree, so the two must agree: a rank-2 tree
+    saved with ``LoraSpec(rank=8)`` would otherwise restore under a spec it was not
+    made with, and a plain adapter under ``use_dora=True`` (or the reverse) would
+    resume training a different model.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 1.0, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> check_spec(meta, LoraSpec("w", rank=1).to_json(), "the tree", "its spec")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the tree contradicts its spec:
+          w: rank 2, the spec says 1
+    """
+    spec = LoraSpec.from_json(spec_json)
+
+    def selects(filters: tuple[Any, ...], path: str) -> bool:
+        return any(compile_filter(f)(path, None) for f in filters)
+
+    problems = []
+    for e in meta["entries"]:
+        path = e["path"]
+        if e["kind"] == "array":
+            if not selects(spec.trainable, path):
+                problems.append(f"{path}: trained in full, but not in the spec's trainable")
+            continue
+        if not selects(spec.targets, path) or selects(spec.exclude, path):
+            problems.append(f"{path}: has factors, but the spec does not target it")
+            continue
+        rank, want_rank = e["a"]["shape"][-1], spec.rank_for(path)
+        if rank != want_rank:
+            problems.append(f"{path}: rank {rank}, the spec says {want_rank}")
+        elif not np.isclose(e["scale"], spec.scale_for(path), rtol=1e-6, atol=0):
+            problems.append(f"{path}: scale {e['scale']:g}, the spec says {spec.scale_for(path):g}")
+        if not np.isclose(e["dropout"], spec.dropout, rtol=1e-6, atol=0):
+            problems.append(f"{path}: dropout {e['dropout']:g}, the spec says {spec.dropout:g}")
+        if ("magnitude" in e) != spec.use_dora:
+            kind = "a DoRA adapter (it has a magnitude)" if "magnitude" in e else "plain LoRA"
+            problems.append(f"{path}: {kind}, the spec says use_dora={spec.use_dora}")
+        if "pissa" in e and spec.init != "pissa":
+            problems.append(f"{path}: made by init='pissa', the spec says init={spec.init!r}")
+    if problems:
+        raise LoraError(f"{where} contradicts {whose}:\n  " + "\n  ".join(problems))
+
+
+def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> None:
+    """Raise unless the metadata is well formed, untouched and each entry's shapes agree.
+
+    ``where`` names the checkpoint in the error message; ``sealed=False`` skips the
+    metadata digest (for metadata being built, before :func:`seal`). Damage raises
+    :class:`CheckpointDamaged`.
+
+    Example:
+        >>> check_entries({"format": "other"}, "/tmp/x")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: /tmp/x: not a lorax_fn checkpoint (format 'other')
+    """
+    try:
+        if meta.get("format") != FORMAT:
+            raise LoraError(f"not a lorax_fn checkpoint (format {meta.get('format')!r})")
+        if int(meta["format_version"]) > FORMAT_VERSION:
+            raise LoraError(
+                f"written by lorax_fn {meta.get('library_version')} in format version "
+                f"{meta['format_version']}; this lorax_fn {__version__} reads up to "
+                f"{FORMAT_VERSION}"
+            )
+        if (
+            sealed
+            and ("metadata_sha256" in meta or int(meta["format_version"]) >= 2)
+            and meta.get("metadata_sha256") != _meta_digest(meta)
+        ):
+            raise CheckpointDamaged(
+                "its metadata does not match the SHA-256 recorded with it: it was edited "
+                "or corrupted after it was written"
+            )
+        base = {b["path"]: b for b in meta["base_leaves"]}
+        if sorted(base) != sorted(e["path"] for e in meta["entries"]):
+            raise LoraError("base_leaves and entries name different paths")
+        for e in meta["entries"]:
+            path = e["path"]
+            shape = tuple(base[path]["shape"])
+            if e["kind"] == "factors":
+                layout = Layout(**e["layout"])
+                layout.check(path, shape)
+                a, b = tuple(e["a"]["shape"]), tuple(e["b"]["shape"])
+                expected = layout.shapes(shape, a[-1] if a else 0)
+                if (a, b) != expected:
+                    raise LoraError(
+                        f"{path}: A {a} and B {b} do not fit a weight of shape "
+                        f"{shape} with {layout} (expected {expected})"
+                    )
+                if "magnitude" in e:
+                    m = tuple(e["magnitude"]["shape"])
+                    nb = len(layout.batch_axes)
+                    want_m = expected[1][:nb] + expected[1][nb + 1 :]  # B's, less the rank
+                    if m != want_m:
+                        raise LoraError(
+                            f"{path}: DoRA magnitude {m} does not fit a weight of shape "
+                            f"{shape} with {layout} (expected {want_m})"
+                        )
+                if not all(isinstance(e[k], int | float) for k in ("scale", "dropout")):
+                    raise LoraError(f"{path}: scale/dropout must be numbers")
+                if "pissa" in e:
+                    record = PissaRecord.from_json(e["pissa"])
+                    if {len(record.original), len(record.residual)} != {PROBES}:
+                        raise ValueError(f"{path}: a PiSSA record of {PROBES} probes expected")
+            elif e["kind"] == "array":
+                info, dtype = e["array"], base[path]["dtype"]
+                if tuple(info["shape"]) != shape or dtype not in (None, info["dtype"]):
+                    raise LoraError(
+                        f"{path}: trainable array {tuple(info['shape'])} "
+                        f"{info['dtype']} does not match the base leaf {shape} "
+                        f"{dtype}"
+                    )
+            else:
+                raise LoraError(f"{path}: unknown entry kind {e['kind']!r}")
+        if meta["spec"] is not None:
+            LoraSpec.from_json(meta["spec"])
+    except LoraError as err:
+        raise type(err)(f"{where}: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointDamaged(
+            f"{where}: malformed lorax_fn metadata ({type(err).__name__}: {err})"
+        ) from None
+
+
+def spec_paths(spec: LoraSpec, leaves: Iterable[str]) -> set[str]:
+    """The paths among ``leaves`` that ``spec`` would target or train in full.
+
+    Example:
+        >>> sorted(spec_paths(LoraSpec("*/kernel", exclude="head/*"), ["a/kernel", "head/kernel"]))
+        ['a/kernel']
+    """
+    paths = list(leaves)
+
+    def hit(filters: tuple[Any, ...]) -> set[str]:
+        predicates = [compile_filter(f) for f in filters]
+        return {p for p in paths if any(match(p, None) for match in predicates)}
+
+    return (hit(spec.targets) | hit(spec.trainable)) - hit(spec.exclude)
+
+
+def check_against_base(
+    meta: dict[str, Any],
+    base_leaves: Mapping[str, tuple[tuple[int, ...], str | None]],
+    where: str,
+) -> None:
+    """Refuse an adapter made for a different base, naming every offending path.
+
+    The rules are :func:`lorax_fn.merge`'s: every path must be in the base with the
+    recorded shape. Factors are dtype-agnostic (the base weight only has to be
+    floating: an adapter trained on a float32 base fits its bfloat16 copy), while a
+    leaf trained in full replaces its base leaf and must have its dtype. No base leaf
+    that the stored spec selects may be missing from the adapter.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> check_against_base(meta, {"w": ((4, 5), "float32")}, "the adapter")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the adapter was made for a different base:
+          w: made for shape (4, 3), the base has (4, 5)
+    """
+    problems = []
+    recorded = {b["path"]: b for b in meta["base_leaves"]}
+    entries = {e["path"]: e for e in meta["entries"]}
+    if missing := sorted(set(recorded) - set(base_leaves)):
+        problems.append(f"paths not in the base: {missing}")
+    for path in sorted(set(recorded) & set(base_leaves)):
+        shape, dtype = base_leaves[path]
+        want_shape = tuple(recorded[path]["shape"])
+        if shape != want_shape:
+            problems.append(f"{path}: made for shape {want_shape}, the base has {shape}")
+        elif entries[path]["kind"] == "array":
+            if dtype != entries[path]["array"]["dtype"]:
+                problems.append(
+                    f"{path}: trained in full as {entries[path]['array']['dtype']}, "
+                    f"the base has {dtype}"
+                )
+        elif dtype is None or not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+            problems.append(f"{path}: adapted weight, the base has non-floating dtype {dtype}")
+    selected = (
+        set() if meta["spec"] is None else spec_paths(LoraSpec.from_json(meta["spec"]), base_leaves)
+    )
+    if extra := sorted(selected - set(recorded)):
+        problems.append(f"base paths its spec selects but it lacks: {extra}")
+    if problems:
+        raise LoraError(f"{where} was made for a different base:\n  " + "\n  ".join(problems))
+
+
+def _record(entry: dict[str, Any]) -> PissaRecord | None:
+    return PissaRecord.from_json(entry["pissa"]) if "pissa" in entry else None
+
+
+def check_pissa_base(
+    meta: dict[str, Any], base: Any, where: str, *, sketches: bool = False
+) -> None:
+    """Refuse a base that holds the original weights of the checkpoint's PiSSA factors.
+
+    The rule is :func:`lorax_fn.pissa.check_base`'s, on the records saved with each entry;
+    ``base`` is a base tree or, with ``sketches=True``, its sketches by path. Factors
+    whose stored spec says ``init="pissa"`` but that carry no record (saved before
+    lorax_fn recorded one, or split under a JAX transformation) cannot be checked, and
+    a warning names them.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn
+        >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+        >>> spec = lorax_fn.LoraSpec("w", rank=2, init="pissa")
+        >>> residual, lt = lorax_fn.split(params, spec, key=jax.random.key(1))
+        >>> _, meta = encode(lt, spec, None)
+        >>> check_pissa_base(meta, residual, "the adapter")
+        >>> check_pissa_base(meta, params, "the adapter")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.errors.LoraError: the adapter is a PiSSA adapter, made for the residual ...
+    """
+    factors = [e for e in meta["entries"] if e["kind"] == "factors"]
+    pissa_spec = (meta["spec"] or {}).get("init") == "pissa"
+    if pissa_spec and (unchecked := [e["path"] for e in factors if "pissa" not in e]):
+        warnings.warn(
+            f"PiSSA factors {unchecked} carry no record of the residual base they were "
+            "made for (saved by an older lorax_fn, or split under a JAX transformation): "
+            "whether the base given is that residual cannot be checked",
+            UserWarning,
+            stacklevel=3,
+        )
+    records = {e["path"]: _record(e) for e in factors if "pissa" in e}
+    check_base(records, base, where, sketches=sketches)
+
+
+# ---------------------------------------------------------------------------
+# Restoring: abstract trees that tell orbax what to read and where, then verification.
+
+
+def _sharding(
+    shardings: Shardings, path: str, role: str | None, shape: tuple[int, ...]
+) -> jax.sharding.Sharding:
+    if shardings is None:
+        return default_sharding()
+    what = {None: "the array", "a": "A", "b": "B", "magnitude": "the DoRA magnitude"}[role]
+    if isinstance(shardings, jax.sharding.Sharding):
+        s = shardings
+    else:
+        if path not in shardings:
+            raise LoraError(f"shardings has no entry for {path!r}")
+        s = shardings[path]
+        if role is not None and not isinstance(s, jax.sharding.Sharding):
+            s = getattr(s, role, None)
+    if not isinstance(s, jax.sharding.Sharding):
+        raise LoraError(f"{path}: expected a jax.sharding.Sharding for {what}, got {s!r}")
+    try:
+        s.shard_shape(shape)
+    except ValueError as err:
+        raise LoraError(
+            f"{path}: sharding {s} does not fit {what} of shape {shape}: {err}"
+        ) from None
+    return s
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where arrays go when no sharding is given: this process's first local device.
+
+    (``jax.devices()[0]`` would be process 0's device, which other processes cannot hold.)
+
+    Example:
+        >>> default_sharding().device_set == {jax.local_devices()[0]}
+        True
+    """
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA tree the checkpoint holds, with ``jax.ShapeDtypeStruct`` for arrays."""
+
+    def sds(info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))
+
+    return {
+        e["path"]: LoraFactors(
+            sds(e["a"]),
+            sds(e["b"]),
+            e["scale"],
+            Layout(**e["layout"]),
+            e["dropout"],
+            sds(e["magnitude"]) if "magnitude" in e else None,
+            _record(e),
+        )
+        if e["kind"] == "factors"
+        else sds(e["array"])
+        for e in meta["entries"]
+    }
+
+
+def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
+    """The orbax restore target for the ``lora`` item: placed ``jax.ShapeDtypeStruct`` s.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> _, meta = encode({"w": f}, None, None)
+        >>> target = abstract_lora(meta, None)  # None: a local device
+        >>> target["0"]["a"].shape, target["0"]["b"].shape
+        ((4, 2), (2, 3))
+    """
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(_abstract_tree(meta))
+    if isinstance(shardings, Mapping) and (
+        extra := sorted(set(shardings) - {e["path"] for e in meta["entries"]})
+    ):
+        raise LoraError(f"shardings name paths the checkpoint does not have: {extra}")
+
+    def sds(path: str, role: str | None, info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+        shape = tuple(info["shape"])
+        return jax.ShapeDtypeStruct(
+            shape, np.dtype(info["dtype"]), sharding=_sharding(shardings, path, role, shape)
+        )
+
+    out = {}
+    for i, e in enumerate(meta["entries"]):
+        if e["kind"] == "factors":
+            out[str(i)] = {r: sds(e["path"], r, e[r]) for r in FACTOR_ROLES if r in e}
+        else:
+            out[str(i)] = sds(e["path"], None, e["array"])
+    return out
+
+
+def verify_array(path: str, info: dict[str, Any], x: Any, where: str) -> None:
+    """Raise unless ``x`` has the shape, dtype and SHA-256 that :func:`array_info` recorded.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.zeros((2,), np.float32)
+        >>> verify_array("w", array_info(x), x + 1, "the checkpoint")
+        Traceback (most recent call last):
+        ...
+        lorax_fn.checkpoint.format.CheckpointDamaged: the checkpoint: w is corrupted (its ...
+    """
+    if tuple(np.shape(x)) != tuple(info["shape"]) or np.dtype(x.dtype).name != info["dtype"]:
+        raise CheckpointDamaged(
+            f"{where}: {path} restored as {np.shape(x)} {x.dtype}, the metadata "
+            f"says {tuple(info['shape'])} {info['dtype']}"
+        )
+    # Format 1 wrote no digest for arrays sharded over several processes.
+    if info.get("sha256") is not None and _digest(x) != info["sha256"]:
+        raise CheckpointDamaged(
+            f"{where}: {path} is corrupted (its SHA-256 does not match the one "
+            "recorded at save time)"
+        )
+
+
+def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Rebuild the exact LoRA tree (same static fields) and verify every array.
+
+    Example:
+        >>> import numpy as np
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> f = LoraFactors(np.ones((4, 2), np.float32), np.zeros((2, 3), np.float32),
+        ...                 0.5, Layout((0,), (1,)))
+        >>> arrays, meta = encode({"w": f}, None, None)
+        >>> decode(meta, arrays, "the checkpoint")
+        {'w': LoraFactors(a=float32[4, 2], b=float32[2, 3], scale=0.5, layout=...)}
+    """
+    tree: dict[str, Any] = {}
+    for i, e in enumerate(meta["entries"]):
+        path, item = e["path"], arrays[str(i)]
+        if e["kind"] == "factors":
+            verify_array(f"{path} (A)", e["a"], item["a"], where)
+            verify_array(f"{path} (B)", e["b"], item["b"], where)
+            magnitude = None
+            if "magnitude" in e:
+                magnitude = item["magnitude"]
+                verify_array(f"{path} (DoRA magnitude)", e["magnitude"], magnitude, where)
+            tree[path] = LoraFactors(
+                item["a"],
+                item["b"],
+                e["scale"],
+                Layout(**e["layout"]),
+                e["dropout"],
+                magnitude,
+                _record(e),
+            )
+        else:
+            verify_array(path, e["array"], item, where)
+            tree[path] = item
+    return tree
