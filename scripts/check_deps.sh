@@ -26,4 +26,4 @@ echo "oldest allowed versions:"
 .venv-deps/bin/uv pip list --python .venv-deps/bin/python 2>/dev/null |
     grep -Ei '^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|numpy|safetensors) '
 .venv-deps/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_core.py tests/test_optim.py tests/test_checkpoint.py tests/test_peft.py
+    tests/test_core.py tests/test_optim.py tests/checkpoint/test_checkpoint.py tests/peft/test_peft.py
