@@ -13,7 +13,7 @@ machine hits them all):
 - ``multi``: ``lorax_fn.multi_lora(apply, batch_of_one=False)`` over an N-adapter stack —
   per-request factors gathered, one program for any N;
 - ``multi/chunkK``: the same with ``chunk_size=K`` (``--chunk``);
-- ``multi/preselected``: the same step given ``lorax_fn.select_adapters(stack, ids)``,
+- ``multi/preselected``: the same step given ``lorax_fn.multi.select_adapters(stack, ids)``,
   made once before the timed calls, as a Python-driven decode loop would reuse it;
 - ``multi/grouped``: ``multi_lora(..., method="grouped")``: requests sorted by adapter,
   the low-rank products as two ``lax.ragged_dot`` over adapter groups (SGMV / Punica),
@@ -36,7 +36,7 @@ a whole decode loop XLA hoists it out of the ``lax.scan`` (in the compiled
 the loop pays it once per generation; a jitted step called once per token pays it
 every time, unless it is given a selection (``multi/preselected``).
 
-Also checks that replacing an adapter (``lorax_fn.replace_adapter``) does not recompile
+Also checks that replacing an adapter (``lorax_fn.multi.replace_adapter``) does not recompile
 the decode step (a counter inside the traced function). Prints JSON lines, then a table.
 
     python benchmarks/decode.py [--batch 64] [--repeats 10] [--targets qv]
@@ -151,7 +151,9 @@ def main() -> None:
     ids = {n: jnp.arange(b, dtype=jnp.int32) % n for n in args.adapters}
 
     base_bytes = sum(
-        x.size for p, x in lorax_fn.leaves_with_paths(variables) if not p.endswith("embedding")
+        x.size
+        for p, x in lorax_fn.paths.leaves_with_paths(variables)
+        if not p.endswith("embedding")
     )
     adapter_bytes = sum(f.a.size + f.b.size for f in trees[0].values())
 
@@ -169,7 +171,9 @@ def main() -> None:
     prompts = jax.random.randint(jax.random.key(2), (b, args.prompt), 0, config.vocab)
     start = jnp.zeros((b,), jnp.int32)
 
-    selections = {n: jax.jit(lorax_fn.select_adapters)(stacks[n], ids[n]) for n in args.adapters}
+    selections = {
+        n: jax.jit(lorax_fn.multi.select_adapters)(stacks[n], ids[n]) for n in args.adapters
+    }
 
     def weights(method: str, n: int):
         if method == "merged":
@@ -276,7 +280,7 @@ def main() -> None:
     # Hot swap: a new adapter in slot 0 of the largest stack, then the same decode step.
     n = max(args.adapters)
     before = TRACES["multi_step"]
-    swapped = lorax_fn.replace_adapter(stacks[n], 0, spare)
+    swapped = lorax_fn.multi.replace_adapter(stacks[n], 0, spare)
     call = runner(fns["multi"], (base, swapped, ids[n]), token, cache, pos)
     jax.block_until_ready(call())
     swap = {"benchmark": "hot swap", "adapters": n, "recompiles": TRACES["multi_step"] - before}

@@ -70,7 +70,9 @@ def measure(
     extra = 0
     if config == "houlsby":
         extra = sum(
-            x.size for path, x in lorax_fn.leaves_with_paths(variables) if "/adapter_" in f"/{path}"
+            x.size
+            for path, x in lorax_fn.paths.leaves_with_paths(variables)
+            if "/adapter_" in f"/{path}"
         )
         n_base -= extra
     if config in ("base", "houlsby"):

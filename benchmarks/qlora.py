@@ -90,10 +90,10 @@ def bytes_rows() -> list[dict]:
     targeted = {
         p
         for f in ATTENTION_AND_MLP
-        for p, _ in lorax_fn.leaves_with_paths(params)
+        for p, _ in lorax_fn.paths.leaves_with_paths(params)
         if compile_filter(f)(p, None)
     }
-    n_target = sum(x.size for p, x in lorax_fn.leaves_with_paths(params) if p in targeted)
+    n_target = sum(x.size for p, x in lorax_fn.paths.leaves_with_paths(params) if p in targeted)
     weight = jnp.asarray(
         0.02 * np.random.default_rng(0).standard_normal((ONE_B.d, 4 * ONE_B.d), np.float32),
         jnp.bfloat16,
@@ -145,7 +145,7 @@ def minilm_rows() -> list[dict]:
     targets = "params/encoder/**/kernel"
     kernels = {
         p: np.asarray(x, np.float64)
-        for p, x in lorax_fn.leaves_with_paths(variables)
+        for p, x in lorax_fn.paths.leaves_with_paths(variables)
         if compile_filter(targets)(p, x)
     }
     reference = sentence_embedding(variables, SENTENCES, max_len=32)
@@ -160,7 +160,7 @@ def minilm_rows() -> list[dict]:
             )
         else:
             back = dequantize_base(quantize_base(variables, targets, **kwargs))
-        got = dict(lorax_fn.leaves_with_paths(back))
+        got = dict(lorax_fn.paths.leaves_with_paths(back))
         err2 = {
             p: float(np.sum((np.asarray(got[p], np.float64) - w) ** 2)) for p, w in kernels.items()
         }

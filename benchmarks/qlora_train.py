@@ -57,7 +57,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
     def apply(base, lt, ids):
         if config == "nf4_whole":
-            base = lorax_fn.dequantize_base(base)
+            base = lorax_fn.quant.dequantize_base(base)
         return lora_apply(base, lt, ids)
 
     tx = lorax_fn.optimizer(optax.adam(1e-4), lt)

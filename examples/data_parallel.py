@@ -98,25 +98,25 @@ def train_single(data: list, seed: int = 0) -> tuple[Any, list[float]]:
 def train_pmap(data: list, seed: int = 0) -> tuple[Any, list[float]]:
     model, base, lt, tx = setup(seed)
     step = jax.pmap(make_step(model.apply, tx, "batch"), axis_name="batch", donate_argnums=(1, 2))
-    base, lt, opt_state = lorax_fn.replicate((base, lt, tx.init(lt)))
+    base, lt, opt_state = lorax_fn.parallel.replicate((base, lt, tx.init(lt)))
     losses = []
     for x, y in data:
-        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.shard_batch((x, y)))
+        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.parallel.shard_batch((x, y)))
         losses.append(float(loss[0]))
-    return lorax_fn.unreplicate(lt), losses
+    return lorax_fn.parallel.unreplicate(lt), losses
 
 
 def train_sharded(data: list, seed: int = 0) -> tuple[Any, list[float]]:
     model, base, lt, tx = setup(seed)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    base_shardings = lorax_fn.fsdp_shardings(base, mesh, "data")
+    base_shardings = lorax_fn.sharding.fsdp_shardings(base, mesh, "data")
     base = jax.device_put(base, base_shardings)
     lt = jax.device_put(lt, lorax_fn.lora_shardings(lt, base_shardings))
     step = jax.jit(make_step(model.apply, tx), donate_argnums=(1, 2))
     # Eager init: zeros_like keeps each factor's sharding (under jit it would be a constant).
     opt_state, losses = tx.init(lt), []
     for x, y in data:
-        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.put_batch((x, y), mesh))
+        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.sharding.put_batch((x, y), mesh))
         losses.append(float(loss))
     return lt, losses
 

@@ -140,7 +140,9 @@ def main(pretrain_steps: int = 300, lora_steps: int = 300) -> dict[str, float]:
     base_diff = max(
         float(jnp.max(jnp.abs(restored_leaf - base_leaf)))
         for (path, restored_leaf), (_, base_leaf) in zip(
-            lorax_fn.leaves_with_paths(restored), lorax_fn.leaves_with_paths(base), strict=True
+            lorax_fn.paths.leaves_with_paths(restored),
+            lorax_fn.paths.leaves_with_paths(base),
+            strict=True,
         )
         if not path.startswith("params/head")
     )

@@ -4,12 +4,12 @@ A small Llama-style causal decoder (RoPE as in Hugging Face's Llama, grouped-que
 attention, RMSNorm, a SwiGLU MLP; modules named ``q_proj``/``k_proj``/``v_proj``/``o_proj``
 and ``gate_proj``/``up_proj``/``down_proj``) with a preallocated KV cache: one prefill of
 the (right-padded) prompts, then one token per step in a ``lax.scan``. Every request picks
-an adapter of an :class:`lorax_fn.AdapterStack` (or ``-1``: the base model) and
+an adapter of an :class:`lorax_fn.multi.AdapterStack` (or ``-1``: the base model) and
 ``lorax_fn.multi_lora`` runs the whole batch at once. The script checks that
 
 1. the mixed batch gives, per request, the same greedy tokens (and logits to 1e-4) as
    that request run alone on its merged model (``lorax_fn.merge`` then the plain model);
-2. replacing an adapter with ``lorax_fn.replace_adapter`` does not recompile (a counter
+2. replacing an adapter with ``lorax_fn.multi.replace_adapter`` does not recompile (a counter
    in the traced function counts traces), and the swapped adapter takes effect.
 
 About 20 s of CPU time, mostly compiling:
@@ -213,7 +213,7 @@ def init_params(config: Config, seed: int) -> dict:
 def adapter_forward(
     config: Config,
     base: Any,
-    stack: lorax_fn.AdapterStack,
+    stack: lorax_fn.multi.AdapterStack,
     adapter_ids: jax.Array,
     chunk_size: int | None = None,
 ) -> Forward:
@@ -292,7 +292,7 @@ def generate(
 def generate_with_adapters(
     config: Config,
     base: Any,
-    stack: lorax_fn.AdapterStack,
+    stack: lorax_fn.multi.AdapterStack,
     adapter_ids: jax.Array,
     prompts: jax.Array,
     lengths: jax.Array,
@@ -414,7 +414,7 @@ def run_alone(
 def run_batch(
     config: Config,
     base: Any,
-    stack: lorax_fn.AdapterStack,
+    stack: lorax_fn.multi.AdapterStack,
     requests: dict[str, np.ndarray],
     steps: int,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -483,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = compare(batch, run_alone(config, base, trees, requests, args.steps))
 
     swapped_slot = 1 % args.adapters
-    stack = lorax_fn.replace_adapter(stack, swapped_slot, replacement)
+    stack = lorax_fn.multi.replace_adapter(stack, swapped_slot, replacement)
     trees = [replacement if k == swapped_slot else t for k, t in enumerate(trees)]
     swapped = run_batch(config, base, stack, requests, args.steps)
     after_swap = compare(swapped, run_alone(config, base, trees, requests, args.steps))

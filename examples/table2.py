@@ -219,7 +219,7 @@ def make_optimizer(
         )
 
     def group(key_path: Any, _: Any) -> str:
-        return "head" if lorax_fn.path_str(key_path).startswith(HEAD_PREFIX) else "encoder"
+        return "head" if lorax_fn.paths.path_str(key_path).startswith(HEAD_PREFIX) else "encoder"
 
     trainable = optax.partition(
         {"head": adamw(settings.head_lr), "encoder": adamw(lr)},

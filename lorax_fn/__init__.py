@@ -8,109 +8,69 @@ Example:
     >>> y = lorax_fn.lora(lambda p, x: x @ p["w"])(base, lt, jnp.ones((1, 8)))
 """
 
-from lorax_fn import analysis
-from lorax_fn.accounting import ParamCount, count_params, summary
-from lorax_fn.checkpoint import (
-    CheckpointDamaged,
-    CheckpointInfo,
-    LoraCheckpointManager,
-    TrainState,
-    checkpoint_info,
-    restore,
-    save,
+# The workflow's names; helpers live in their modules, the wings in their subpackages
+# (lorax_fn.checkpoint, .peft, .quant, .multi, .variants, .transform). The paper's
+# subspace analysis is `from lorax_fn import analysis` (it needs no import here).
+from lorax_fn import (
+    checkpoint,
+    multi,
+    parallel,
+    peft,
+    quant,
+    sharding,
+    transform,
+    variants,
 )
-from lorax_fn.conventions import default_layout
+from lorax_fn.accounting import count_params, summary
+from lorax_fn.checkpoint import LoraCheckpointManager, restore, save
 from lorax_fn.errors import LoraError
-from lorax_fn.factors import Layout, LoraFactors, delta
-from lorax_fn.merge import check_fits, dora_norms, init_magnitudes, merge, unmerge
-from lorax_fn.multi import (
-    AdapterSelection,
-    AdapterStack,
-    combine,
-    multi_lora,
-    replace_adapter,
-    select_adapters,
-    stack_adapters,
-    stack_checkpoints,
-)
-from lorax_fn.optim import lora_labels, optimizer, weight_decay_mask
-from lorax_fn.parallel import replicate, shard_batch, unreplicate
-from lorax_fn.paths import PathFilter, describe, leaves_with_paths, path_str
-from lorax_fn.peft import export_peft, import_peft, presets
-from lorax_fn.quant import (
-    QuantizedArray,
-    bits_per_param,
-    dequantize,
-    dequantize_base,
-    quantize,
-    quantize_base,
-    quantized_shardings,
-)
-from lorax_fn.sharding import fsdp_shardings, lora_shardings, put_batch
+from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.merge import dora_norms, init_magnitudes, merge, unmerge
+from lorax_fn.multi import multi_lora, stack_adapters
+from lorax_fn.optim import optimizer, weight_decay_mask
+from lorax_fn.paths import describe
+from lorax_fn.peft import export_peft, import_peft
+from lorax_fn.quant import QuantizedArray, quantize_base
+from lorax_fn.sharding import lora_shardings
 from lorax_fn.spec import LoraSpec
-from lorax_fn.split import LoraTree, split
+from lorax_fn.split import split
 from lorax_fn.transform import infer_layouts, lora
-from lorax_fn.variants import dora
 from lorax_fn.version import __version__
 
 __all__ = [
-    "AdapterSelection",
-    "AdapterStack",
-    "CheckpointDamaged",
-    "CheckpointInfo",
     "Layout",
     "LoraCheckpointManager",
     "LoraError",
     "LoraFactors",
     "LoraSpec",
-    "LoraTree",
-    "ParamCount",
-    "PathFilter",
     "QuantizedArray",
-    "TrainState",
     "__version__",
-    "analysis",
-    "bits_per_param",
-    "check_fits",
-    "checkpoint_info",
-    "combine",
+    "checkpoint",
     "count_params",
-    "default_layout",
-    "delta",
-    "dequantize",
-    "dequantize_base",
     "describe",
-    "dora",
     "dora_norms",
     "export_peft",
-    "fsdp_shardings",
     "import_peft",
     "infer_layouts",
     "init_magnitudes",
-    "leaves_with_paths",
     "lora",
-    "lora_labels",
     "lora_shardings",
     "merge",
+    "multi",
     "multi_lora",
     "optimizer",
-    "path_str",
-    "presets",
-    "put_batch",
-    "quantize",
+    "parallel",
+    "peft",
+    "quant",
     "quantize_base",
-    "quantized_shardings",
-    "replace_adapter",
-    "replicate",
     "restore",
     "save",
-    "select_adapters",
-    "shard_batch",
+    "sharding",
     "split",
     "stack_adapters",
-    "stack_checkpoints",
     "summary",
+    "transform",
     "unmerge",
-    "unreplicate",
+    "variants",
     "weight_decay_mask",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,11 @@ from lorax_fn.errors import LoraError
 
 if TYPE_CHECKING:
     from lorax_fn.pissa import PissaRecord
+
+
+LoraTree = dict[str, Any]
+"""``{path: LoraFactors | array}``: factors per adapted weight, arrays for leaves
+trained in full. A plain dict, so it is a pytree for optax, orbax and sharding."""
 
 
 @dataclasses.dataclass(frozen=True)

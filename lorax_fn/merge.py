@@ -198,7 +198,8 @@ def _check_norms(lora: dict[str, Any], norms: dict[str, jax.Array] | None) -> di
     if missing := sorted(set(dora) - set(norms)):
         raise LoraError(
             f"unmerge of DoRA weights {missing} needs their column norms: a merged DoRA weight "
-            "m·V/‖V‖ does not determine the base. Keep norms = lorax_fn.dora_norms(base, lora) "
+            "m·V/‖V‖ does not determine the base. Keep "
+            "norms = lorax_fn.dora_norms(base, lora) "
             "from before merging and call unmerge(merged, lora, norms=norms)"
         )
     if extra := sorted(set(norms) - set(dora)):

@@ -11,10 +11,10 @@ The recipe — the single-device step plus one ``lax.pmean``::
         return optax.apply_updates(lt, updates), opt_state, loss
 
     step = jax.pmap(train_step, axis_name="batch", donate_argnums=(1, 2))
-    base, lt, opt_state = lorax_fn.replicate((base, lt, tx.init(lt)))
+    base, lt, opt_state = lorax_fn.parallel.replicate((base, lt, tx.init(lt)))
     for x, y in batches:
-        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.shard_batch((x, y)))
-    lt = lorax_fn.unreplicate(lt)
+        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.parallel.shard_batch((x, y)))
+    lt = lorax_fn.parallel.unreplicate(lt)
 
 Only the LoRA tree's gradients cross devices: the all-reduce is ``r·(fan_in +
 fan_out)`` per adapted weight instead of the full weight. Every device still holds the

@@ -9,13 +9,13 @@ gradient all-reduce itself::
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
-    base_sh = lorax_fn.fsdp_shardings(base, mesh, "data")
+    base_sh = lorax_fn.sharding.fsdp_shardings(base, mesh, "data")
     base = jax.device_put(base, base_sh)
     lt = jax.device_put(lt, lorax_fn.lora_shardings(lt, base_sh))
     opt_state = tx.init(lt)  # eagerly: the moments keep the factors' shardings
     step = jax.jit(train_step, donate_argnums=(1, 2))
     for x, y in batches:
-        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.put_batch((x, y), mesh))
+        lt, opt_state, loss = step(base, lt, opt_state, *lorax_fn.sharding.put_batch((x, y), mesh))
 
 where ``train_step`` is the plain single-device step; no ``pmean`` is needed, because
 the loss is a mean over the global batch. Use ``Auto`` mesh axes (``jax.make_mesh``

@@ -13,7 +13,7 @@ import numpy as np
 
 from lorax_fn.conventions import attention_named, default_layout
 from lorax_fn.errors import LoraError
-from lorax_fn.factors import Layout, LoraFactors, delta
+from lorax_fn.factors import Layout, LoraFactors, LoraTree, delta
 from lorax_fn.paths import (
     compile_filter,
     filter_name,
@@ -23,10 +23,6 @@ from lorax_fn.paths import (
 )
 from lorax_fn.spec import LoraSpec
 from lorax_fn.variants.dora import init_magnitude
-
-LoraTree = dict[str, Any]
-"""``{path: LoraFactors | array}``: factors per adapted weight, arrays for leaves
-trained in full. A plain dict, so it is a pytree for optax, orbax and sharding."""
 
 
 def _no_layout(path: str, shape: tuple[int, ...], inferred: str | None) -> LoraError:

@@ -51,7 +51,7 @@ def test_merge_unmerge_and_counts(case):
     params, ranks, train_bias = case
     layouts = {
         p: Layout((w.ndim - 2,), (w.ndim - 1,), tuple(range(w.ndim - 2)))
-        for p, w in lorax_fn.leaves_with_paths(params)
+        for p, w in lorax_fn.paths.leaves_with_paths(params)
         if p.endswith("kernel")
     }
     spec = LoraSpec(
@@ -71,25 +71,25 @@ def test_merge_unmerge_and_counts(case):
     lt = randomize_b(lt, std=0.5)
     merged = lorax_fn.merge(base, lt)
     restored = lorax_fn.unmerge(merged, lt)
-    for path, w in lorax_fn.leaves_with_paths(params):
-        got = np.asarray(dict(lorax_fn.leaves_with_paths(restored))[path], np.float32)
+    for path, w in lorax_fn.paths.leaves_with_paths(params):
+        got = np.asarray(dict(lorax_fn.paths.leaves_with_paths(restored))[path], np.float32)
         want = np.asarray(w, np.float32)
         if w.dtype == jnp.float32:
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
         else:  # two roundings to the weight's precision (documented in unmerge)
             if isinstance(lt.get(path), LoraFactors):
-                d = np.asarray(lorax_fn.delta(lt[path]))
+                d = np.asarray(lorax_fn.factors.delta(lt[path]))
                 bound = 2 * float(jnp.finfo(w.dtype).eps) * (np.abs(want) + np.abs(d) + 1e-3)
                 assert np.all(np.abs(got - want) <= bound)
 
     count = lorax_fn.count_params(base, lt)
     expected = sum(
         math.prod(w.shape[:-2]) * ranks[p] * (w.shape[-2] + w.shape[-1])
-        for p, w in lorax_fn.leaves_with_paths(params)
+        for p, w in lorax_fn.paths.leaves_with_paths(params)
         if p.endswith("kernel")
     )
     if train_bias:
-        expected += sum(w.size for p, w in lorax_fn.leaves_with_paths(params) if "bias" in p)
+        expected += sum(w.size for p, w in lorax_fn.paths.leaves_with_paths(params) if "bias" in p)
     assert count.trainable == expected
     assert count.total == sum(w.size for w in jax.tree_util.tree_leaves(params)) + sum(
         lt[p].a.size + lt[p].b.size for p in lt if isinstance(lt[p], LoraFactors)
@@ -240,7 +240,9 @@ def test_pissa_rewrites_the_base_and_keeps_the_model():
     np.testing.assert_allclose(lorax_fn.merge(base, lt)["w"], w, rtol=1e-5, atol=1e-5)
     for layer in range(3):
         s = np.linalg.svd(np.asarray(w[layer]), compute_uv=False)
-        s_adapter = np.linalg.svd(np.asarray(lorax_fn.delta(lt["w"])[layer]), compute_uv=False)
+        s_adapter = np.linalg.svd(
+            np.asarray(lorax_fn.factors.delta(lt["w"])[layer]), compute_uv=False
+        )
         np.testing.assert_allclose(s_adapter[:4], s[:4], rtol=1e-4)
         s_residual = np.linalg.svd(np.asarray(base["w"][layer]), compute_uv=False)
         np.testing.assert_allclose(s_residual[:8], s[4:12], rtol=1e-4)
@@ -249,9 +251,9 @@ def test_pissa_rewrites_the_base_and_keeps_the_model():
 def test_nnx_state_paths_read_like_linen():
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     _, state = nnx.split(model)
-    assert [p for p, _ in lorax_fn.leaves_with_paths(state)] == ["bias", "kernel"]
+    assert [p for p, _ in lorax_fn.paths.leaves_with_paths(state)] == ["bias", "kernel"]
     linen_params = nn.Dense(3).init(KEY, jnp.ones((1, 4)))["params"]
-    assert [p for p, _ in lorax_fn.leaves_with_paths(linen_params)] == ["bias", "kernel"]
+    assert [p for p, _ in lorax_fn.paths.leaves_with_paths(linen_params)] == ["bias", "kernel"]
     base, lt = lorax_fn.split(state, LoraSpec("kernel", rank=2), key=KEY)
     merged = lorax_fn.merge(base, randomize_b(lt))
     assert type(merged) is type(state)
@@ -372,7 +374,9 @@ def test_spec_refuses_bad_filters_and_an_empty_spec_at_construction(spec_kw, mes
 
 def test_trainable_only_spec_is_fine():  # BitFit / full fine-tuning
     _, lt = lorax_fn.split(PARAMS, LoraSpec(trainable="**/bias"), key=KEY)
-    assert sorted(lt) == [p for p, _ in lorax_fn.leaves_with_paths(PARAMS) if p.endswith("bias")]
+    assert sorted(lt) == [
+        p for p, _ in lorax_fn.paths.leaves_with_paths(PARAMS) if p.endswith("bias")
+    ]
 
 
 def test_merge_refuses_a_tree_that_does_not_fit_and_changes_nothing():
@@ -455,7 +459,7 @@ def test_dora_norms_without_the_merged_weight_and_on_transposed_layouts():
         {"w": w0}, LoraSpec("w", rank=3, use_dora=True), key=KEY, layouts={"w": layout}
     )
     f = randomize_b(lt, std=0.7)["w"]
-    v = w0 + lorax_fn.delta(f)
+    v = w0 + lorax_fn.factors.delta(f)
     want = jnp.sqrt(jnp.sum(v * v, axis=2)).T  # (stack, out)
     np.testing.assert_allclose(lorax_fn.variants.dora.weight_norms(w0, f), want, rtol=1e-5)
     np.testing.assert_allclose(lorax_fn.variants.dora.column_norms(v, layout), want, rtol=1e-6)
@@ -535,7 +539,7 @@ def test_parts_that_cannot_hold_dora_refuse_it():
     _, _, lt, _, _ = _dora_model()
     # A weighted sum of DoRA adapters is not a DoRA adapter (the norms do not add).
     with pytest.raises(LoraError, match=r"combine \(adapter 0\) does not support DoRA"):
-        lorax_fn.combine([lt, lt], [0.5, 0.5])
+        lorax_fn.multi.combine([lt, lt], [0.5, 0.5])
     with pytest.raises(LoraError, match="DoRA"):
         lorax_fn.stack_adapters([lt, lt])
 
@@ -545,5 +549,5 @@ def test_dora_magnitude_is_counted_and_trained_without_lora_plus():
     counts = lorax_fn.count_params(base, lt)
     assert counts.trainable == 2 * (8 + 16) + 2 * (16 + 4) + 16 + 4
     assert "dora" in lorax_fn.summary(base, lt)
-    labels = lorax_fn.lora_labels(lt)
+    labels = lorax_fn.optim.lora_labels(lt)
     assert labels["params/Dense_0/kernel"].magnitude == "lora_magnitude"

@@ -55,8 +55,8 @@ def test_table2_lora_trains_only_factors_and_head(tmp_path: Path) -> None:
     assert result.trainable_params == 6 * 2 * 4 * (384 + 384) + 384 * 3 + 3
 
     # Everything but the adapted kernels and the head is bitwise the pretrained model.
-    before = dict(lorax_fn.leaves_with_paths(variables))
-    after = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
+    before = dict(lorax_fn.paths.leaves_with_paths(variables))
+    after = dict(lorax_fn.paths.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert changed == targets | head
 
@@ -102,18 +102,22 @@ def test_table2_qlora_and_dora_train_the_adapter_and_head_only(name: str) -> Non
     assert set(result.lora_tree) == targets | head
     # What changed is the adapter and the head: compare the merged model before and after
     # training on the same (possibly quantized) base.
-    before = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.initial_lora_tree)))
-    after = dict(lorax_fn.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
+    before = dict(
+        lorax_fn.paths.leaves_with_paths(lorax_fn.merge(result.base, result.initial_lora_tree))
+    )
+    after = dict(lorax_fn.paths.leaves_with_paths(lorax_fn.merge(result.base, result.lora_tree)))
     assert {p for p in before if not np.array_equal(before[p], after[p])} == targets | head
 
     leaves = {
-        lorax_fn.path_str(p): x
+        lorax_fn.paths.path_str(p): x
         for p, x in jax.tree_util.tree_flatten_with_path(
             result.base, is_leaf=lambda x: isinstance(x, lorax_fn.QuantizedArray)
         )[0]
     }
     quantized = {p for p, x in leaves.items() if isinstance(x, lorax_fn.QuantizedArray)}
-    float_bytes = sum(x.nbytes for x in jax.tree.leaves(lorax_fn.dequantize_base(result.base)))
+    float_bytes = sum(
+        x.nbytes for x in jax.tree.leaves(lorax_fn.quant.dequantize_base(result.base))
+    )
     if name == "qlora_qv_r8":
         # Every encoder dense kernel (Q, K, V, O, both feed-forward) is NF4, block 64,
         # double-quantized; embeddings, biases and norms are not.

@@ -70,7 +70,7 @@ def test_adam_trains_lora_only_and_state_is_two_copies_of_the_lora_tree(setup):
 
     # Adam keeps mu and nu per trained element, plus one int32 `count` per label present:
     # lora_a, lora_b and trainable (the Dense_1 bias).
-    labels = set(jax.tree.leaves(lorax_fn.lora_labels(lt)))
+    labels = set(jax.tree.leaves(lorax_fn.optim.lora_labels(lt)))
     assert labels == {"lora_a", "lora_b", "trainable"}
     counts = [c for c in jax.tree.leaves(state) if np.ndim(c) == 0]
     assert [np.asarray(c).dtype for c in counts] == [np.int32] * 3
@@ -82,7 +82,7 @@ def test_adam_trains_lora_only_and_state_is_two_copies_of_the_lora_tree(setup):
 def test_labels_cover_factors_trainable_and_non_float_leaves():
     f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 4)), 1.0, lorax_fn.Layout((0,), (1,)))
     tree = {"w": f, "head": jnp.ones(3), "step": jnp.zeros((), jnp.int32), "scale": 0.5}
-    labels = lorax_fn.lora_labels(tree)
+    labels = lorax_fn.optim.lora_labels(tree)
     assert (labels["w"].a, labels["w"].b) == ("lora_a", "lora_b")
     assert labels["w"].layout == f.layout  # static fields kept: same treedef as the params
     assert (labels["head"], labels["step"], labels["scale"]) == ("trainable", "frozen", "trainable")
@@ -230,7 +230,7 @@ def test_full_params_tree_with_frozen_filters():
     state = tx.init(params)
     biases = [
         v
-        for p, v in lorax_fn.leaves_with_paths(params)
+        for p, v in lorax_fn.paths.leaves_with_paths(params)
         if p.endswith("bias") and "LayerNorm" not in p
     ]
     assert nbytes(state) == 2 * nbytes(biases) + 4
@@ -309,7 +309,7 @@ def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
     path = "params/Dense_0/kernel"
     assert float(jnp.abs(grads[path].magnitude).max()) > 0
 
-    labels = lorax_fn.lora_labels(lt)[path]
+    labels = lorax_fn.optim.lora_labels(lt)[path]
     assert (labels.a, labels.b, labels.magnitude) == ("lora_a", "lora_b", "lora_magnitude")
     # The magnitude is the adapter's: trainable_tx (a head's rate) never reaches it.
     head_only = lorax_fn.optimizer(optax.sgd(1.0), lt, trainable_tx=optax.sgd(0.0))

@@ -50,14 +50,14 @@ def test_pmap_and_sharded_jit_match_single_device_training():
     single = lt
 
     pstep = jax.pmap(make_step(tx, "batch"), axis_name="batch")
-    rbase, lt, state = lorax_fn.replicate((base, lt0, tx.init(lt0)))
+    rbase, lt, state = lorax_fn.parallel.replicate((base, lt0, tx.init(lt0)))
     assert jax.tree.leaves(lt)[0].shape[0] == 8
     for x, y in data:
-        lt, state, _ = pstep(rbase, lt, state, *lorax_fn.shard_batch((x, y)))
-    pmapped = lorax_fn.unreplicate(lt)
+        lt, state, _ = pstep(rbase, lt, state, *lorax_fn.parallel.shard_batch((x, y)))
+    pmapped = lorax_fn.parallel.unreplicate(lt)
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=AUTO)
-    base_sh = lorax_fn.fsdp_shardings(base, mesh, "data")
+    base_sh = lorax_fn.sharding.fsdp_shardings(base, mesh, "data")
     sbase = jax.device_put(base, base_sh)
     assert sbase["params"]["hidden"]["kernel"].sharding.spec == P(None, "data")  # (16, 32)
     assert sbase["params"]["out"]["kernel"].sharding.spec == P("data", None)  # (32, 4)
@@ -67,7 +67,7 @@ def test_pmap_and_sharded_jit_match_single_device_training():
     state = tx.init(lt)
     sstep = jax.jit(make_step(tx))
     for x, y in data:
-        batch = lorax_fn.put_batch((x, y), mesh)
+        batch = lorax_fn.sharding.put_batch((x, y), mesh)
         assert batch[0].sharding.spec == P("data")
         lt, state, _ = sstep(sbase, lt, state, *batch)
     sharded = lt
@@ -81,21 +81,21 @@ def test_pmap_and_sharded_jit_match_single_device_training():
 
 def test_replicate_round_trip_keeps_the_lora_tree():
     _, lt = lorax_fn.split({"w": jnp.ones((8, 4))}, LoraSpec("w", rank=2), key=jax.random.key(0))
-    back = lorax_fn.unreplicate(lorax_fn.replicate(lt))
+    back = lorax_fn.parallel.unreplicate(lorax_fn.parallel.replicate(lt))
     assert isinstance(back["w"], LoraFactors) and back["w"].layout == lt["w"].layout
     np.testing.assert_array_equal(back["w"].a, lt["w"].a)
-    r = lorax_fn.replicate(lt, devices=jax.local_devices()[:2])
+    r = lorax_fn.parallel.replicate(lt, devices=jax.local_devices()[:2])
     assert r["w"].a.shape == (2, 8, 2)
 
 
 def test_batch_splitting_errors_name_the_leaf():
     with pytest.raises(LoraError, match=r"batch leaf y: .*\(12, 2\).* not divisible by 8"):
-        lorax_fn.shard_batch({"x": np.ones((16, 2)), "y": np.ones((12, 2))})
+        lorax_fn.parallel.shard_batch({"x": np.ones((16, 2)), "y": np.ones((12, 2))})
     mesh = jax.make_mesh((8,), ("data",), axis_types=AUTO)
     with pytest.raises(LoraError, match=r"batch leaf 1: .*\(4,\)"):
-        lorax_fn.put_batch((np.ones((16, 2)), np.ones(4)), mesh)
+        lorax_fn.sharding.put_batch((np.ones((16, 2)), np.ones(4)), mesh)
     with pytest.raises(LoraError, match=r"mesh axes \['batch'\] not in the mesh"):
-        lorax_fn.put_batch(np.ones(16), mesh, "batch")
+        lorax_fn.sharding.put_batch(np.ones(16), mesh, "batch")
 
 
 def test_fsdp_picks_the_largest_divisible_axis():
@@ -108,7 +108,7 @@ def test_fsdp_picks_the_largest_divisible_axis():
         "scalar": jnp.ones(()),
         "stack": jnp.ones((2, 8, 24)),
     }
-    specs = {k: s.spec for k, s in lorax_fn.fsdp_shardings(tree, mesh).items()}
+    specs = {k: s.spec for k, s in lorax_fn.sharding.fsdp_shardings(tree, mesh).items()}
     assert specs == {
         "tall": P("data", None),
         "tie": P("data", None),
@@ -117,7 +117,7 @@ def test_fsdp_picks_the_largest_divisible_axis():
         "scalar": P(),
         "stack": P(None, None, "data"),
     }
-    small = lorax_fn.fsdp_shardings(tree, mesh, min_size=17)
+    small = lorax_fn.sharding.fsdp_shardings(tree, mesh, min_size=17)
     assert small["bias"].spec == P() and small["tall"].spec == P("data", None)
 
 
@@ -237,7 +237,7 @@ def test_logically_partitioned_linen_model(mesh2d):
     sbase = jax.device_put(
         base, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh2d, rules)
     )
-    got = grad(sbase, jax.device_put(lt, sh), lorax_fn.put_batch(x, mesh2d))
+    got = grad(sbase, jax.device_put(lt, sh), lorax_fn.sharding.put_batch(x, mesh2d))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -332,7 +332,7 @@ def test_dora_train_step_under_a_2d_mesh_matches_one_device(mesh2d):
     sbase = jax.device_put(base, base_sh)
     sstep = jax.jit(make_step(tx), out_shardings=(sh, None, None))
     for x, y in data:
-        lt, state, _ = sstep(sbase, lt, state, *lorax_fn.put_batch((x, y), mesh2d))
+        lt, state, _ = sstep(sbase, lt, state, *lorax_fn.sharding.put_batch((x, y), mesh2d))
     assert lt["params/hidden/kernel"].magnitude.sharding.spec == P("model")
     assert jax.tree.structure(lt) == jax.tree.structure(single)
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(lt), strict=True):

@@ -125,7 +125,7 @@ def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
         >>> leaf_specs({"w": np.zeros((2, 3), np.float32), "n": 1.0})
         {'n': ((), None), 'w': ((2, 3), 'float32')}
         >>> import jax.numpy as jnp, lorax_fn
-        >>> leaf_specs({"q": lorax_fn.quantize(jnp.ones((2, 64), jnp.bfloat16))})
+        >>> leaf_specs({"q": lorax_fn.quant.quantize(jnp.ones((2, 64), jnp.bfloat16))})
         {'q': ((2, 64), 'bfloat16')}
     """
     out = {}

@@ -130,7 +130,7 @@ def checkpoint_info(directory: str | os.PathLike) -> CheckpointInfo:
         >>> spec = lorax_fn.LoraSpec("**/kernel", rank=2, trainable="**/bias")
         >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
         >>> _ = lorax_fn.save("adapter", lt, spec, base=base)
-        >>> info = lorax_fn.checkpoint_info("adapter")
+        >>> info = lorax_fn.checkpoint.checkpoint_info("adapter")
         >>> info.spec == spec, info.entries
         (True, {'dense/bias': 'array', 'dense/kernel': 'factors'})
         >>> info.base_leaves["dense/kernel"], info.library_version == lorax_fn.__version__

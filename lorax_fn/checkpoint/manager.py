@@ -120,7 +120,8 @@ class LoraCheckpointManager:
     loadable; what such a save leaves behind is invisible and removed by the next save.
     Old steps are renamed aside before they are deleted, so a kill mid-delete (orbax
     deletes with a plain ``rmtree``) never leaves a half-deleted step listed.
-    A step directory is also a valid :func:`lorax_fn.restore` / :func:`lorax_fn.checkpoint_info`
+    A step directory is also a valid :func:`lorax_fn.restore` /
+    :func:`lorax_fn.checkpoint.checkpoint_info`
     target. ``spec`` must agree with every tree saved or restored (ranks, scales,
     targets); a PiSSA adapter is refused on its original weights, with ``base`` here or
     in :meth:`save`/:meth:`restore` (:mod:`lorax_fn.pissa`); ``extra`` (path filters over
@@ -318,7 +319,7 @@ class LoraCheckpointManager:
             Traceback (most recent call last):
             ...
             lorax_fn.errors.LoraError: step 100 is already saved in ...run
-            >>> info = lorax_fn.checkpoint_info("run/100")  # a step is an adapter checkpoint
+            >>> info = lorax_fn.checkpoint.checkpoint_info("run/100")  # a step is a checkpoint
             >>> info.entries, info.extra
             ({'params/w': 'factors'}, {'batch_stats/mean': ((4,), 'float32')})
             >>> mngr.close()
@@ -575,7 +576,7 @@ class LoraCheckpointManager:
             >>> mngr = lorax_fn.LoraCheckpointManager("run", spec, async_save=True)
             >>> mngr.save(1, lt, ())  # returns once the arrays are copied to host memory
             >>> mngr.wait_until_finished()
-            >>> mngr.all_steps(), lorax_fn.checkpoint_info("run/1").entries
+            >>> mngr.all_steps(), lorax_fn.checkpoint.checkpoint_info("run/1").entries
             ([1], {'w': 'factors'})
             >>> mngr.close()
         """

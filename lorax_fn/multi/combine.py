@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn.errors import LoraError
-from lorax_fn.factors import LoraFactors
-from lorax_fn.split import LoraTree
+from lorax_fn.factors import LoraFactors, LoraTree
 from lorax_fn.variants.dora import refuse_dora
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -82,7 +81,8 @@ def combine(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from lorax_fn import Layout, LoraFactors, delta
+        >>> from lorax_fn import Layout, LoraFactors
+        >>> from lorax_fn.factors import delta
         >>> t1 = {"w": LoraFactors(jnp.ones((16, 2)), jnp.ones((2, 8)), 1.0, Layout((0,), (1,)))}
         >>> t2 = {"w": LoraFactors(jnp.eye(16, 3), jnp.eye(3, 8), 2.0, Layout((0,), (1,)))}
         >>> both = combine([t1, t2], [0.5, -1.0])

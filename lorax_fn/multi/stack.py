@@ -30,12 +30,11 @@ import numpy as np
 
 from lorax_fn.checkpoint.io import restore
 from lorax_fn.errors import LoraError
-from lorax_fn.factors import LoraFactors
+from lorax_fn.factors import LoraFactors, LoraTree
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import leaves_with_paths
 from lorax_fn.pissa import check_base, tree_records
 from lorax_fn.quant.quantized import weight_leaves
-from lorax_fn.split import LoraTree
 from lorax_fn.transform import routing
 from lorax_fn.transform.apply import FallbackMode, lora
 from lorax_fn.transform.routing import RoutedFactors
@@ -79,7 +78,8 @@ class AdapterStack:
             ...                           lorax_fn.LoraSpec("w", rank=2, alpha=4.0),
             ...                           key=jax.random.key(0))
             >>> one = stack_adapters([lt]).adapter(0)["w"]
-            >>> one.scale, bool(jnp.allclose(lorax_fn.delta(one), lorax_fn.delta(lt["w"])))
+            >>> from lorax_fn.factors import delta
+            >>> one.scale, bool(jnp.allclose(delta(one), delta(lt["w"])))
             (1.0, True)
         """
         _check_index(k, self.size)

@@ -296,7 +296,7 @@ def export_peft(
 
     Example:
         >>> import json
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp, lorax_fn
         >>> params = {"params": {"h_0": {"attn": {"c_attn": {"kernel": jnp.ones((8, 24))}}}}}
         >>> spec = lorax_fn.LoraSpec(targets="**/c_attn/kernel", rank=2, alpha=4.0)
         >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
@@ -655,7 +655,7 @@ def import_peft(
     out)``, and ``parameter_order`` says how PEFT nested the wrappers of a module.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp, lorax_fn
         >>> params = {"params": {"fc": {"kernel": jnp.ones((8, 4))}}}
         >>> spec = lorax_fn.LoraSpec(targets="**/kernel", rank=2)
         >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))

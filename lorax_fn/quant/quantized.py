@@ -561,7 +561,7 @@ def dequantize_base(tree: Any, dtype: Any = None) -> Any:
 def quantized_shardings(tree: Any, shardings: Any) -> Any:
     """Shardings for a quantized base from those of the float base it came from.
 
-    ``shardings`` has the float base's structure (e.g. ``lorax_fn.fsdp_shardings(base,
+    ``shardings`` has the float base's structure (e.g. ``lorax_fn.sharding.fsdp_shardings(base,
     mesh)`` or your model's own); each :class:`QuantizedArray` in ``tree`` gets
     :meth:`QuantizedArray.shardings` of its weight's sharding, other leaves keep theirs.
 

@@ -44,7 +44,7 @@ def batch(index: int) -> tuple[jax.Array, jax.Array]:
 
 def loss_fn(lt: dict, base: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     def dense(name: str, h: jax.Array) -> jax.Array:
-        w = base[name]["kernel"] + lorax_fn.delta(lt[f"{name}/kernel"])
+        w = base[name]["kernel"] + lorax_fn.factors.delta(lt[f"{name}/kernel"])
         return h @ w + lt[f"{name}/bias"]
 
     return jnp.mean((dense("l1", jnp.tanh(dense("l0", x))) - y) ** 2)

@@ -975,7 +975,7 @@ def test_a_pissa_adapter_is_refused_on_the_original_base(tmp_path, model):
     with pytest.raises(LoraError, match="adapter 0 is a PiSSA adapter"):
         lorax_fn.stack_adapters([lt, gaussian], base=params)
     with pytest.raises(LoraError, match=r"(?s)ad: .*" + ORIGINAL[4:]):
-        lorax_fn.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=params)
+        lorax_fn.multi.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=params)
     with pytest.raises(LoraError, match=ORIGINAL):
         save(tmp_path / "new", lt, PISSA_SPEC, base=params)
     assert not (tmp_path / "new").exists()
@@ -1007,7 +1007,7 @@ def test_a_pissa_adapter_is_refused_on_the_original_base(tmp_path, model):
     ):
         assert_same_tree(restore(tmp_path / "ad", base=right), lt)  # the record included
         lorax_fn.stack_adapters([lt, gaussian], base=right)
-    stack = lorax_fn.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=residual)
+    stack = lorax_fn.multi.stack_checkpoints([tmp_path / "ad", tmp_path / "gauss"], base=residual)
     assert_same_tree(stack.entries, lorax_fn.stack_adapters([lt, gaussian]).entries)
 
 

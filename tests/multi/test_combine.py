@@ -47,34 +47,36 @@ WEIGHTS = (0.7, -0.4, 1.3)
 
 def weighted_sum(trees, path):
     return sum(
-        w * lorax_fn.delta(t[path]) for w, t in zip(WEIGHTS, trees, strict=True) if path in t
+        w * lorax_fn.factors.delta(t[path])
+        for w, t in zip(WEIGHTS, trees, strict=True)
+        if path in t
     )
 
 
 def test_cat_is_exact_and_ranks_add_up(trees):
-    out = lorax_fn.combine(trees, WEIGHTS)
+    out = lorax_fn.multi.combine(trees, WEIGHTS)
     assert out["q"].rank == 6 and out["v"].rank == 3  # "v" only in adapters 0 and 2
     assert out["q"].scale == 1.0 and out["q"].layout == STACKED
     for path in ("q", "v"):
         np.testing.assert_allclose(
-            lorax_fn.delta(out[path]), weighted_sum(trees, path), rtol=1e-5, atol=1e-5
+            lorax_fn.factors.delta(out[path]), weighted_sum(trees, path), rtol=1e-5, atol=1e-5
         )
 
 
 def test_cat_is_differentiable_in_the_weights(trees):
     def total(w):
-        return jnp.sum(lorax_fn.delta(lorax_fn.combine(trees, w)["q"]))
+        return jnp.sum(lorax_fn.factors.delta(lorax_fn.multi.combine(trees, w)["q"]))
 
     grad = jax.grad(total)(jnp.asarray(WEIGHTS))
-    want = [float(jnp.sum(lorax_fn.delta(t["q"]))) for t in trees]
+    want = [float(jnp.sum(lorax_fn.factors.delta(t["q"]))) for t in trees]
     np.testing.assert_allclose(grad, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 6])
 def test_svd_is_the_best_rank_k_approximation_per_layer(trees, rank):
-    out = lorax_fn.combine([{"q": t["q"]} for t in trees], WEIGHTS, method="svd", rank=rank)
+    out = lorax_fn.multi.combine([{"q": t["q"]} for t in trees], WEIGHTS, method="svd", rank=rank)
     assert out["q"].a.shape == (3, 6, rank) and out["q"].b.shape == (3, rank, 2, 4)
-    got = matrices(lorax_fn.delta(out["q"]))
+    got = matrices(lorax_fn.factors.delta(out["q"]))
     full = matrices(weighted_sum(trees, "q"))
     u, s, vh = np.linalg.svd(full, full_matrices=False)
     best = np.einsum("lik,lk,lkj->lij", u[..., :rank], s[..., :rank], vh[..., :rank, :])
@@ -93,7 +95,7 @@ def test_svd_is_the_best_rank_k_approximation_per_layer(trees, rank):
 
 
 def test_svd_default_rank_is_the_largest_adapter_rank(trees):
-    out = lorax_fn.combine(trees, WEIGHTS, method="svd")
+    out = lorax_fn.multi.combine(trees, WEIGHTS, method="svd")
     assert out["q"].rank == 3 and out["v"].rank == 2
 
 
@@ -107,7 +109,7 @@ def test_combined_adapter_is_an_ordinary_lora_tree(trees):
         )[1]
 
     only_q = [{"q": t["q"]} for t in trees]
-    combined = lorax_fn.combine(only_q, WEIGHTS)
+    combined = lorax_fn.multi.combine(only_q, WEIGHTS)
     got = lorax_fn.lora(fn, on_fallback="error")(params, combined, x)
     want = fn({"q": params["q"] + weighted_sum(trees, "q")}, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -117,35 +119,35 @@ def test_combined_adapter_is_an_ordinary_lora_tree(trees):
 
 def test_refusals(trees):
     with pytest.raises(LoraError, match="one weight per adapter: 3 adapters, 2 weights"):
-        lorax_fn.combine(trees, [1.0, 1.0])
+        lorax_fn.multi.combine(trees, [1.0, 1.0])
     with pytest.raises(LoraError, match="method must be"):
-        lorax_fn.combine(trees, WEIGHTS, method="linear")
+        lorax_fn.multi.combine(trees, WEIGHTS, method="linear")
     with pytest.raises(LoraError, match="method='cat' keeps every rank"):
-        lorax_fn.combine(trees, WEIGHTS, rank=2)
+        lorax_fn.multi.combine(trees, WEIGHTS, rank=2)
     with pytest.raises(
         LoraError, match=r"v: rank 4 > min\(concatenated rank, fan_in, fan_out\) = 3"
     ):
-        lorax_fn.combine(trees, WEIGHTS, method="svd", rank=4)
+        lorax_fn.multi.combine(trees, WEIGHTS, method="svd", rank=4)
     with pytest.raises(LoraError, match="rank must be a positive integer"):
-        lorax_fn.combine(trees, WEIGHTS, method="svd", rank=0)
+        lorax_fn.multi.combine(trees, WEIGHTS, method="svd", rank=0)
     with pytest.raises(LoraError, match="bias: adapter 1 trains this leaf in full"):
-        lorax_fn.combine([trees[0], {**trees[1], "bias": jnp.zeros(3)}], [1.0, 1.0])
+        lorax_fn.multi.combine([trees[0], {**trees[1], "bias": jnp.zeros(3)}], [1.0, 1.0])
     other = {"q": factors(2, 1.0, 5, Layout((1,), (2, 3), (0,)), (3, 6, 4, 2))}
     with pytest.raises(LoraError, match=r"q: adapters disagree: .* for a weight of \(3, 6, 2, 4\)"):
-        lorax_fn.combine([trees[1], other], [1.0, 1.0])
+        lorax_fn.multi.combine([trees[1], other], [1.0, 1.0])
 
 
 @pytest.mark.parametrize("method", ["cat", "svd"])
 def test_dropout_is_kept_when_the_adapters_agree_and_refused_when_not(trees, method):
     with_dropout = [{p: dataclasses.replace(f, dropout=0.1) for p, f in t.items()} for t in trees]
-    out = lorax_fn.combine(with_dropout, WEIGHTS, method=method)
+    out = lorax_fn.multi.combine(with_dropout, WEIGHTS, method=method)
     assert {p: f.dropout for p, f in out.items()} == {"q": 0.1, "v": 0.1}
     mixed = [with_dropout[0], trees[1], with_dropout[2]]
     with pytest.raises(
         LoraError, match=r"q: adapters disagree on dropout \(adapter 0: 0.1, adapter 1: 0, "
     ):
-        lorax_fn.combine(mixed, WEIGHTS, method=method)
+        lorax_fn.multi.combine(mixed, WEIGHTS, method=method)
     # Per path, only the adapters that target it count.
     per_path = [{"v": with_dropout[0]["v"]}, {"q": trees[1]["q"]}, {"v": with_dropout[2]["v"]}]
-    out = lorax_fn.combine(per_path, WEIGHTS, method=method)
+    out = lorax_fn.multi.combine(per_path, WEIGHTS, method=method)
     assert {p: f.dropout for p, f in out.items()} == {"q": 0.0, "v": 0.1}

@@ -98,7 +98,10 @@ def test_stack_adapter_roundtrip_is_the_same_update(block_setup):
         for path, entry in tree.items():
             if isinstance(entry, lorax_fn.LoraFactors):
                 np.testing.assert_allclose(
-                    lorax_fn.delta(got[path]), lorax_fn.delta(entry), rtol=1e-6, atol=1e-7
+                    lorax_fn.factors.delta(got[path]),
+                    lorax_fn.factors.delta(entry),
+                    rtol=1e-6,
+                    atol=1e-7,
                 )
             else:
                 np.testing.assert_array_equal(got[path], entry)
@@ -204,15 +207,15 @@ def test_hot_swap_needs_no_retrace_or_recompile(block_setup):
     stack = lorax_fn.stack_adapters(trees[:2], base=base)
     ids = jnp.array([0, 1, 1, -1, 0, 1])
     serve(base, stack, ids, x)
-    swapped = lorax_fn.replace_adapter(stack, 1, trees[2])  # rank 2 ≤ padded rank 4
+    swapped = lorax_fn.multi.replace_adapter(stack, 1, trees[2])  # rank 2 ≤ padded rank 4
     out = serve(base, swapped, ids, x)
-    serve(base, lorax_fn.replace_adapter(swapped, 0, trees[1]), ids, x)
+    serve(base, lorax_fn.multi.replace_adapter(swapped, 0, trees[1]), ids, x)
     assert len(traces) == 1
     check_rows(model.apply, base, [trees[0], trees[2]], ids, x, out)
     # The old stack is untouched: replace_adapter is functional.
     np.testing.assert_allclose(
-        lorax_fn.delta(stack.adapter(1)["params/Dense_0/kernel"]),
-        lorax_fn.delta(trees[1]["params/Dense_0/kernel"]),
+        lorax_fn.factors.delta(stack.adapter(1)["params/Dense_0/kernel"]),
+        lorax_fn.factors.delta(trees[1]["params/Dense_0/kernel"]),
         rtol=1e-6,
         atol=1e-7,
     )
@@ -294,11 +297,11 @@ def test_refusals_name_the_problem_and_change_nothing():
     before = jax.tree.map(np.asarray, stack.entries)
     _, (big,) = adapters(params, [3], "w")
     with pytest.raises(LoraError, match="w: the new adapter's rank 3 exceeds the stack's padded"):
-        lorax_fn.replace_adapter(stack, 0, big)
+        lorax_fn.multi.replace_adapter(stack, 0, big)
     with pytest.raises(LoraError, match=r"missing \[\], extra \['v'\]"):
-        lorax_fn.replace_adapter(stack, 0, wv)
+        lorax_fn.multi.replace_adapter(stack, 0, wv)
     with pytest.raises(LoraError, match="adapter index 2 is not in range"):
-        lorax_fn.replace_adapter(stack, 2, a)
+        lorax_fn.multi.replace_adapter(stack, 2, a)
     jax.tree.map(np.testing.assert_array_equal, stack.entries, before)
 
     g = lorax_fn.multi_lora(lambda p, x: x @ p["w"])
@@ -316,11 +319,11 @@ def test_stack_from_checkpoints(tmp_path):
     params = {"w": jax.random.normal(jax.random.key(0), (6, 5))}
     base, trees = adapters(params, [1, 2], "w")
     dirs = [lorax_fn.save(tmp_path / f"a{i}", t, None, base=base) for i, t in enumerate(trees)]
-    got = lorax_fn.stack_checkpoints(dirs, base=base)
+    got = lorax_fn.multi.stack_checkpoints(dirs, base=base)
     want = lorax_fn.stack_adapters(trees)
     jax.tree.map(np.testing.assert_array_equal, got.entries, want.entries)
     with pytest.raises(LoraError, match=re.escape(f"{tmp_path / 'missing'}: ")):
-        lorax_fn.stack_checkpoints([dirs[0], tmp_path / "missing"], base=base)
+        lorax_fn.multi.stack_checkpoints([dirs[0], tmp_path / "missing"], base=base)
 
 
 def _relative_error(got, want, scale):
@@ -338,7 +341,7 @@ def test_task_switching_by_merging_has_bounded_error(dtype):
     base, trees = adapters({"w": w0}, [2, 4, 3], "w")
     stack = lorax_fn.stack_adapters(trees)
     magnitude = jnp.abs(w0.astype(jnp.float32)) + sum(
-        jnp.abs(lorax_fn.delta(t["w"])) for t in trees
+        jnp.abs(lorax_fn.factors.delta(t["w"])) for t in trees
     )
     eps = float(jnp.finfo(dtype).eps)
     merged, current = lorax_fn.merge(base, stack.adapter(0)), 0
@@ -361,8 +364,8 @@ def test_select_once_gives_the_plain_call_values_and_gradients(block_setup):
     ids = jnp.array([2, -1, 0, 2, -1, 1])  # base rows, an adapter used twice
     g = lorax_fn.multi_lora(model.apply, on_fallback="error")
     plain = jax.jit(g)(base, stack, ids, x)
-    sel = jax.jit(lorax_fn.select_adapters)(stack, ids)
-    assert sel.batch_size == 6 and isinstance(sel, lorax_fn.AdapterSelection)
+    sel = jax.jit(lorax_fn.multi.select_adapters)(stack, ids)
+    assert sel.batch_size == 6 and isinstance(sel, lorax_fn.multi.AdapterSelection)
     step = jax.jit(g)
     np.testing.assert_array_equal(step(base, sel, x), plain)
     np.testing.assert_array_equal(step(base, sel, x), plain)  # reused, not consumed
@@ -370,7 +373,7 @@ def test_select_once_gives_the_plain_call_values_and_gradients(block_setup):
     # base the selection is applied to (it holds no base values).
     head = "params/head/bias"
     shifted = jax.tree.map(lambda v: v, base)
-    leaf = dict(lorax_fn.leaves_with_paths(shifted))[head]
+    leaf = dict(lorax_fn.paths.leaves_with_paths(shifted))[head]
     shifted["params"]["head"]["bias"] = leaf + 1.0
     np.testing.assert_allclose(step(shifted, sel, x)[1], plain[1] + 1.0, rtol=1e-5, atol=1e-5)
 
@@ -378,7 +381,7 @@ def test_select_once_gives_the_plain_call_values_and_gradients(block_setup):
         return jnp.sum(g(base, stack, ids, x) ** 2)
 
     def loss_sel(stack):
-        return jnp.sum(g(base, lorax_fn.select_adapters(stack, ids), x) ** 2)
+        return jnp.sum(g(base, lorax_fn.multi.select_adapters(stack, ids), x) ** 2)
 
     want, got = jax.jit(jax.grad(loss_plain))(stack), jax.jit(jax.grad(loss_sel))(stack)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
@@ -395,12 +398,12 @@ def test_select_adapters_refusals():
     stack = lorax_fn.stack_adapters(trees)
     g = lorax_fn.multi_lora(lambda p, x: x @ p["w"])
     with pytest.raises(LoraError, match=r"adapter_ids \[2\] at positions \[1\]"):
-        lorax_fn.select_adapters(stack, jnp.array([0, 2]))
+        lorax_fn.multi.select_adapters(stack, jnp.array([0, 2]))
     with pytest.raises(LoraError, match="1-D integer"):
-        lorax_fn.select_adapters(stack, jnp.array([[0, 1]]))
+        lorax_fn.multi.select_adapters(stack, jnp.array([[0, 1]]))
     with pytest.raises(LoraError, match="expected an AdapterStack"):
-        lorax_fn.select_adapters(trees[0], jnp.array([0]))
-    sel = lorax_fn.select_adapters(stack, jnp.array([0, 1, -1]))
+        lorax_fn.multi.select_adapters(trees[0], jnp.array([0]))
+    sel = lorax_fn.multi.select_adapters(stack, jnp.array([0, 1, -1]))
     with pytest.raises(LoraError, match=r"positional argument 0 has shape \(2, 6\).* of 3"):
         g(base, sel, jnp.ones((2, 6)))
     with pytest.raises(LoraError, match="w: the adapter was made for a weight of shape"):
@@ -421,9 +424,9 @@ def test_dora_adapters_are_refused_naming_the_path():
         lorax_fn.stack_adapters([plain, dora])
     stack = lorax_fn.stack_adapters([plain])
     with pytest.raises(LoraError, match="the new adapter: w: DoRA"):
-        lorax_fn.replace_adapter(stack, 0, dora)
+        lorax_fn.multi.replace_adapter(stack, 0, dora)
     # A stack built by hand around DoRA entries is refused when used, not run as LoRA.
-    forged = lorax_fn.AdapterStack(
+    forged = lorax_fn.multi.AdapterStack(
         {"w": dataclasses.replace(stack.entries["w"], magnitude=dora["w"].magnitude[None])}
     )
     with pytest.raises(LoraError, match="the stack: w: DoRA"):
@@ -483,7 +486,7 @@ def test_grouped_refusals():
     g = lorax_fn.multi_lora(lambda p, x: x @ p["w"], method="grouped")
     ids = jnp.array([0, -1])
     with pytest.raises(LoraError, match="gathered already"):
-        g(base, lorax_fn.select_adapters(stack, ids), jnp.ones((2, 6)))
+        g(base, lorax_fn.multi.select_adapters(stack, ids), jnp.ones((2, 6)))
     with pytest.raises(LoraError, match="leading batch axis of 2"):
         g(base, stack, ids, jnp.ones((3, 6)))
 

@@ -42,7 +42,7 @@ def test_hot_swap_does_not_recompile_and_takes_effect(setup):
     before_tokens, _ = serve.run_batch(CONFIG, base, stack, requests, STEPS)
     compiled = serve.TRACES["generate_with_adapters"]
 
-    swapped = lorax_fn.replace_adapter(stack, 1, spare)
+    swapped = lorax_fn.multi.replace_adapter(stack, 1, spare)
     tokens, logits = serve.run_batch(CONFIG, base, swapped, requests, STEPS)
     assert serve.TRACES["generate_with_adapters"] == compiled
 
@@ -57,7 +57,7 @@ def test_hot_swap_does_not_recompile_and_takes_effect(setup):
 
     # The counter does see a retrace: a stack padded to a larger rank has new shapes
     # (lowering traces without compiling, to keep the test fast).
-    bigger = lorax_fn.stack_adapters([*trees, lorax_fn.combine([spare, spare], [0.5, 0.5])])
+    bigger = lorax_fn.stack_adapters([*trees, lorax_fn.multi.combine([spare, spare], [0.5, 0.5])])
     args = [requests[f] for f in ("adapter_ids", "prompts", "lengths")]
     sampling = serve.sampling_of(requests)
     serve.generate_with_adapters.lower(CONFIG, base, bigger, *args, sampling, steps=STEPS)

@@ -133,7 +133,7 @@ def test_files_follow_peft_layout(tmp_path):
         * f.scale
     )
     np.testing.assert_allclose(
-        delta, np.asarray(lorax_fn.delta(f)).reshape(H * K, D).T, rtol=1e-5, atol=1e-6
+        delta, np.asarray(lorax_fn.factors.delta(f)).reshape(H * K, D).T, rtol=1e-5, atol=1e-6
     )
 
 
@@ -236,7 +236,7 @@ def test_export_refusals(tmp_path):
 
 def torch_model(params: dict):
     torch = pytest.importorskip("torch")
-    p = {k: np.asarray(v) for k, v in lorax_fn.leaves_with_paths(params)}
+    p = {k: np.asarray(v) for k, v in lorax_fn.paths.leaves_with_paths(params)}
 
     class Attn(torch.nn.Module):
         def __init__(self):
@@ -385,7 +385,10 @@ def test_conv_kernels_export_in_peft_conv_format_and_round_trip(tmp_path):
         tensors[p + "conv2.lora_A.weight"],
     )
     np.testing.assert_allclose(
-        peft_delta, np.asarray(lorax_fn.delta(f)).transpose(3, 2, 0, 1), rtol=1e-5, atol=1e-6
+        peft_delta,
+        np.asarray(lorax_fn.factors.delta(f)).transpose(3, 2, 0, 1),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert_same_tree(import_peft(tmp_path, base), lt)
     # As PEFT writes it, without lorax_fn's header: the conv format alone says what it is.
@@ -476,7 +479,7 @@ def test_fan_in_fan_out_keeps_full_kernels_in_in_out_order(tmp_path):
 
 def torch_conv_model(params: dict):
     torch = pytest.importorskip("torch")
-    p = {k: np.asarray(v) for k, v in lorax_fn.leaves_with_paths(params)}
+    p = {k: np.asarray(v) for k, v in lorax_fn.paths.leaves_with_paths(params)}
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -904,7 +907,7 @@ def torch_moe_model(params: dict):
         hidden_size=HID, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=TOPK
     )
     config._experts_implementation = "eager"
-    p = {k: np.asarray(v) for k, v in lorax_fn.leaves_with_paths(params)}
+    p = {k: np.asarray(v) for k, v in lorax_fn.paths.leaves_with_paths(params)}
 
     class Block(torch.nn.Module):
         def __init__(self):

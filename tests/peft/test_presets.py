@@ -1,4 +1,4 @@
-"""lorax_fn.presets: PEFT name maps that write Hugging Face's own module names."""
+"""lorax_fn.peft.presets: PEFT name maps that write Hugging Face's own module names."""
 
 import dataclasses
 import json
@@ -94,7 +94,7 @@ def test_hugging_face_flax_layout_gives_the_same_names(llama, tmp_path):
         return path.replace("params/layers_", "params/model/layers/")
 
     hf_base = {"params": {"model": {"layers": {}}}}
-    for path, leaf in lorax_fn.leaves_with_paths(base):
+    for path, leaf in lorax_fn.paths.leaves_with_paths(base):
         if path.startswith("params/layers_"):
             i, *rest = hf_path(path).split("/")[3:]
             node = hf_base["params"]["model"]["layers"].setdefault(i, {})
@@ -232,7 +232,7 @@ def test_llama_adapter_gives_the_same_logits_in_transformers_and_peft(llama, tmp
     model = transformers.LlamaForCausalLM(hf_config).eval()
     # The preset names every base weight too: a wrong name fails the strict load.
     weights = {}
-    for path, leaf in lorax_fn.leaves_with_paths(base):
+    for path, leaf in lorax_fn.paths.leaves_with_paths(base):
         x = np.asarray(leaf)
         weights[module_name(preset, path) + ".weight"] = torch.from_numpy(
             np.array(x.T if path.endswith("kernel") else x)

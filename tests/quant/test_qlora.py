@@ -18,7 +18,8 @@ from flax import linen as nn
 from helpers import randomize_b
 
 import lorax_fn
-from lorax_fn import LoraError, LoraSpec, dequantize_base, merge, quantize_base
+from lorax_fn import LoraError, LoraSpec, merge, quantize_base
+from lorax_fn.quant import dequantize_base
 
 FORMATS = ["nf4", "int8"]
 
@@ -300,7 +301,7 @@ def test_a_quantized_base_checkpoints_like_a_float_one(tmp_path, fmt):
     g = jax.jit(lorax_fn.lora(model.apply, on_fallback="error"))
     for i, lt in enumerate(trees):
         lorax_fn.save(tmp_path / f"ad{i}", lt, spec, base=qbase)
-    info = lorax_fn.checkpoint_info(tmp_path / "ad0")
+    info = lorax_fn.checkpoint.checkpoint_info(tmp_path / "ad0")
     assert info.base_leaves["params/Dense_0/kernel"] == ((64, 128), "bfloat16")
     restored = lorax_fn.restore(tmp_path / "ad0", base=qbase)
     _assert_same_adapter(restored, trees[0])
@@ -314,7 +315,7 @@ def test_a_quantized_base_checkpoints_like_a_float_one(tmp_path, fmt):
     _assert_same_adapter(state.lora_tree, trees[0])
     _assert_same_adapter(state.opt_state, opt_state)
 
-    stack = lorax_fn.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=qbase)
+    stack = lorax_fn.multi.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=qbase)
     _assert_same_adapter(stack, lorax_fn.stack_adapters(trees, base=qbase))
 
     with pytest.raises(LoraError, match=r"extra= selects quantized weights \['params/Dense_1"):
@@ -326,4 +327,4 @@ def test_a_quantized_base_checkpoints_like_a_float_one(tmp_path, fmt):
     with pytest.raises(LoraError, match=r"Dense_2/kernel: made for shape \(64, 64\)"):
         lorax_fn.restore(tmp_path / "ad0", base=other)
     with pytest.raises(LoraError, match=r"(?s)ad0: .*Dense_2/kernel: made for shape \(64, 64\)"):
-        lorax_fn.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=other)
+        lorax_fn.multi.stack_checkpoints([tmp_path / "ad0", tmp_path / "ad1"], base=other)

@@ -288,7 +288,7 @@ def test_sharded_like_the_weight(fmt, shape, spec, codes_spec, scale_spec):
 def test_quantized_shardings_follow_the_float_base():
     mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     base = {"w": normal((64, 512)), "v": normal((512, 64)), "b": jnp.zeros(512)}
-    float_shardings = lorax_fn.fsdp_shardings(base, mesh, "x")
+    float_shardings = lorax_fn.sharding.fsdp_shardings(base, mesh, "x")
     q = quantize_base(base, ["w", "v"])
     placed = jax.device_put(q, quantized_shardings(q, float_shardings))
     assert placed["w"].codes.sharding.spec == float_shardings["w"].spec == P(None, "x")
@@ -314,7 +314,9 @@ def test_orbax_round_trip(tmp_path):
         abstract_base,
     )
     mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-    shardings = quantized_shardings(target, lorax_fn.fsdp_shardings(abstract_base, mesh, "x"))
+    shardings = quantized_shardings(
+        target, lorax_fn.sharding.fsdp_shardings(abstract_base, mesh, "x")
+    )
     target = jax.tree.map(
         lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings
     )

@@ -17,7 +17,8 @@ from jax import lax
 from jax.extend import core
 
 import lorax_fn
-from lorax_fn import Layout, LoraError, LoraSpec, dequantize_base, merge, quantize_base
+from lorax_fn import Layout, LoraError, LoraSpec, merge, quantize_base
+from lorax_fn.quant import dequantize_base
 
 E, D, F, R = 4, 16, 12, 3
 
@@ -263,5 +264,5 @@ def test_scan_stacked_linen_moe_layers_end_to_end():
     assert lt[w_in].a.shape == (layers, E, D, R)
     assert_matches_merged(model.apply, base, lt, x, rtol=1e-4, atol=1e-4)
     shapes = _grad_shapes(lorax_fn.lora(model.apply, on_fallback="error"), base, lt, x)
-    expert_shapes = {tuple(w.shape) for p, w in lorax_fn.leaves_with_paths(base) if "w_" in p}
+    expert_shapes = {tuple(w.shape) for p, w in lorax_fn.paths.leaves_with_paths(base) if "w_" in p}
     assert not shapes & expert_shapes

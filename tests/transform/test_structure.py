@@ -45,7 +45,7 @@ def test_gradient_jaxpr_holds_no_full_size_adapted_weight():
     n_lora = len(jax.tree_util.tree_leaves(lt))
     tainted = [False] * n_base + [True] * n_lora + [False]
     shapes = set(tainted_shapes(closed.jaxpr, tainted))
-    weight_shapes = {tuple(w.shape) for p, w in lorax_fn.leaves_with_paths(base) if p in lt}
+    weight_shapes = {tuple(w.shape) for p, w in lorax_fn.paths.leaves_with_paths(base) if p in lt}
     assert weight_shapes == {(64, 4, 16), (4, 16, 64)}
     assert not shapes & weight_shapes
 

@@ -17,7 +17,8 @@ from helpers import TiedLM, assert_matches_merged, compiled_flops, randomize_b, 
 from jax import lax
 
 import lorax_fn
-from lorax_fn import Layout, LoraSpec, dequantize_base, merge, quantize_base
+from lorax_fn import Layout, LoraSpec, merge, quantize_base
+from lorax_fn.quant import dequantize_base
 
 KEY = jax.random.key(0)
 
