@@ -84,10 +84,10 @@ def perturb(lt: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
     def one(f: lorax_fn.LoraFactors) -> lorax_fn.LoraFactors:
         b = jnp.asarray(rng.normal(0.0, 0.02, f.b.shape), f.b.dtype)
-        if f.magnitude is None:
+        if "magnitude" not in f.extras:
             return dataclasses.replace(f, b=b)
         jitter = jnp.asarray(1.0 + rng.normal(0.0, 0.05, f.magnitude.shape), f.magnitude.dtype)
-        return dataclasses.replace(f, b=b, magnitude=f.magnitude * jitter)
+        return dataclasses.replace(f, b=b).with_extras(magnitude=f.magnitude * jitter)
 
     return {path: one(f) for path, f in lt.items()}
 

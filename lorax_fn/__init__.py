@@ -25,7 +25,7 @@ from lorax_fn.accounting import count_params, summary
 from lorax_fn.checkpoint import LoraCheckpointManager, restore, save
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
-from lorax_fn.merge import dora_norms, init_magnitudes, merge, unmerge
+from lorax_fn.merge import merge, unmerge
 from lorax_fn.multi import multi_lora, stack_adapters
 from lorax_fn.optim import optimizer, weight_decay_mask
 from lorax_fn.paths import describe
@@ -35,6 +35,7 @@ from lorax_fn.sharding import lora_shardings
 from lorax_fn.spec import LoraSpec
 from lorax_fn.split import split
 from lorax_fn.transform import infer_layouts, lora
+from lorax_fn.variants.dora import dora_norms, init_magnitudes
 from lorax_fn.version import __version__
 
 __all__ = [

@@ -49,8 +49,9 @@ def _size(x: Any) -> tuple[int, int]:
 def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
     """Count trainable vs total parameters (and bytes) of a base and its LoRA tree.
 
-    A quantized base weight (:func:`lorax_fn.quantize_base`) counts its original
-    parameters and the bytes it is stored in.
+    Every array of an adapter is trainable: A, B and its variant's extra arrays
+    (:mod:`lorax_fn.variants`). A quantized base weight (:func:`lorax_fn.quantize_base`)
+    counts its original parameters and the bytes it is stored in.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -73,7 +74,10 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
 
 
 def summary(base: Any, lora: dict[str, Any]) -> str:
-    """A per-target table (shape, rank, scale, factor shapes, parameters) and the totals.
+    """A per-target table (shape, kind, rank, scale, factor shapes, parameters) and the totals.
+
+    ``kind`` is the adapter's variant (``lora`` or another :mod:`lorax_fn.variants` name)
+    or ``full`` for a leaf trained in full; ``params`` counts its extra arrays too.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -92,7 +96,7 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
                 (
                     path,
                     str(shapes.get(path)),
-                    "dora" if entry.is_dora else "lora",
+                    entry.variant,
                     str(entry.rank),
                     f"{entry.scale:g}",
                     str(tuple(entry.a.shape)),

@@ -93,17 +93,19 @@ class Layout:
 class LoraFactors:
     """The trainable A and B of one adapted weight; ``scale`` and ``layout`` are static.
 
-    ``magnitude`` is DoRA's trainable magnitude vector (``LoraSpec(use_dora=True)``):
-    one entry per (batch, out) index of the weight, shape B's without the rank axis;
-    ``None`` for plain LoRA. See :mod:`lorax_fn.variants.dora`. ``pissa`` (static) is set by
+    ``variant`` (static) names the adapter kind (:mod:`lorax_fn.variants`: ``"lora"``,
+    ``"dora"``, or one registered by the user) and ``extras`` holds its trainable arrays
+    beyond A and B, by name — column vectors, one entry per (batch, out) index of the
+    weight (:attr:`column_shape`), e.g. DoRA's ``magnitude``. An extra reads as an
+    attribute too (``f.magnitude``). ``pissa`` (static) is set by
     ``split(init="pissa")``: the record of the residual base these factors need
     (:mod:`lorax_fn.pissa`); ``None`` otherwise.
 
     Example:
         >>> import jax.numpy as jnp
         >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 0.5, Layout((0,), (1,)))
-        >>> f.rank, f.weight_shape, delta(f).shape
-        (2, (4, 3), (4, 3))
+        >>> f.rank, f.weight_shape, delta(f).shape, f.column_shape
+        (2, (4, 3), (4, 3), (3,))
     """
 
     a: jax.Array
@@ -111,13 +113,23 @@ class LoraFactors:
     scale: float = dataclasses.field(metadata={"static": True})
     layout: Layout = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
-    magnitude: jax.Array | None = None
+    extras: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    variant: str = dataclasses.field(default="lora", metadata={"static": True})
     pissa: PissaRecord | None = dataclasses.field(default=None, metadata={"static": True})
+
+    def __getattr__(self, name: str) -> jax.Array:
+        # Only reached when normal lookup fails: an extra array by its name.
+        extras = self.__dict__.get("extras")
+        if extras is not None and name in extras:
+            return extras[name]
+        raise AttributeError(f"LoraFactors ({self.__dict__.get('variant')}) has no {name!r}")
 
     def __repr__(self) -> str:
         extra = f", dropout={self.dropout:g}" if self.dropout else ""
-        if self.magnitude is not None:
-            extra += f", magnitude={_brief(self.magnitude)}"
+        if self.variant != "lora":
+            extra += f", variant={self.variant!r}"
+        for name, x in self.extras.items():
+            extra += f", {name}={_brief(x)}"
         if self.pissa is not None:
             extra += ", pissa"
         return (
@@ -125,14 +137,33 @@ class LoraFactors:
             f"layout={self.layout}{extra})"
         )
 
-    @property
-    def is_dora(self) -> bool:
-        """Whether this is a DoRA adapter (it carries a magnitude vector)."""
-        return self.magnitude is not None
+    def plain(self) -> LoraFactors:
+        """These factors as plain LoRA: the variant and its extras dropped.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 1.0, Layout((0,), (1,)),
+            ...                 extras={"magnitude": jnp.ones(3)}, variant="dora")
+            >>> f.plain().variant, f.plain().extras
+            ('lora', {})
+        """
+        return dataclasses.replace(self, extras={}, variant="lora")
+
+    def with_extras(self, **arrays: jax.Array) -> LoraFactors:
+        """These factors with the named extra arrays replaced (or added).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> f = LoraFactors(jnp.ones((4, 2)), jnp.zeros((2, 3)), 1.0, Layout((0,), (1,)),
+            ...                 extras={"magnitude": jnp.ones(3)}, variant="dora")
+            >>> f.with_extras(magnitude=jnp.zeros(3)).magnitude
+            Array([0., 0., 0.], dtype=float32)
+        """
+        return dataclasses.replace(self, extras={**self.extras, **arrays})
 
     @property
-    def magnitude_shape(self) -> tuple[int, ...]:
-        """The shape DoRA's magnitude has for these factors: ``(*batch, *out)``."""
+    def column_shape(self) -> tuple[int, ...]:
+        """The shape of a column vector (a variant's extra array): ``(*batch, *out)``."""
         nb = len(self.layout.batch_axes)
         shape = tuple(np.shape(self.b))
         return shape[:nb] + shape[nb + 1 :]

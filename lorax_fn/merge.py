@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
-from lorax_fn.variants.dora import dora_weight, to_weight_axes, weight_norms
+from lorax_fn.variants.base import apply_columns, get
 
 
 def check_fits(base: Any, lora: dict[str, Any]) -> None:
@@ -52,11 +51,18 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
                 )
             if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
                 raise LoraError(f"{path}: base leaf has non-floating dtype {dtype}")
-            if entry.is_dora and np.shape(entry.magnitude) != entry.magnitude_shape:
+            variant = get(entry.variant)
+            if sorted(entry.extras) != sorted(variant.extras):
                 raise LoraError(
-                    f"{path}: DoRA magnitude has shape {np.shape(entry.magnitude)}, the factors "
-                    f"need {entry.magnitude_shape} (one entry per batch and fan-out index)"
+                    f"{path}: a {variant.title} adapter holds {sorted(variant.extras)} beside A "
+                    f"and B, this one {sorted(entry.extras)}"
                 )
+            for name, x in entry.extras.items():
+                if np.shape(x) != entry.column_shape:
+                    raise LoraError(
+                        f"{path}: {variant.title} {name} has shape {np.shape(x)}, the factors "
+                        f"need {entry.column_shape} (one entry per batch and fan-out index)"
+                    )
         elif np.shape(entry) != shape or getattr(entry, "dtype", None) != dtype:
             raise LoraError(
                 f"{path}: trainable leaf {np.shape(entry)} {getattr(entry, 'dtype', None)} does "
@@ -64,15 +70,9 @@ def check_fits(base: Any, lora: dict[str, Any]) -> None:
             )
 
 
-def _unfold(w: jax.Array, factors: LoraFactors, norms: jax.Array | None) -> jax.Array:
-    w = w.astype(jnp.float32)
-    if factors.is_dora:
-        # W = V·m/‖V‖ ⇒ V = W·‖V‖/m. A zero column of V stays zero; with m = 0 the column
-        # is lost (0·∞ = NaN, which safe=True reports).
-        m = factors.magnitude.astype(jnp.float32)
-        ratio = jnp.where(norms > 0, norms.astype(jnp.float32) / m, 0.0)
-        w = w * to_weight_axes(ratio, factors.layout)
-    return w - delta(factors)
+def _unfold(w: jax.Array, factors: LoraFactors, state: Any) -> jax.Array:
+    inverse = get(factors.variant).inverse_column_scale(factors, state)
+    return apply_columns(w.astype(jnp.float32), inverse, factors) - delta(factors)
 
 
 def _apply(
@@ -87,7 +87,10 @@ def _apply(
         else:
             out_dtype = w.dtype
         if isinstance(entry, LoraFactors):
-            folded = dora_weight(w, entry) if sign > 0 else _unfold(w, entry, norms.get(path))
+            if sign > 0:
+                folded = get(entry.variant).weight(w, entry)
+            else:
+                folded = _unfold(w, entry, norms.get(path))
             out[path] = folded.astype(out_dtype)
         elif entry is not None and sign > 0:
             out[path] = entry
@@ -161,8 +164,9 @@ def merge(
 ) -> Any:
     """Params with the structure of ``base`` and ``W0 + scale·A·B`` in every adapted leaf.
 
-    A DoRA leaf becomes ``m·V/‖V‖_c`` with ``V = W0 + scale·A·B`` (:mod:`lorax_fn.variants.dora`;
-    the norm is a constant in the gradient, as in PEFT).
+    An adapter of another variant folds as that variant says
+    (:meth:`lorax_fn.variants.Variant.weight`; DoRA: ``m·V/‖V‖_c`` with
+    ``V = W0 + scale·A·B``).
 
     Fully trainable leaves are replaced by their trained values. The update is
     accumulated in float32 and cast back to each weight's dtype. ``donate=True`` lets
@@ -193,89 +197,65 @@ def merge(
 
 
 def _check_norms(lora: dict[str, Any], norms: dict[str, jax.Array] | None) -> dict:
-    dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
+    """The states that exact unmerges need (``norms=``), checked against the entries."""
+    needy = {
+        p: f
+        for p, f in lora.items()
+        if isinstance(f, LoraFactors) and get(f.variant).unmerge_hint is not None
+    }
     norms = dict(norms or {})
-    if missing := sorted(set(dora) - set(norms)):
+    missing: dict[str, list[str]] = {}
+    for p in sorted(set(needy) - set(norms)):
+        missing.setdefault(needy[p].variant, []).append(p)
+    for name, paths in missing.items():
+        variant = get(name)
+        raise LoraError(f"unmerge of {variant.title} weights {paths} needs {variant.unmerge_hint}")
+    if extra := sorted(set(norms) - set(needy)):
         raise LoraError(
-            f"unmerge of DoRA weights {missing} needs their column norms: a merged DoRA weight "
-            "m·V/‖V‖ does not determine the base. Keep "
-            "norms = lorax_fn.dora_norms(base, lora) "
-            "from before merging and call unmerge(merged, lora, norms=norms)"
+            f"unmerge: norms given for paths whose adapters need none (plain LoRA or not "
+            f"adapted): {extra}"
         )
-    if extra := sorted(set(norms) - set(dora)):
-        raise LoraError(f"unmerge: norms given for paths that are not DoRA entries: {extra}")
-    for p, f in dora.items():
-        if np.shape(norms[p]) != f.magnitude_shape:
+    for p, f in needy.items():
+        if np.shape(norms[p]) != f.column_shape:
             raise LoraError(
                 f"{p}: norms have shape {np.shape(norms[p])}, "
-                f"the DoRA magnitude {f.magnitude_shape}"
+                f"the {get(f.variant).title} adapter's columns {f.column_shape}"
             )
     return norms
 
 
-def dora_norms(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
-    """``{path: ‖W0 + scale·A·B‖_c}`` for every DoRA entry: what an exact unmerge needs.
+def unmerge_states(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
+    """``{path: state}``: what each entry's variant needs for an exact ``unmerge``.
 
-    A merged DoRA weight ``m·V/‖V‖_c`` does not determine ``W0`` (any column length
-    of ``V`` gives the same weight), so keep these small vectors (one per output column)
-    when you merge and pass them to ``unmerge(merged, lora, norms=...)``.
+    Taken from ``base`` before merging, one weight at a time (a quantized weight is
+    dequantized alone); entries whose variant needs nothing are left out. DoRA's state
+    is its column norms (:func:`lorax_fn.dora_norms`).
 
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from lorax_fn import LoraSpec, split
         >>> w = jax.random.normal(jax.random.key(0), (8, 4))
         >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
-        >>> norms = dora_norms(base, lt)
-        >>> back = unmerge(merge(base, lt), lt, norms=norms)
+        >>> state = unmerge_states(base, lt)
+        >>> back = unmerge(merge(base, lt), lt, norms=state)
         >>> bool(jnp.allclose(back["w"], base["w"], atol=1e-5))
         True
     """
-    return _dora_norms(base, lora, "dora_norms")
-
-
-def _dora_norms(base: Any, lora: dict[str, Any], who: str) -> dict[str, jax.Array]:
     check_fits(base, lora)
-    dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.is_dora}
-    if not dora:
-        raise LoraError(f"{who}: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
-    # One weight at a time, V never formed: a quantized base is never in float at once.
-    norms = {p: _weight_norms(w, dora[p]) for p, w in weight_leaves(base) if p in dora}
-    return {p: norms[p] for p in dora}
+    needy = {
+        p: f
+        for p, f in lora.items()
+        if isinstance(f, LoraFactors) and get(f.variant).unmerge_hint is not None
+    }
+    states = {p: _unmerge_state(w, needy[p]) for p, w in weight_leaves(base) if p in needy}
+    return {p: states[p] for p in needy}
 
 
 @jax.jit
-def _weight_norms(w: Any, factors: LoraFactors) -> jax.Array:
+def _unmerge_state(w: Any, factors: LoraFactors) -> jax.Array:
     if isinstance(w, QuantizedArray):
         w = w.dequantize(jnp.float32)
-    return weight_norms(w, factors)
-
-
-def init_magnitudes(base: Any, lora: dict[str, Any]) -> dict[str, Any]:
-    """``lora`` with each DoRA magnitude reset to ``‖W0 + scale·A·B‖_c`` of this ``base``.
-
-    Then the adapted model equals ``base`` with the plain low-rank update, and at
-    :func:`lorax_fn.split`'s init (B = 0) equals ``base`` itself. ``split`` sets the
-    magnitudes from the float weights; after :func:`lorax_fn.quantize_base` (QDoRA)
-    call this on the quantized base so that training starts from the quantized model
-    exactly, not from one whose columns are rescaled by the quantization error. Each
-    quantized weight is dequantized alone, inside one compiled call.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from lorax_fn import LoraSpec, quantize_base, split
-        >>> w = jax.random.normal(jax.random.key(0), (64, 8))
-        >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
-        >>> qbase = quantize_base(base, "w")
-        >>> lt = init_magnitudes(qbase, lt)
-        >>> merged = merge(qbase, lt)["w"]
-        >>> bool(jnp.allclose(merged, qbase["w"].dequantize(), atol=1e-5))
-        True
-    """
-    norms = _dora_norms(base, lora, "init_magnitudes")
-    return {
-        p: dataclasses.replace(e, magnitude=norms[p].astype(e.magnitude.dtype)) if p in norms else e
-        for p, e in lora.items()
-    }
+    return get(factors.variant).unmerge_state(w, factors)
 
 
 def unmerge(
@@ -292,8 +272,10 @@ def unmerge(
     The round trip is exact up to rounding: ≤ 1e-6 relative in float32; for bfloat16
     weights each of the two casts rounds, so expect ≈ 2⁻⁸ relative to ``|W0| + |ΔW|``.
     A tree holding quantized weights is refused (:class:`LoraError`): the quantized base
-    has no adapter folded in; ``merge`` of it gives the float model. DoRA weights need
-    ``norms=dora_norms(base, lora)``, kept from before merging (see :func:`dora_norms`).
+    has no adapter folded in; ``merge`` of it gives the float model. A variant whose
+    merged weight does not determine the base (DoRA) needs ``norms=`` what
+    :func:`unmerge_states` (for DoRA, :func:`lorax_fn.dora_norms`) returned before
+    merging.
 
     Example:
         >>> import jax, jax.numpy as jnp

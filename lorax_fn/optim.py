@@ -1,9 +1,10 @@
 """`optimizer`: an optax transformation that trains the factors and keeps nothing for the rest.
 
-Every leaf of the tree being optimised gets one of five labels (:func:`lora_labels`):
+Every leaf of the tree being optimised gets one label (:func:`lora_labels`):
 
 - ``"lora_a"`` / ``"lora_b"``: the A and B arrays of each :class:`~lorax_fn.LoraFactors`;
-- ``"lora_magnitude"``: DoRA's magnitude vectors (``LoraSpec(use_dora=True)``);
+- an adapter variant's extra arrays (:mod:`lorax_fn.variants`): the label its variant
+  gives each (``Variant.label``, by default ``"lora_<name>"``);
 - ``"trainable"``: any other floating leaf (the leaves ``LoraSpec(trainable=...)`` put in
   the LoRA tree, or whatever else a combined tree holds that is not frozen);
 - ``"frozen"``: leaves matched by ``frozen=`` and every non-floating leaf (integer
@@ -33,9 +34,9 @@ from lorax_fn.paths import (
     path_str,
     unmatched_filter,
 )
+from lorax_fn.variants.base import get, names
 
 LORA_A, LORA_B, TRAINABLE, FROZEN = "lora_a", "lora_b", "trainable", "frozen"
-LORA_MAGNITUDE = "lora_magnitude"
 
 # Biases, norm scales and norm layers: the leaves AdamW recipes (BERT, GPT-2, PEFT
 # trainers) leave undecayed. Matched per path component.
@@ -59,11 +60,40 @@ def _is_float(leaf: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)
 
 
+def _extra_label(variant: str, extra: str) -> str:
+    label = get(variant).label(extra)
+    # An extra under A's, B's or a plain leaf's label would silently take their
+    # transform (LoRA+'s ratio, trainable_tx, or none at all).
+    if label in (LORA_A, LORA_B, TRAINABLE, FROZEN):
+        raise LoraError(
+            f"adapter variant {variant!r} labels its extra array {extra!r} {label!r}, a "
+            "label lorax_fn.optimizer keeps for other leaves; give it a label of its own"
+        )
+    return label
+
+
+def _factor_labels(factors: LoraFactors) -> LoraFactors:
+    """``factors`` with each array replaced by its label."""
+    extras = {name: _extra_label(factors.variant, name) for name in factors.extras}
+    return dataclasses.replace(factors, a=LORA_A, b=LORA_B, extras=extras)
+
+
+def _variant_labels() -> set[str]:
+    """Every label an extra array of a registered variant can have.
+
+    A label that :func:`_extra_label` refuses is left out: the refusal belongs to the
+    trees that use that variant, not to every optimizer built while it is registered.
+    """
+    labels = {get(n).label(extra) for n in names() for extra in get(n).extras}
+    return labels - {LORA_A, LORA_B, TRAINABLE, FROZEN}
+
+
 def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) -> Any:
     """The optax label of every leaf of ``params``: a tree of the same structure.
 
     Use it to build your own ``optax.partition`` with the labels ``"lora_a"``,
-    ``"lora_b"``, ``"lora_magnitude"`` (DoRA), ``"trainable"`` and ``"frozen"``.
+    ``"lora_b"``, those of the adapter variants' extra arrays (``Variant.label``),
+    ``"trainable"`` and ``"frozen"``.
     ``frozen`` filters (globs, regexes or callables over the ``/``-joined paths of
     ``params``) win over every other label; a filter that matches no leaf is an error
     listing the nearest paths.
@@ -86,12 +116,13 @@ def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> An
     predicates = [compile_filter(f) for f in filters]
     hits = [0] * len(filters)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    # A factor's leaves are labelled by the field they sit in, so find which leaves
-    # belong to a LoraFactors node from the same flattening, up to that node.
-    factor_paths = {
-        path_str(k)
+    # A factor's leaves are labelled by the field they sit in: label each LoraFactors
+    # node as a whole, then key its labels by the full paths of its leaves.
+    factor_labels = {
+        path_str(k + sub): label
         for k, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_factors)[0]
         if _is_factors(x)
+        for sub, label in jax.tree_util.tree_flatten_with_path(_factor_labels(x))[0]
     }
     labels = []
     for key_path, leaf in flat:
@@ -99,15 +130,10 @@ def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> An
         matched = [i for i, match in enumerate(predicates) if match(path, leaf)]
         for i in matched:
             hits[i] += 1
-        parent, _, field = path.rpartition("/")
         if matched or not _is_float(leaf):
             labels.append(FROZEN)
-        elif parent in factor_paths and field in ("a", "b"):
-            labels.append(LORA_A if field == "a" else LORA_B)
-        elif parent in factor_paths and field == "magnitude":
-            labels.append(LORA_MAGNITUDE)
         else:
-            labels.append(TRAINABLE)
+            labels.append(factor_labels.get(path, TRAINABLE))
     for f, n in zip(filters, hits, strict=True):
         if strict and not n:
             raise unmatched_filter(f, [path_str(k) for k, _ in flat], "frozen filter")
@@ -142,20 +168,23 @@ def optimizer(
       trainable_tx: a separate optimizer for the fully trainable (non-factor) leaves,
         e.g. a classifier head at another learning rate. Defaults to ``tx``.
       lora_plus_ratio: LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster than
-        A; the paper suggests ``ratio ≈ 16``. A DoRA magnitude is not B (LoRA+'s analysis
-        is about the A/B product) and keeps the plain rate. Implemented as ``optax.scale(ratio)``
-        after ``tx`` on B's updates. That is exactly B at learning rate ``ratio · lr``
-        whenever ``tx`` ends by multiplying by the learning rate, as optax's SGD,
-        momentum, Adam, AdamW (decay included) and their schedules do: the moment
-        estimates are kept per label and never see the ratio, only the final step does.
+        A; the paper suggests ``ratio ≈ 16``. A variant's extra arrays are not B (LoRA+'s
+        analysis is about the A/B product) and keep the plain rate. Implemented as
+        ``optax.scale(ratio)`` after ``tx`` on B's updates. That is exactly B at learning
+        rate ``ratio · lr`` whenever ``tx`` ends by multiplying by the learning rate, as
+        optax's SGD, momentum, Adam, AdamW (decay included) and their schedules do: the
+        moment estimates are kept per label and never see the ratio, only the final step
+        does.
 
     Weight decay belongs inside ``tx`` so it shares the learning-rate schedule: pass
     ``optax.adamw(lr, weight_decay=wd, mask=lorax_fn.weight_decay_mask)``.
 
-    A DoRA adapter's magnitude (``LoraSpec(use_dora=True)``) is labelled
-    ``"lora_magnitude"``: it is part of the adapter, trained by ``tx`` as PEFT does
-    (never by ``trainable_tx``, which is for leaves such as a head, and without LoRA+'s
-    ratio), and is not weight-decayed by :func:`weight_decay_mask`.
+    An adapter variant's extra arrays (:mod:`lorax_fn.variants`) each carry the label
+    their variant gives them: they are part of the adapter, trained by ``tx`` as PEFT
+    does (never by ``trainable_tx``, which is for leaves such as a head, and without
+    LoRA+'s ratio), and weight-decayed by :func:`weight_decay_mask` only where the
+    variant says so. Without ``params`` the optimizer holds a transform for the labels
+    of every variant registered when it is built: register a variant first.
 
     It is ``optax.partition`` with callable labels (:func:`lora_labels`): each
     non-frozen label keeps its own copy of ``tx``'s state over its own leaves: with
@@ -185,26 +214,34 @@ def optimizer(
     candidates = {
         LORA_A: tx,
         LORA_B: b_tx,
-        LORA_MAGNITUDE: tx,
         TRAINABLE: tx if trainable_tx is None else trainable_tx,
         FROZEN: optax.set_to_zero(),
     }
     # Given a tree, only its labels get a transform: an absent one would still keep
-    # its own state (e.g. Adam's step count) for nothing.
-    present = list(candidates)
-    if params is not None:
+    # its own state (e.g. Adam's step count) for nothing. Without one, every label a
+    # registered variant can give an extra array needs one.
+    if params is None:
+        present = [*candidates, *sorted(_variant_labels())]
+    else:
         labels = set(jax.tree.leaves(_labels(params, filters, strict=True)))
-        present = [k for k in candidates if k in labels]
-
-    inner = optax.partition(
-        {k: candidates[k] for k in present}, lambda tree: _labels(tree, filters, strict=False)
-    )
+        present = [*(k for k in candidates if k in labels), *sorted(labels - set(candidates))]
+    transforms = {k: candidates.get(k, tx) for k in present}
+    inner = optax.partition(transforms, lambda tree: _labels(tree, filters, strict=False))
 
     def check(tree: Any, where: str) -> None:
         if params is not None:
             problem = _first_difference(params, tree)
             if problem:
                 raise LoraError(f"optimizer {where}: {problem}")
+        # A leaf whose label has no transform would get no update from optax.partition's
+        # update (its init raises): only a variant registered after this call can do that.
+        missing = set(jax.tree.leaves(_labels(tree, filters, strict=False))) - set(transforms)
+        if missing:
+            raise LoraError(
+                f"optimizer {where}: the tree has extra arrays labelled {sorted(missing)}, of "
+                "an adapter variant registered after the optimizer was built: build it "
+                "after registering the variant, or pass params"
+            )
 
     def init(tree: Any) -> Any:
         # A tree without leaves stands for the params in optax.tree_map_params, which
@@ -257,20 +294,14 @@ def _first_difference(want: Any, got: Any) -> str | None:
 def weight_decay_mask(params: Any) -> Any:
     """``True`` for the leaves weight decay should shrink: A, B and ≥2-D weights.
 
-    LoRA's A and B are always decayed; DoRA's magnitude never is. Other leaves are
+    LoRA's A and B are always decayed; an adapter variant's extra arrays are decayed
+    where the variant says so (``Variant.is_decayed``; none by default, since an extra
+    that scales columns starts away from zero). Other leaves are
     decayed when they have at least two axes and no path component is ``bias`` or
     ``scale`` or contains ``norm`` (or is ``ln``, ``ln_f``, ``ln1``…): biases and
     normalisation parameters are left alone, stacked (``nn.scan``) ones included.
     Works on the masked trees ``optax.partition`` hands to each inner optimizer, so it
     can be given to optax directly.
-
-    Why the magnitude is spared: decay pulls a parameter towards zero. For A and B that
-    is towards the pretrained model (``ΔW = 0``), but the magnitude starts at the base
-    weight's column norms ``‖W0‖_c``, so pulling it towards zero shrinks every output
-    column of the pretrained weight, a regulariser towards a zero layer. It is a
-    per-column gain like a norm layer's ``scale``, which is spared for the same reason.
-    (Hugging Face's Trainer decays every parameter but biases and norm layers, so it
-    does decay PEFT's ``lora_magnitude_vector``; the DoRA paper does not discuss it.)
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -278,19 +309,22 @@ def weight_decay_mask(params: Any) -> Any:
         ...                    "LayerNorm_0": {"scale": jnp.ones(2)}})
         {'LayerNorm_0': {'scale': False}, 'dense': {'bias': False, 'kernel': True}}
         >>> from lorax_fn import Layout
+        >>> from lorax_fn.variants.base import Variant, register
+        >>> class Gain(Variant):  # a learned per-column gain, not decayed
+        ...     name, extras = "doc_decay_gain", ("gain",)
         >>> f = LoraFactors(jnp.ones((2, 1)), jnp.zeros((1, 2)), 1.0, Layout((0,), (1,)),
-        ...                 magnitude=jnp.ones(2))  # DoRA
+        ...                 extras={"gain": jnp.ones(2)}, variant=register(Gain()).name)
         >>> mask = weight_decay_mask({"w": f})["w"]
-        >>> mask.a, mask.b, mask.magnitude
-        (True, True, False)
+        >>> mask.a, mask.b, mask.extras
+        (True, True, {'gain': False})
         >>> tx = optax.adamw(1e-3, weight_decay=1e-2, mask=weight_decay_mask)
     """
 
     def decide(key_path: Any, leaf: Any) -> Any:
         if _is_factors(leaf):
-            # None stays None: a plain adapter has no magnitude leaf to mask.
-            magnitude = None if leaf.magnitude is None else False
-            return dataclasses.replace(leaf, a=True, b=True, magnitude=magnitude)
+            variant = get(leaf.variant)
+            extras = {name: variant.is_decayed(name) for name in leaf.extras}
+            return dataclasses.replace(leaf, a=True, b=True, extras=extras)
         return np.ndim(leaf) >= 2 and _NO_DECAY.search(path_str(key_path)) is None
 
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_factors)

@@ -91,6 +91,7 @@ def _is_spec(x: Any) -> bool:
 def _factor_specs(
     path: str, spec: PartitionSpec, factors: LoraFactors
 ) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
+    """A's, B's and a column vector's (a variant's extra array) specs from the weight's."""
     layout = factors.layout
     ndim = layout.ndim
     if len(spec) > ndim:
@@ -103,10 +104,10 @@ def _factor_specs(
     a = PartitionSpec(*batch, *(entries[i] for i in layout.in_axes), None)
     fan_out = tuple(entries[i] for i in layout.out_axes)
     b = PartitionSpec(*batch, None, *fan_out)
-    # DoRA's magnitude is indexed by (batch, out) like B without its rank axis, and
-    # scales the output columns that B produces: it takes B's spec less the rank.
-    m = PartitionSpec(*batch, *fan_out)
-    return a, b, m
+    # A variant's extra array is a column vector, indexed by (batch, out) like B without
+    # its rank axis, and scales the output columns that B produces: B's spec less the rank.
+    column = PartitionSpec(*batch, *fan_out)
+    return a, b, column
 
 
 def lora_shardings(
@@ -117,9 +118,10 @@ def lora_shardings(
     A takes the base weight's mesh axes on its batch and fan-in axes, B on its batch and
     fan-out axes (per the factors' :class:`~lorax_fn.Layout`), and the rank axis is
     replicated; so ``x @ A`` contracts over the same shards as ``x @ W0`` and
-    ``(x@A) @ B`` comes out sharded like ``x @ W0``. A DoRA magnitude (shape
-    ``(*batch, *out)``) takes B's spec without the rank axis, so it is split like the
-    output columns it scales. Fully trainable leaves take their base leaf's sharding.
+    ``(x@A) @ B`` comes out sharded like ``x @ W0``. An adapter variant's extra arrays
+    (:mod:`lorax_fn.variants`; column vectors of shape ``(*batch, *out)``) take B's spec
+    without the rank axis, so they are split like the output columns they scale. Fully
+    trainable leaves take their base leaf's sharding.
 
     Args:
       lora: the LoRA tree from :func:`lorax_fn.split`.
@@ -133,9 +135,9 @@ def lora_shardings(
       mesh: the mesh for ``PartitionSpec``/``None`` leaves; unused for ``NamedSharding``.
 
     Returns:
-      A tree with the structure of ``lora`` (``LoraFactors`` whose ``a``, ``b`` and, for
-      DoRA, ``magnitude`` are ``NamedSharding``), for ``jax.device_put`` or
-      ``jax.jit``'s ``out_shardings``.
+      A tree with the structure of ``lora`` (``LoraFactors`` whose ``a``, ``b`` and
+      ``extras`` arrays are ``NamedSharding``), for ``jax.device_put`` or ``jax.jit``'s
+      ``out_shardings``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -148,9 +150,13 @@ def lora_shardings(
         >>> sh = lora_shardings(lt, {"w": P("data", "model")}, mesh)
         >>> sh["w"].a.spec, sh["w"].b.spec
         (P('data', None), P(None, 'model'))
-        >>> _, dora = split({"w": jnp.ones((8, 4))}, LoraSpec("w", rank=2, use_dora=True),
-        ...                 key=jax.random.key(0))
-        >>> lora_shardings(dora, {"w": P("data", "model")}, mesh)["w"].magnitude.spec
+        >>> from lorax_fn.factors import Layout, LoraFactors
+        >>> from lorax_fn.variants.base import Variant, register
+        >>> class Gain(Variant):  # a learned per-column gain
+        ...     name, extras = "doc_shard_gain", ("gain",)
+        >>> f = LoraFactors(jnp.ones((8, 2)), jnp.zeros((2, 4)), 1.0, Layout((0,), (1,)),
+        ...                 extras={"gain": jnp.ones(4)}, variant=register(Gain()).name)
+        >>> lora_shardings({"w": f}, {"w": P("data", "model")}, mesh)["w"].extras["gain"].spec
         P('model',)
     """
     flat = jax.tree_util.tree_flatten_with_path(base_shardings, is_leaf=_is_spec)[0]
@@ -172,12 +178,12 @@ def lora_shardings(
             )
         m, spec = sharding(path, by_path[path])
         if isinstance(entry, LoraFactors):
-            a, b, mag = _factor_specs(path, spec, entry)
+            a, b, column = _factor_specs(path, spec, entry)
             out[path] = dataclasses.replace(
                 entry,
                 a=NamedSharding(m, a),
                 b=NamedSharding(m, b),
-                magnitude=None if entry.magnitude is None else NamedSharding(m, mag),
+                extras={name: NamedSharding(m, column) for name in entry.extras},
             )
         else:
             out[path] = NamedSharding(m, spec)

@@ -71,7 +71,13 @@ class LoraSpec:
       use_dora: DoRA (PEFT's ``use_dora``): each adapted weight also gets a trainable
         magnitude per output column, ``W = m·(W0 + scale·A·B)/‖W0 + scale·A·B‖_c``,
         initialised to ``‖W0‖_c`` so the model starts equal to the base
-        (:mod:`lorax_fn.variants.dora`).
+        (:mod:`lorax_fn.variants.dora`). The same as ``variant="dora"``.
+      variant: the adapter variant (:mod:`lorax_fn.variants`): ``"lora"`` (plain),
+        ``"dora"``, or the name of one registered with
+        :func:`lorax_fn.variants.register`; ``split`` checks that it is registered.
+        Stored as ``None`` for plain LoRA and DoRA, which ``use_dora`` says (so that
+        ``dataclasses.replace(spec, use_dora=False)`` gives plain LoRA); read the
+        resolved name from :attr:`variant_name`.
 
     Example:
         >>> spec = LoraSpec(targets=["**/query/kernel", "**/value/kernel"], rank=8,
@@ -94,6 +100,7 @@ class LoraSpec:
     layouts: Mapping[PathFilter, Layout] | Sequence[tuple[PathFilter, Layout]] = ()
     dropout: float = 0.0
     use_dora: bool = False
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -134,6 +141,28 @@ class LoraSpec:
             raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_dora, bool):
             raise LoraError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if self.variant is not None and (not isinstance(self.variant, str) or not self.variant):
+            raise LoraError(f"variant must be a variant's name, got {self.variant!r}")
+        # use_dora is PEFT's name for the DoRA variant: the flag holds it, so the two
+        # can never disagree silently.
+        if self.variant == "dora":
+            set_("use_dora", True)
+        elif self.use_dora and self.variant is not None:
+            raise LoraError(f"use_dora=True contradicts variant={self.variant!r}")
+        if self.variant in ("lora", "dora"):
+            set_("variant", None)
+
+    @property
+    def variant_name(self) -> str:
+        """The adapter variant's registry name: ``"lora"``, ``"dora"`` or a registered one.
+
+        Example:
+            >>> LoraSpec("w", use_dora=True).variant_name, LoraSpec("w").variant_name
+            ('dora', 'lora')
+        """
+        if self.variant is not None:
+            return self.variant
+        return "dora" if self.use_dora else "lora"
 
     def rank_for(self, path: str, leaf: Any = None) -> int:
         """The rank of the weight at ``path`` (first matching ``rank_pattern``, else ``rank``)."""
@@ -194,6 +223,8 @@ class LoraSpec:
             "layouts": pairs(self.layouts, Layout.to_json),
             "dropout": self.dropout,
             "use_dora": self.use_dora,
+            # Plain LoRA and DoRA keep the JSON of specs saved before variants existed.
+            **({} if self.variant is None else {"variant": self.variant}),
         }
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ from lorax_fn.paths import (
     unmatched_filter,
 )
 from lorax_fn.spec import LoraSpec
-from lorax_fn.variants.dora import init_magnitude
+from lorax_fn.variants.base import Variant
+from lorax_fn.variants.base import get as get_variant
 
 
 def _no_layout(path: str, shape: tuple[int, ...], inferred: str | None) -> LoraError:
@@ -126,6 +128,14 @@ def _init_factors(
     return LoraFactors(factors.a, factors.b, scale, layout, spec.dropout, pissa=pissa), residual
 
 
+def _with_variant(factors: LoraFactors, w0: jax.Array, variant: Variant) -> LoraFactors:
+    """``factors`` of ``variant``, its extra arrays initialised from the (residual) base."""
+    if variant.name == "lora":
+        return factors
+    factors = dataclasses.replace(factors, variant=variant.name)
+    return factors.with_extras(**variant.init(w0, factors))
+
+
 def split(
     params: Any, spec: LoraSpec, *, key: jax.Array, layouts: Mapping[str, Layout] | None = None
 ) -> tuple[Any, LoraTree]:
@@ -156,6 +166,7 @@ def split(
         >>> lora["params/Dense_0/kernel"].a.shape, lora["params/Dense_0/kernel"].b.shape
         ((16, 4), (4, 32))
     """
+    variant = get_variant(spec.variant_name)  # unknown names are refused before any work
     paths_leaves = leaves_with_paths(params)
     shapes = {p: tuple(np.shape(x)) for p, x in paths_leaves}
     unplaced = getattr(layouts, "unplaced", {})
@@ -198,7 +209,7 @@ def split(
         factors, base_leaf = _init_factors(
             path, leaf, layout, rank, spec.scale_for(path, leaf), spec, _path_key(key, path)
         )
-        lora[path] = init_magnitude(base_leaf, factors) if spec.use_dora else factors
+        lora[path] = _with_variant(factors, base_leaf, variant)
         new_leaves.append(base_leaf)
     # A fresh container even when no leaf changed: an nnx.State from nnx.split holds the
     # model's own Variables, so returning it would let nnx.update(model, ...) rewrite the

@@ -22,12 +22,14 @@ def randomize_b(lora_tree: dict[str, Any], seed: int = 1, std: float = 0.1) -> d
         if isinstance(entry, LoraFactors):
             key = jax.random.fold_in(jax.random.key(seed), i)
             b = std * jax.random.normal(key, entry.b.shape, jnp.float32).astype(entry.b.dtype)
-            magnitude = entry.magnitude
-            if magnitude is not None:
-                # DoRA: a magnitude away from its init (‖W0‖_c) exercises the m path too.
-                noise = jax.random.normal(jax.random.fold_in(key, 1), magnitude.shape)
-                magnitude = (magnitude * (1.0 + std * noise)).astype(magnitude.dtype)
-            out[path] = dataclasses.replace(entry, b=b, magnitude=magnitude)
+            # A variant's extras (DoRA's magnitude) away from their init (‖W0‖_c) exercise
+            # their path too.
+            extras = {}
+            for j, name in enumerate(sorted(entry.extras), start=1):
+                x = entry.extras[name]
+                noise = jax.random.normal(jax.random.fold_in(key, j), x.shape)
+                extras[name] = (x * (1.0 + std * noise)).astype(x.dtype)
+            out[path] = dataclasses.replace(entry, b=b).with_extras(**extras)
         else:
             out[path] = entry
     return {p: out[p] for p in lora_tree}

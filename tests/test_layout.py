@@ -1,9 +1,10 @@
 """The package tree reads as the architecture: imports go down, never to the root, no cycles.
 
 Ranks, bottom up: the core's vocabulary (errors, paths, factors, spec, ...), quantized
-arrays, adapter variants, the core flow (split, merge, optim, ...), the transform, then
-the wings. A module may import its own subpackage and anything of a lower rank; two
-wings of one rank never import each other.
+arrays, the variant protocol (variants.base), the core flow (split, merge, optim, ...)
+beside the variants themselves (DoRA builds on merge; the core reaches a variant through
+the registry only), the transform, then the wings. A module may import its own
+subpackage and anything of a lower rank; two wings of one rank never import each other.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lorax_fn"
 VOCABULARY = {"errors", "version", "paths", "factors", "spec", "conventions"}
-RANKS = {"quant": 1, "variants": 2, "transform": 4, "peft": 5, "checkpoint": 5, "multi": 6}
+RANKS = {"quant": 1, "transform": 4, "peft": 5, "checkpoint": 5, "multi": 6}
+PROTOCOL = "lorax_fn.variants.base"
 
 
 def _module_name(path: Path) -> str:
@@ -61,6 +63,8 @@ def _unit(module: str) -> str:
 
 
 def _rank(module: str) -> int:
+    if module == PROTOCOL:
+        return 2
     unit = _unit(module)
     return 0 if unit in VOCABULARY else RANKS.get(unit, 3)
 
@@ -78,7 +82,7 @@ def test_imports_go_down(module):
         m
         for m in MODULES[module]
         if m != "lorax_fn"
-        and _unit(m) != _unit(module)
+        and (_unit(m) != _unit(module) or _rank(m) > _rank(module))
         and (_rank(m) > _rank(module) or (_rank(m) == _rank(module) and _rank(m) in (1, 2, 5)))
     ]
     assert not up, f"{module} imports {up}, which are not below it"
@@ -100,3 +104,13 @@ def test_no_import_cycles():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _unit(m) != "variants"))
+def test_variants_are_reached_through_the_registry(module):
+    # Only the root (for the public DoRA helpers) imports a variant's own module; every
+    # other module asks lorax_fn.variants.base.get(name), so no wing names a variant.
+    if module == "lorax_fn":
+        return
+    named = [m for m in MODULES[module] if m.startswith("lorax_fn.variants.") and m != PROTOCOL]
+    assert not named, f"{module} imports {named}"

@@ -10,6 +10,7 @@ from helpers import randomize_b
 
 import lorax_fn
 from lorax_fn import LoraError, LoraFactors, LoraSpec
+from lorax_fn.variants import get, names
 
 KEY = jax.random.key(1)
 
@@ -293,9 +294,12 @@ def test_composes_with_optax_tree_map_params(setup, with_tree):
     moments = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.float32]
     assert len(moments) == 2 * len(jax.tree.leaves(lt)) and all(np.all(v == 7.0) for v in moments)
     counts = [v for v in jax.tree.leaves(marked) if v.dtype == jnp.int32]
-    # One count per label present (given a tree) or per trained label (lora_a, lora_b,
-    # lora_magnitude, trainable) without one.
-    assert [int(c) for c in counts] == [-1] * (3 if with_tree else 4)
+    # One count per label present (given a tree) or per trained label without one:
+    # lora_a, lora_b, trainable and each registered variant's extra arrays' labels
+    # (DoRA's lora_magnitude; other test modules register variants of their own).
+    extras = {get(v).label(e) for v in names() for e in get(v).extras}
+    assert "lora_magnitude" in extras
+    assert [int(c) for c in counts] == [-1] * (3 if with_tree else 3 + len(extras))
 
 
 def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
@@ -342,4 +346,4 @@ def test_dora_magnitude_is_trained_at_the_plain_rate_and_never_decayed():
     np.testing.assert_array_equal(new[path].magnitude, lt[path].magnitude)
     # A plain tree's mask has no magnitude leaf (optax needs the same structure).
     _, plain_lt = lorax_fn.split(variables, LoraSpec("**/kernel", rank=2), key=KEY)
-    assert lorax_fn.weight_decay_mask(plain_lt)[path].magnitude is None
+    assert "magnitude" not in lorax_fn.weight_decay_mask(plain_lt)[path].extras

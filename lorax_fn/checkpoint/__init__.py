@@ -9,7 +9,8 @@
 - :mod:`~lorax_fn.checkpoint.errors`: damaged files told apart from other read failures.
 """
 
-from lorax_fn.checkpoint.format import CheckpointDamaged, Shardings
+from lorax_fn.checkpoint.errors import CheckpointDamaged
+from lorax_fn.checkpoint.format import Shardings
 from lorax_fn.checkpoint.io import CheckpointInfo, checkpoint_info, restore, save
 from lorax_fn.checkpoint.manager import LoraCheckpointManager, TrainState
 

@@ -1,6 +1,7 @@
 """Read failures of a checkpoint: damaged files versus everything else, told once.
 
-Damaged files (missing, short, unparsable) raise :class:`CheckpointDamaged`; any other
+Damaged files (missing, short, unparsable, or failing their SHA-256) raise
+:class:`CheckpointDamaged`, defined here, at the bottom of the wing; any other
 orbax failure (placement, a dead peer) is a :class:`LoraError` naming the directory with
 its cause chained. orbax's abandoned reads print their own tracebacks after the error
 has been raised; :func:`one_clear_error` keeps those out of the user's stderr.
@@ -18,8 +19,20 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from lorax_fn.checkpoint.format import CheckpointDamaged
 from lorax_fn.errors import LoraError
+
+
+class CheckpointDamaged(LoraError):
+    """A checkpoint whose files are truncated, corrupted or edited (not a caller error).
+
+    :meth:`lorax_fn.LoraCheckpointManager.restore` with ``fallback=True`` skips steps
+    that raise it.
+
+    Example:
+        >>> issubclass(CheckpointDamaged, LoraError)
+        True
+    """
+
 
 # tensorstore/orbax texts that mean the files are missing, short or unparsable.
 _DAMAGE_MARKERS = (

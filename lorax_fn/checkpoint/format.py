@@ -1,24 +1,25 @@
 """The on-disk format of lorax_fn checkpoints and its validation.
 
 A checkpoint directory holds orbax items only: ``lora`` (the factor arrays ``a``,
-``b`` and, for a DoRA adapter, its ``magnitude``, keyed by entry index because LoRA
-paths contain ``/``), optionally ``opt_state`` (the optimizer state's leaves, keyed
-by leaf index), optionally ``extra`` (chosen base leaves such as ``batch_stats``,
-keyed by index) and ``lorax_fn`` (JSON metadata:
-the spec, each entry's static fields, a fingerprint of the base leaves it was
-made for, a SHA-256 of every array, the library version, and a SHA-256 of the
-metadata itself). Nothing is ever unpickled: arrays go through orbax's standard
-(tensorstore) handler, the rest is JSON. orbax checksums neither array data nor
-metadata, which is why both carry SHA-256 digests. A digest covers the whole
-global array, so any process layout can verify what it reads: an array that is
-not fully addressable (sharded over several processes) is gathered to every
-process for hashing, which LoRA-sized arrays afford.
+``b`` and each extra array of the adapter's variant under its name (see
+:mod:`lorax_fn.variants`), keyed by entry index because LoRA paths contain ``/``),
+optionally ``opt_state`` (the optimizer state's leaves, keyed by leaf index),
+optionally ``extra`` (chosen base leaves such as ``batch_stats``, keyed by index) and
+``lorax_fn`` (JSON metadata: the spec, each entry's static fields and variant, a
+fingerprint of the base leaves it was made for, a SHA-256 of every array, the library
+version, and a SHA-256 of the metadata itself). Nothing is ever unpickled: arrays go
+through orbax's standard (tensorstore) handler, the rest is JSON. orbax checksums
+neither array data nor metadata, which is why both carry SHA-256 digests. A digest
+covers the whole global array, so any process layout can verify what it reads: an
+array that is not fully addressable (sharded over several processes) is gathered to
+every process for hashing, which LoRA-sized arrays afford.
 
 This module turns a LoRA tree into those items and back, and validates the
 metadata (and, given a base, the adapter's fit to it) before any array is read;
 :mod:`lorax_fn.checkpoint.io` and :mod:`lorax_fn.checkpoint.manager` do the I/O,
 :mod:`lorax_fn.checkpoint.extra` handles the ``extra`` item and
-:mod:`lorax_fn.checkpoint.errors` tells damaged files from other read failures.
+:mod:`lorax_fn.checkpoint.errors` (below this module) tells damaged files from other
+read failures.
 """
 
 from __future__ import annotations
@@ -36,38 +37,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lorax_fn.checkpoint.errors import CheckpointDamaged
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.paths import compile_filter
 from lorax_fn.pissa import PROBES, PissaRecord, check_base
 from lorax_fn.quant.quantized import weight_leaves
 from lorax_fn.spec import LoraSpec
+from lorax_fn.variants.base import get
 from lorax_fn.version import __version__
 
 FORMAT = "lorax_fn.checkpoint"
 # 2: the metadata carries its own SHA-256 and may list `extra` base leaves. Version-1
 # checkpoints (no metadata digest) are still read.
-# 3: a factors entry may carry a DoRA magnitude. Only a tree with DoRA entries is written
-# as 3, so that a lorax_fn that predates DoRA refuses it (it would drop the magnitude
-# and restore plain LoRA) while still reading every plain-LoRA checkpoint.
+# 3: a factors entry may be of an adapter variant other than plain LoRA: it names it
+# ("variant") and stores the variant's extra arrays under their names beside A and B.
+# Only a tree with such entries is written as 3, so that a lorax_fn that predates
+# variants refuses it (it would drop the extra arrays and restore plain LoRA) while
+# still reading every plain-LoRA checkpoint.
 FORMAT_VERSION = 3
 _PLAIN_VERSION = 2
-# The arrays of a factors entry in the `lora` item, DoRA's magnitude last.
-FACTOR_ROLES = ("a", "b", "magnitude")
+# The fields of a factors entry in the metadata; every other key is an extra array of
+# its variant (which therefore may not use these names).
+_FACTORS_FIELDS = frozenset(
+    ("path", "kind", "scale", "dropout", "layout", "a", "b", "variant", "pissa")
+)
 # The names of the orbax items in a checkpoint directory (see the module docstring).
 LORA_ITEM, OPT_ITEM, META_ITEM, EXTRA_ITEM = "lora", "opt_state", "lorax_fn", "extra"
-
-
-class CheckpointDamaged(LoraError):
-    """A checkpoint whose files are truncated, corrupted or edited (not a caller error).
-
-    :meth:`lorax_fn.LoraCheckpointManager.restore` with ``fallback=True`` skips steps
-    that raise it.
-
-    Example:
-        >>> issubclass(CheckpointDamaged, LoraError)
-        True
-    """
 
 
 Shardings = (
@@ -89,6 +85,33 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
         True
     """
     return Path(directory).expanduser().absolute()
+
+
+def entry_variant(entry: Mapping[str, Any]) -> str:
+    """The adapter variant of a factors entry of the metadata (``"lora"``: plain LoRA).
+
+    Example:
+        >>> entry_variant({"path": "w", "kind": "factors"}), entry_variant({"variant": "x"})
+        ('lora', 'x')
+    """
+    if "variant" in entry:
+        return entry["variant"]
+    # Compatibility read: format-3 checkpoints written before variants had names hold
+    # DoRA, then the only adapter with an extra array, as an entry with a "magnitude".
+    return "dora" if "magnitude" in entry else "lora"
+
+
+def _stored_extras(entry: Mapping[str, Any]) -> list[str]:
+    return [k for k in entry if k not in _FACTORS_FIELDS]
+
+
+def _roles(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """The arrays of a (checked) factors entry in the ``lora`` item: A, B, the extras."""
+    return ("a", "b", *get(entry_variant(entry)).extras)
+
+
+def _describe(variant: str, role: str) -> str:
+    return {"a": "A", "b": "B"}.get(role, f"the {variant!r} {role}")
 
 
 # ---------------------------------------------------------------------------
@@ -180,10 +203,17 @@ def encode(
         >>> arrays, meta = encode({"w": f}, None, None)
         >>> sorted(arrays["0"]), meta["base_leaves"]
         (['a', 'b'], [{'path': 'w', 'shape': [4, 3], 'dtype': None}])
-        >>> dora = LoraFactors(f.a, f.b, 0.5, f.layout, magnitude=np.ones(3, np.float32))
-        >>> arrays, meta = encode({"w": dora}, None, None)
-        >>> sorted(arrays["0"]), meta["entries"][0]["magnitude"]["shape"], meta["format_version"]
-        (['a', 'b', 'magnitude'], [3], 3)
+        >>> from lorax_fn.variants.base import Variant, register
+        >>> class Gain(Variant):  # a variant with one extra array, a per-column gain
+        ...     name, extras = "doc_ckpt_gain", ("gain",)
+        >>> _ = register(Gain())
+        >>> g = LoraFactors(f.a, f.b, 0.5, f.layout, extras={"gain": np.ones(3, np.float32)},
+        ...                 variant="doc_ckpt_gain")
+        >>> arrays, meta = encode({"w": g}, None, None)
+        >>> sorted(arrays["0"]), meta["entries"][0]["gain"]["shape"], meta["format_version"]
+        (['a', 'b', 'gain'], [3], 3)
+        >>> meta["entries"][0]["variant"]
+        'doc_ckpt_gain'
     """
     if not isinstance(lora_tree, Mapping) or not lora_tree:
         raise LoraError(
@@ -195,7 +225,12 @@ def encode(
     for i, path in enumerate(sorted(lora_tree)):
         entry = lora_tree[path]
         if isinstance(entry, LoraFactors):
-            arrays[str(i)] = {"a": entry.a, "b": entry.b}
+            if clash := sorted(set(entry.extras) & _FACTORS_FIELDS):
+                raise LoraError(
+                    f"{path}: variant {entry.variant!r} names extra arrays {clash}, which "
+                    "checkpoints use for their own fields; rename them"
+                )
+            arrays[str(i)] = {"a": entry.a, "b": entry.b, **entry.extras}
             info = {
                 "path": path,
                 "kind": "factors",
@@ -205,9 +240,9 @@ def encode(
                 "a": array_info(entry.a),
                 "b": array_info(entry.b),
             }
-            if entry.is_dora:  # plain entries have no key, exactly as before DoRA
-                arrays[str(i)]["magnitude"] = entry.magnitude
-                info["magnitude"] = array_info(entry.magnitude)
+            if entry.variant != "lora":  # plain entries have no key, exactly as before
+                info["variant"] = entry.variant
+            info |= {name: array_info(x) for name, x in entry.extras.items()}
             if entry.pissa is not None:  # nor do entries without a PiSSA record
                 info["pissa"] = entry.pissa.to_json()
             entries.append(info)
@@ -230,10 +265,10 @@ def encode(
         spec_json = None if spec is None else spec.to_json()
     except LoraError:
         spec_json = None  # callable filters: the adapter is still usable, the spec is not stored
-    dora = any("magnitude" in e for e in entries)
+    variants = any("variant" in e for e in entries)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if dora else _PLAIN_VERSION,
+        "format_version": FORMAT_VERSION if variants else _PLAIN_VERSION,
         "library_version": __version__,
         "spec": spec_json,
         "entries": entries,
@@ -250,12 +285,12 @@ def encode(
 
 def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
     """Refuse entries that contradict a spec: targets, trained leaves, rank, scale, dropout,
-    DoRA, and a PiSSA record under another ``init``.
+    the adapter variant, and a PiSSA record under another ``init``.
 
     A checkpoint stores one spec for its tree, so the two must agree: a rank-2 tree
     saved with ``LoraSpec(rank=8)`` would otherwise restore under a spec it was not
-    made with, and a plain adapter under ``use_dora=True`` (or the reverse) would
-    resume training a different model.
+    made with, and a plain adapter under a spec of another variant (or the reverse)
+    would resume training a different model.
 
     Example:
         >>> import numpy as np
@@ -291,9 +326,13 @@ def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whos
             problems.append(f"{path}: scale {e['scale']:g}, the spec says {spec.scale_for(path):g}")
         if not np.isclose(e["dropout"], spec.dropout, rtol=1e-6, atol=0):
             problems.append(f"{path}: dropout {e['dropout']:g}, the spec says {spec.dropout:g}")
-        if ("magnitude" in e) != spec.use_dora:
-            kind = "a DoRA adapter (it has a magnitude)" if "magnitude" in e else "plain LoRA"
-            problems.append(f"{path}: {kind}, the spec says use_dora={spec.use_dora}")
+        if (variant := entry_variant(e)) != spec.variant_name:
+            kind = (
+                "plain LoRA"
+                if variant == "lora"
+                else f"a {variant!r} adapter (it has {' and '.join(_stored_extras(e))})"
+            )
+            problems.append(f"{path}: {kind}, the spec says variant={spec.variant_name!r}")
         if "pissa" in e and spec.init != "pissa":
             problems.append(f"{path}: made by init='pissa', the spec says init={spec.init!r}")
     if problems:
@@ -347,15 +386,7 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
                         f"{path}: A {a} and B {b} do not fit a weight of shape "
                         f"{shape} with {layout} (expected {expected})"
                     )
-                if "magnitude" in e:
-                    m = tuple(e["magnitude"]["shape"])
-                    nb = len(layout.batch_axes)
-                    want_m = expected[1][:nb] + expected[1][nb + 1 :]  # B's, less the rank
-                    if m != want_m:
-                        raise LoraError(
-                            f"{path}: DoRA magnitude {m} does not fit a weight of shape "
-                            f"{shape} with {layout} (expected {want_m})"
-                        )
+                _check_extras(e, layout, shape, expected[1])
                 if not all(isinstance(e[k], int | float) for k in ("scale", "dropout")):
                     raise LoraError(f"{path}: scale/dropout must be numbers")
                 if "pissa" in e:
@@ -380,6 +411,31 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
         raise CheckpointDamaged(
             f"{where}: malformed lorax_fn metadata ({type(err).__name__}: {err})"
         ) from None
+
+
+def _check_extras(
+    entry: dict[str, Any], layout: Layout, shape: tuple[int, ...], b: tuple[int, ...]
+) -> None:
+    """Raise unless the entry stores exactly its variant's extras, each a column vector."""
+    path, name = entry["path"], entry_variant(entry)
+    try:
+        variant = get(name)
+    except LoraError as err:
+        raise LoraError(f"{path}: {err}") from None
+    stored = _stored_extras(entry)
+    if sorted(stored) != sorted(variant.extras):
+        raise LoraError(
+            f"{path}: a {name!r} adapter has the extra arrays {list(variant.extras)}, the "
+            f"checkpoint stores {stored} for it"
+        )
+    nb = len(layout.batch_axes)
+    column = b[:nb] + b[nb + 1 :]  # B's shape, less the rank
+    for extra in variant.extras:
+        if (got := tuple(entry[extra]["shape"])) != column:
+            raise LoraError(
+                f"{path}: {_describe(name, extra)} {got} does not fit a weight of shape "
+                f"{shape} with {layout} (expected {column})"
+            )
 
 
 def spec_paths(spec: LoraSpec, leaves: Iterable[str]) -> set[str]:
@@ -496,19 +552,22 @@ def check_pissa_base(
 
 
 def _sharding(
-    shardings: Shardings, path: str, role: str | None, shape: tuple[int, ...]
+    shardings: Shardings, path: str, role: str | None, what: str, shape: tuple[int, ...]
 ) -> jax.sharding.Sharding:
+    """Where the array ``role`` of ``path`` goes (``what`` names it in errors)."""
     if shardings is None:
         return default_sharding()
-    what = {None: "the array", "a": "A", "b": "B", "magnitude": "the DoRA magnitude"}[role]
     if isinstance(shardings, jax.sharding.Sharding):
         s = shardings
     else:
         if path not in shardings:
             raise LoraError(f"shardings has no entry for {path!r}")
         s = shardings[path]
-        if role is not None and not isinstance(s, jax.sharding.Sharding):
+        if role in ("a", "b") and not isinstance(s, jax.sharding.Sharding):
             s = getattr(s, role, None)
+        elif role is not None and not isinstance(s, jax.sharding.Sharding):
+            # By the extras dict, not by attribute: an extra may share a name with a field.
+            s = (getattr(s, "extras", None) or {}).get(role)
     if not isinstance(s, jax.sharding.Sharding):
         raise LoraError(f"{path}: expected a jax.sharding.Sharding for {what}, got {s!r}")
     try:
@@ -532,6 +591,21 @@ def default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+def _factors(entry: dict[str, Any], arrays: Mapping[str, Any]) -> LoraFactors:
+    """The factors of a (checked) entry, with ``arrays`` by role (A, B and the extras)."""
+    variant = entry_variant(entry)
+    return LoraFactors(
+        arrays["a"],
+        arrays["b"],
+        entry["scale"],
+        Layout(**entry["layout"]),
+        entry["dropout"],
+        extras={name: arrays[name] for name in get(variant).extras},
+        variant=variant,
+        pissa=_record(entry),
+    )
+
+
 def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
     """The LoRA tree the checkpoint holds, with ``jax.ShapeDtypeStruct`` for arrays."""
 
@@ -539,15 +613,7 @@ def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
         return jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))
 
     return {
-        e["path"]: LoraFactors(
-            sds(e["a"]),
-            sds(e["b"]),
-            e["scale"],
-            Layout(**e["layout"]),
-            e["dropout"],
-            sds(e["magnitude"]) if "magnitude" in e else None,
-            _record(e),
-        )
+        e["path"]: _factors(e, {r: sds(e[r]) for r in _roles(e)})
         if e["kind"] == "factors"
         else sds(e["array"])
         for e in meta["entries"]
@@ -574,18 +640,19 @@ def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
     ):
         raise LoraError(f"shardings name paths the checkpoint does not have: {extra}")
 
-    def sds(path: str, role: str | None, info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+    def sds(path: str, role: str | None, what: str, info: dict[str, Any]) -> jax.ShapeDtypeStruct:
         shape = tuple(info["shape"])
         return jax.ShapeDtypeStruct(
-            shape, np.dtype(info["dtype"]), sharding=_sharding(shardings, path, role, shape)
+            shape, np.dtype(info["dtype"]), sharding=_sharding(shardings, path, role, what, shape)
         )
 
     out = {}
     for i, e in enumerate(meta["entries"]):
         if e["kind"] == "factors":
-            out[str(i)] = {r: sds(e["path"], r, e[r]) for r in FACTOR_ROLES if r in e}
+            variant = entry_variant(e)
+            out[str(i)] = {r: sds(e["path"], r, _describe(variant, r), e[r]) for r in _roles(e)}
         else:
-            out[str(i)] = sds(e["path"], None, e["array"])
+            out[str(i)] = sds(e["path"], None, "the array", e["array"])
     return out
 
 
@@ -598,7 +665,7 @@ def verify_array(path: str, info: dict[str, Any], x: Any, where: str) -> None:
         >>> verify_array("w", array_info(x), x + 1, "the checkpoint")
         Traceback (most recent call last):
         ...
-        lorax_fn.checkpoint.format.CheckpointDamaged: the checkpoint: w is corrupted (its ...
+        lorax_fn.checkpoint.errors.CheckpointDamaged: the checkpoint: w is corrupted (its ...
     """
     if tuple(np.shape(x)) != tuple(info["shape"]) or np.dtype(x.dtype).name != info["dtype"]:
         raise CheckpointDamaged(
@@ -629,21 +696,10 @@ def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[
     for i, e in enumerate(meta["entries"]):
         path, item = e["path"], arrays[str(i)]
         if e["kind"] == "factors":
-            verify_array(f"{path} (A)", e["a"], item["a"], where)
-            verify_array(f"{path} (B)", e["b"], item["b"], where)
-            magnitude = None
-            if "magnitude" in e:
-                magnitude = item["magnitude"]
-                verify_array(f"{path} (DoRA magnitude)", e["magnitude"], magnitude, where)
-            tree[path] = LoraFactors(
-                item["a"],
-                item["b"],
-                e["scale"],
-                Layout(**e["layout"]),
-                e["dropout"],
-                magnitude,
-                _record(e),
-            )
+            variant = entry_variant(e)
+            for role in _roles(e):
+                verify_array(f"{path} ({_describe(variant, role)})", e[role], item[role], where)
+            tree[path] = _factors(e, item)
         else:
             verify_array(path, e["array"], item, where)
             tree[path] = item

@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lorax_fn.checkpoint.errors import one_clear_error, read_error
+from lorax_fn.checkpoint.errors import CheckpointDamaged, one_clear_error, read_error
 from lorax_fn.checkpoint.extra import (
     abstract_extra,
     apply_extra,
@@ -36,7 +36,6 @@ from lorax_fn.checkpoint.format import (
     EXTRA_ITEM,
     LORA_ITEM,
     META_ITEM,
-    CheckpointDamaged,
     Shardings,
     abstract_lora,
     check_against_base,
@@ -45,6 +44,7 @@ from lorax_fn.checkpoint.format import (
     checkpoint_path,
     decode,
     encode,
+    entry_variant,
     leaf_specs,
     seal,
 )
@@ -63,7 +63,8 @@ class CheckpointInfo:
       base_leaves: ``{path: (shape, dtype)}`` of those leaves (dtype ``None`` if unknown).
       entries: ``{path: "factors" | "array"}``.
       extra: ``{path: (shape, dtype)}`` of the base leaves saved beside it (``extra=``).
-      dora: the paths whose factors carry a DoRA magnitude (``LoraSpec(use_dora=True)``).
+      variants: ``{path: variant}`` of the factors of an adapter variant other than plain
+        LoRA (:mod:`lorax_fn.variants`; ``LoraSpec(variant=...)``).
     """
 
     spec: LoraSpec | None
@@ -72,7 +73,7 @@ class CheckpointInfo:
     base_leaves: dict[str, tuple[tuple[int, ...], str | None]]
     entries: dict[str, str]
     extra: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
-    dora: tuple[str, ...] = ()
+    variants: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -148,7 +149,11 @@ def checkpoint_info(directory: str | os.PathLike) -> CheckpointInfo:
         base_leaves={b["path"]: (tuple(b["shape"]), b["dtype"]) for b in meta["base_leaves"]},
         entries={e["path"]: e["kind"] for e in meta["entries"]},
         extra={x["path"]: (tuple(x["shape"]), x["dtype"]) for x in meta.get("extra", [])},
-        dora=tuple(e["path"] for e in meta["entries"] if "magnitude" in e),
+        variants={
+            e["path"]: entry_variant(e)
+            for e in meta["entries"]
+            if e["kind"] == "factors" and entry_variant(e) != "lora"
+        },
     )
 
 
@@ -166,10 +171,12 @@ def save(
     The metadata holds ``spec``, each entry's ``scale``/``layout``/``dropout``, a
     fingerprint of the base leaves the adapter targets (paths, shapes and — when
     ``base`` is given — dtypes), a SHA-256 per array, ``lorax_fn.__version__`` and a
-    SHA-256 of the metadata itself. A DoRA adapter's magnitude is saved as one more
-    array of its entry and restored with it, a PiSSA adapter's record of the residual
+    SHA-256 of the metadata itself. The extra arrays of an adapter variant
+    (:mod:`lorax_fn.variants`) are saved as more arrays of their entry, under their
+    names, and restored with it (a variant defined outside lorax_fn must be registered
+    before the restore), a PiSSA adapter's record of the residual
     base it needs (:mod:`lorax_fn.pissa`) as metadata. ``spec`` must agree with the tree
-    (targets, trained leaves, ranks, scales, dropout, ``use_dora``, ``init="pissa"``) or
+    (targets, trained leaves, ranks, scales, dropout, variant, ``init="pissa"``) or
     be ``None``. With ``base``, the tree is first checked to fit it.
 
     ``extra`` (path filters over ``base``, e.g. ``"batch_stats/**"``) saves those base

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax_fn.checkpoint.errors import one_clear_error, read_error
+from lorax_fn.checkpoint.errors import CheckpointDamaged, one_clear_error, read_error
 from lorax_fn.checkpoint.extra import (
     abstract_extra,
     apply_extra,
@@ -33,11 +33,9 @@ from lorax_fn.checkpoint.extra import (
 )
 from lorax_fn.checkpoint.format import (
     EXTRA_ITEM,
-    FACTOR_ROLES,
     LORA_ITEM,
     META_ITEM,
     OPT_ITEM,
-    CheckpointDamaged,
     Shardings,
     abstract_lora,
     array_info,
@@ -87,20 +85,29 @@ def _opt_leaves(opt_state: Any) -> tuple[list[str], list[Any]]:
 
 
 def _lora_key(key_path: tuple[Any, ...]) -> tuple[str, str | None] | None:
-    """The LoRA leaf an optimizer-state leaf mirrors: ``(path, "a" | "b" | "magnitude" | None)``.
+    """The LoRA leaf an optimizer-state leaf mirrors: ``(path, role)``.
 
-    optax states hold param-shaped trees (``mu``, ``nu``, ``trace`` ...), so such a
-    leaf's key path ends with the LoRA tree's own: ``[path]`` or ``[path].a``/``.b``
-    (``.magnitude`` for DoRA).
+    ``role`` is ``"a"``, ``"b"``, the name of a variant's extra array, or ``None`` for a
+    leaf trained in full. optax states hold param-shaped trees (``mu``, ``nu``,
+    ``trace`` ...), so such a leaf's key path ends with the LoRA tree's own: ``[path]``,
+    ``[path].a``/``.b`` or ``[path].extras['name']``.
     """
     keys = list(key_path)
     role = None
-    last = keys[-1] if keys else None
-    if isinstance(last, jax.tree_util.GetAttrKey) and last.name in FACTOR_ROLES:
+    if _attr(keys, -2) == "extras" and isinstance(keys[-1], jax.tree_util.DictKey):
+        role = str(keys[-1].key)
+        del keys[-2:]
+    elif _attr(keys, -1) in ("a", "b"):
         role = keys.pop().name
     if keys and isinstance(keys[-1], jax.tree_util.DictKey) and isinstance(keys[-1].key, str):
         return keys[-1].key, role
     return None
+
+
+def _attr(keys: list[Any], i: int) -> str | None:
+    """The attribute name at ``keys[i]``, if that key is an attribute access."""
+    key = keys[i] if len(keys) >= -i else None
+    return key.name if isinstance(key, jax.tree_util.GetAttrKey) else None
 
 
 def _concrete(sharding: Any) -> bool:
@@ -397,8 +404,8 @@ class LoraCheckpointManager:
         ``base`` (default: the manager's), ``shardings`` and ``extra`` work as in
         :func:`lorax_fn.restore`; with ``extra=True``, ``state.base`` is ``base`` with the
         step's saved extra leaves put in. The step must agree with the manager's spec (a
-        plain-LoRA step under ``use_dora=True``, or the reverse, is refused by path
-        before any array is read).
+        plain-LoRA step under a spec of another adapter variant, or the reverse, is
+        refused by path before any array is read).
 
         A damaged latest step (truncated, corrupted or edited files) is an error that
         says so; ``fallback=True`` instead resumes from the newest undamaged step, with
@@ -529,7 +536,7 @@ class LoraCheckpointManager:
                 f"optimizer state: saved-only leaves {missing}, template-only "
                 f"leaves {extra} (same optimizer and LoRA tree?)"
             )
-        # Where each restored LoRA array goes, by (path, "a" | "b" | "magnitude" | None).
+        # Where each restored LoRA array goes, by (path, "a" | "b" | extra's name | None).
         placed: dict[tuple[str, str | None], jax.ShapeDtypeStruct] = {}
         for i, e in enumerate(meta["entries"]):
             target = lora_target[str(i)]

@@ -34,7 +34,7 @@ import numpy as np
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, LoraTree
-from lorax_fn.variants.dora import refuse_dora
+from lorax_fn.variants.base import refuse_unstackable
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -75,7 +75,9 @@ def combine(
     ``min(concatenated rank, fan_in, fan_out)``. ``weights`` may be negative (task
     negation) and may be a traced array (``cat`` is then differentiable in them). The
     adapters must agree on each shared path's layout and weight shape; leaves trained
-    in full have no weighted-sum meaning and are refused. The module docstring gives
+    in full have no weighted-sum meaning and are refused, and so are adapters of a
+    variant other than plain LoRA (a sum of column-scaled updates is not one
+    column-scaled update). The module docstring gives
     the derivation. The adapters at a path must also agree on its dropout rate, which
     the result keeps; a disagreement is refused (set the dropout of the inputs first).
 
@@ -105,7 +107,7 @@ def combine(
         )
     paths: dict[str, None] = {}
     for i, tree in enumerate(trees):
-        refuse_dora(tree, f"combine (adapter {i})")
+        refuse_unstackable(tree, f"combine (adapter {i})")
         for path, entry in tree.items():
             if not isinstance(entry, LoraFactors):
                 raise LoraError(

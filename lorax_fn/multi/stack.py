@@ -13,7 +13,8 @@ shared by the whole batch and the low-rank path becomes batched matmuls, so the 
 grows with the batch size, not with the number of distinct adapters (the gather of
 S-LoRA / Punica, where PEFT's ``adapter_names=`` loops over adapters in Python).
 :func:`select_adapters` does that gather once, for a batch that many calls reuse.
-DoRA adapters are refused: the stack does not carry their magnitudes.
+Adapters of a variant other than plain LoRA (:mod:`lorax_fn.variants`) are refused: the
+stack carries A and B only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lorax_fn.quant.quantized import weight_leaves
 from lorax_fn.transform import routing
 from lorax_fn.transform.apply import FallbackMode, lora
 from lorax_fn.transform.routing import RoutedFactors
+from lorax_fn.variants.base import refuse_unstackable
 
 
 @jax.tree_util.register_dataclass
@@ -96,17 +98,6 @@ class AdapterStack:
 def _check_index(k: int, n: int) -> None:
     if not isinstance(k, int | np.integer) or not 0 <= k < n:
         raise LoraError(f"adapter index {k!r} is not in range(0, {n})")
-
-
-def _refuse_dora(entries: dict[str, Any], who: str) -> None:
-    """DoRA's per-column norms are not carried by the stack: refuse rather than drop them."""
-    dora = sorted(p for p, e in entries.items() if getattr(e, "magnitude", None) is not None)
-    if dora:
-        raise LoraError(
-            f"{who}: {', '.join(dora)}: DoRA adapters (a magnitude, use_dora=True) cannot be "
-            "stacked: multi_lora would drop the magnitude and compute plain LoRA. Merge them "
-            "(lorax_fn.merge) and serve each merged model, or use plain LoRA adapters"
-        )
 
 
 def _describe(path: str, entry: Any) -> tuple:
@@ -201,7 +192,7 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
     for i, tree in enumerate(trees):
         if not isinstance(tree, dict) or not tree:
             raise LoraError(f"adapter {i} is not a non-empty LoRA tree {{path: entry}}")
-        _refuse_dora(tree, f"adapter {i}")
+        refuse_unstackable(tree, f"adapter {i}")
         if base is not None:
             try:
                 check_fits(base, tree)
@@ -294,7 +285,7 @@ def replace_adapter(stack: AdapterStack, k: int, tree: LoraTree) -> AdapterStack
             f"the new adapter must target the stack's paths: missing "
             f"{sorted(set(stack.entries) - got)}, extra {sorted(got - set(stack.entries))}"
         )
-    _refuse_dora(tree, "the new adapter")
+    refuse_unstackable(tree, "the new adapter")
     shapes = _per_adapter(stack)
     new: dict[str, Any] = {}
     for path, entry in stack.entries.items():
@@ -388,7 +379,7 @@ def select_adapters(stack: AdapterStack, adapter_ids: Any) -> AdapterSelection:
     """
     if not isinstance(stack, AdapterStack):
         raise LoraError(f"expected an AdapterStack (see stack_adapters), got {type(stack)}")
-    _refuse_dora(stack.entries, "the stack")
+    refuse_unstackable(stack.entries, "the stack")
     ids = _checked_ids(adapter_ids, stack.size)
 
     def take(x: jax.Array) -> jax.Array:
@@ -548,7 +539,7 @@ def multi_lora(
                 "expected an AdapterStack (see stack_adapters) or an AdapterSelection (see "
                 f"select_adapters), got {type(stack)}"
             )
-        _refuse_dora(selection.entries, "the selection")
+        refuse_unstackable(selection.entries, "the selection")
         check_fits(base, _strip_leading(selection.entries))
         _check_batch(args, selection.batch_size)
 
@@ -563,7 +554,7 @@ def multi_lora(
         return jax.lax.map(per_example, inputs, batch_size=chunk_size)
 
     def run(base: Any, stack: AdapterStack, ids: jax.Array, args: tuple, kwargs: dict) -> Any:
-        _refuse_dora(stack.entries, "the stack")
+        refuse_unstackable(stack.entries, "the stack")
         check_fits(base, _per_adapter(stack))
         _check_batch(args, ids.shape[0])
 

@@ -16,11 +16,12 @@ weight's own axis order — as ``W.reshape(d, heads * head_dim)`` in PyTorch. A 
 kernels, Flax ``(*window, in, out)`` with A ``(*window, in, r)`` and B ``(r, out)``,
 become PEFT's ``ConvNd`` adapters: ``lora_A`` is a conv with the base's window,
 weight ``(r, in, *window)``, and ``lora_B`` a 1×1 conv, weight ``(out, r, 1, …)``.
-A DoRA adapter (``use_dora``) adds ``<m>.lora_magnitude_vector`` (no ``.weight``): PEFT's
-``‖W0 + s·B·A‖`` is per row of the ``(out, in)`` weight, our per fan-out column, so the
-magnitude is ``(out,)`` for a Linear, ``(features,)`` for an Embedding (PEFT normalises
-over the vocabulary, as our ``(vocab, features)`` layout does) and ``(1, out, 1, …)`` for
-a conv.
+An adapter variant (:mod:`lorax_fn.variants`) sets its ``peft_config`` options in the
+config and adds each extra array under its ``peft_tensors`` suffix, ``<m><suffix>`` (no
+``.weight``). An extra is a column vector, one entry per fan-out index: PEFT's per-row
+vector of the ``(out, in)`` weight, so it is ``(out,)`` for a Linear, ``(features,)`` for
+an Embedding (whose rows PEFT takes over the vocabulary, as our ``(vocab, features)``
+layout does) and ``(1, out, 1, …)`` for a conv.
 Mixture-of-experts weights ``(E, in, out)`` (``experts=``) become PEFT's
 ``target_parameters``: ``lora_A`` ``[r·E, in]``, ``lora_B`` ``[out, r·E]`` per parameter.
 Leaves trained in full become ``modules_to_save``. Nothing is pickled: safetensors and
@@ -51,12 +52,12 @@ from lorax_fn.merge import check_fits
 from lorax_fn.paths import PathFilter, compile_filter
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 from lorax_fn.spec import LoraSpec
+from lorax_fn.variants.base import Variant, get, names
 from lorax_fn.version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
-_MAGNITUDE = ".lora_magnitude_vector"
 # PEFT's copy of an adapted embedding's or lm_head's base weight (save_embedding_layers).
 _BASE_WEIGHT = ".base_layer.weight"
 _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
@@ -64,7 +65,6 @@ _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
     ".lora_B.weight": ("b", False),
     ".lora_embedding_A": ("a", True),
     ".lora_embedding_B": ("b", True),
-    _MAGNITUDE: ("m", False),  # DoRA; PEFT drops the ".weight" in its files
 }
 # The PyTorch parameter a Flax leaf of a fully trained module corresponds to.
 _TORCH_PARAM = {
@@ -261,9 +261,11 @@ def export_peft(
     and layout, so :func:`import_peft` restores the tree exactly. Factors keep their
     dtype; cast the tree first for a bfloat16 file.
 
-    A DoRA tree (``LoraSpec(use_dora=True)``) is written with ``use_dora: true`` and each
-    module's ``lora_magnitude_vector``; PEFT's flag holds for the whole adapter, so a tree
-    mixing DoRA and plain LoRA entries is refused, naming them.
+    A tree of an adapter variant (``LoraSpec(variant=...)``, :mod:`lorax_fn.variants`) is
+    written with the variant's ``peft_config`` options and each module's extra arrays
+    under the variant's ``peft_tensors`` suffixes. PEFT's options hold for the whole
+    adapter, so a tree mixing variants is refused, naming them, as is a variant PEFT has
+    no adapter for (``peft_config = None``).
 
     ``conv`` are path filters of the convolution kernels (Flax ``(*window, in, out)``,
     1 to 3 window axes): they are written in PEFT's ``Conv1d``/``Conv2d``/``Conv3d``
@@ -288,7 +290,7 @@ def export_peft(
     factors of the ``k``-th of ``n`` lie under ``n-1-k`` ``.base_layer`` s;
     ``parameter_order`` is that order (by default Hugging Face's: ``gate_up_proj``, …,
     ``down_proj``) and must name every parameter of a module with more than one. As
-    PEFT refuses them there, experts refuse dropout, ``fan_in_fan_out`` and DoRA.
+    PEFT refuses them there, experts refuse dropout, ``fan_in_fan_out`` and adapter variants.
 
     An existing non-empty ``directory`` is refused unless ``overwrite=True`` (and it
     holds an ``adapter_config.json``); the new adapter is written completely next to it
@@ -308,7 +310,7 @@ def export_peft(
         >>> config["target_modules"], config["r"], config["lora_alpha"]
         (['transformer.h.0.attn.c_attn'], 2, 4)
     """
-    dora = _refuse_mixed_dora(lora_tree)
+    variant = _tree_variant(lora_tree)
     is_conv = _as_predicates(conv)
     is_expert = _as_predicates(experts)
     if spec is not None and spec.init == "pissa":
@@ -338,7 +340,7 @@ def export_peft(
         alpha = entry.scale * (math.sqrt(r) if rslora else r)
         exact[path] = {"scale": entry.scale, "dropout": entry.dropout, "layout": layout.to_json()}
         if expert:
-            _refuse_for_experts(path, entry, spec, fan_in_fan_out)
+            _refuse_for_experts(path, variant, entry.dropout, spec, fan_in_fan_out)
             layers = _expert_axes(path, layout, shape)[0]
             exact[path]["modules"] = names = _layer_names(name, path, layers)
             a, b = np.asarray(entry.a), np.asarray(entry.b)
@@ -379,13 +381,11 @@ def export_peft(
                 lora_b = _to_matrix(b_i, layout.out_axes, r_first=True).T
             tensors[_PREFIX + module + suffix_a] = np.ascontiguousarray(lora_a)
             tensors[_PREFIX + module + suffix_b] = np.ascontiguousarray(lora_b)
-            if entry.is_dora:
-                m = np.asarray(entry.magnitude)
-                m_i = m if layers is None else m[i]
-                tensors[_PREFIX + module + _MAGNITUDE] = np.ascontiguousarray(
-                    m_i.reshape(1, -1, *([1] * (a_i.ndim - 2)))  # PEFT's conv (1, out, 1…)
-                    if convolution
-                    else _to_matrix(m_i[None], layout.out_axes, r_first=True)[0]
+            for extra in variant.extras:
+                x = np.asarray(entry.extras[extra])
+                x_i = x if layers is None else x[i]
+                tensors[_PREFIX + module + variant.peft_tensors[extra]] = _column_to_peft(
+                    x_i, layout, a_i.ndim if convolution else None
                 )
             if module in modules:
                 raise LoraError(f"{path}: module name {module!r} is used twice")
@@ -426,11 +426,16 @@ def export_peft(
         "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True if spec is None else _INITS[spec.init],
         "modules_to_save": sorted(set(to_save)) or None,
-        "use_dora": dora,
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
+        **_peft_options(variant),
     }
+    if (read_as := _config_variant(config, "the exported config")).name != variant.name:
+        raise LoraError(
+            f"adapter variant {variant.name!r}: its PEFT options {variant.peft_config} do not "
+            f"tell it apart in the config; import_peft would read it as {read_as.name!r}"
+        )
     directory = Path(directory).expanduser().absolute()
     header = {
         "format": "pt",
@@ -525,35 +530,117 @@ def _wrapper_prefixes(names: Iterable[str], order: Sequence[str]) -> dict[str, s
 
 
 def _refuse_for_experts(
-    path: str, entry: LoraFactors, spec: LoraSpec | None, fan_in_fan_out: bool
+    path: str, variant: Variant, dropout: float, spec: LoraSpec | None, fan_in_fan_out: bool
 ) -> None:
-    """What PEFT's ``ParamWrapper`` refuses: dropout, ``fan_in_fan_out``, DoRA."""
-    dropout = max(entry.dropout, 0.0 if spec is None else spec.dropout)
+    """What PEFT's ``ParamWrapper`` refuses: dropout, ``fan_in_fan_out``, adapter variants."""
+    dropout = max(dropout, 0.0 if spec is None else spec.dropout)
     for bad, what in (
         (dropout != 0, f"lora_dropout={dropout:g} (it cannot factor x out of dropout(x))"),
         (fan_in_fan_out, "fan_in_fan_out=True"),
-        (entry.is_dora, "DoRA"),
+        (bool(variant.extras or variant.peft_config), variant.title),
     ):
         if bad:
             raise LoraError(f"{path}: PEFT's target_parameters (experts=) refuse {what}")
 
 
-def _refuse_mixed_dora(lora_tree: Mapping[str, Any]) -> bool:
-    """Whether the tree is DoRA; :class:`LoraError` if it mixes DoRA and plain LoRA entries.
+def _registered() -> list[Variant]:
+    return [get(name) for name in names()]
 
-    PEFT's ``use_dora`` is one flag for the whole adapter: it would give the plain entries
-    a magnitude (the norm of their base) on load, and refuse a file without it.
+
+def _few(paths: list[str]) -> str:
+    return f"{paths[:5]}{' …' if len(paths) > 5 else ''}"
+
+
+def _tree_variant(lora_tree: Mapping[str, Any]) -> Variant:
+    """The variant of the tree's factor entries, if PEFT can hold it; else :class:`LoraError`.
+
+    PEFT's options select one variant for the whole adapter: a file holding two would
+    give the entries of one the other's arrays on load (or be refused for lacking them).
     """
-    factors = {p: e for p, e in lora_tree.items() if isinstance(e, LoraFactors)}
-    dora = sorted(p for p, e in factors.items() if e.is_dora)
-    plain = sorted(p for p, e in factors.items() if not e.is_dora)
-    if dora and plain:
-        raise LoraError(
-            "PEFT's use_dora holds for every module of an adapter, but this LoRA tree mixes "
-            f"DoRA entries {dora[:5]}{' …' if len(dora) > 5 else ''} with plain LoRA entries "
-            f"{plain[:5]}{' …' if len(plain) > 5 else ''}; export them as two adapters"
+    by_variant: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(lora_tree):
+        if isinstance(entry := lora_tree[path], LoraFactors):
+            by_variant[entry.variant].append(path)
+    variants = {name: get(name) for name in by_variant}
+    for name, variant in variants.items():
+        if variant.peft_config is None:
+            raise LoraError(
+                f"{_few(by_variant[name])}: PEFT has no adapter of variant {name!r}; save "
+                "the tree with lorax_fn.checkpoint, or merge it into the base"
+            )
+        if missing := [e for e in variant.extras if e not in variant.peft_tensors]:
+            raise LoraError(
+                f"adapter variant {name!r} gives no PEFT tensor name (peft_tensors) for its "
+                f"extra arrays {missing}"
+            )
+    if len(variants) > 1:
+        plain = Variant.name
+        order = sorted(variants, key=lambda name: (name == plain, name))  # plain LoRA last
+        keys = sorted({k for v in variants.values() for k in v.peft_config})
+        mixed = " with ".join(
+            f"{'plain ' if name == plain else ''}{variants[name].title} entries "
+            f"{_few(by_variant[name])}"
+            for name in order
         )
-    return bool(dora)
+        raise LoraError(
+            f"PEFT's {', '.join(keys) or 'adapter config'} "
+            f"{'holds' if len(keys) < 2 else 'hold'} for every module of an adapter, but "
+            f"this LoRA tree mixes {mixed}; export them as separate adapters"
+        )
+    return variants.popitem()[1] if variants else get(Variant.name)
+
+
+def _off(on: Any) -> Any:
+    # PEFT's default of a variant option: a switch is off, any other setting unset.
+    return False if on is True else None
+
+
+def _peft_options(variant: Variant) -> dict[str, Any]:
+    """The config's variant options: ``variant``'s, and other variants' switches off.
+
+    PEFT writes every option it has, a variant's switch off included; writing the
+    registered variants' switches the same way keeps our files like PEFT's.
+    """
+    off = {
+        key: False
+        for other in _registered()
+        for key, on in (other.peft_config or {}).items()
+        if on is True
+    }
+    return off | (variant.peft_config or {})
+
+
+def _config_variant(config: Mapping[str, Any], where: Any) -> Variant:
+    """The registered variant whose PEFT options ``config`` sets; plain LoRA if none does.
+
+    Of several that match, one whose options include the others' (e.g. a switch plus a
+    setting) is the one meant; matches that do not nest are :class:`LoraError`.
+    """
+    matches = [
+        v
+        for v in _registered()
+        if v.peft_config and all(config.get(k) == on for k, on in v.peft_config.items())
+    ]
+    best = [v for v in matches if not any(set(v.peft_config) < set(w.peft_config) for w in matches)]
+    if len(best) > 1:
+        raise LoraError(
+            f"{where}: its options match the PEFT options of several adapter variants "
+            f"{sorted(v.name for v in best)}: register only the one the adapter is"
+        )
+    return best[0] if best else get(Variant.name)
+
+
+def _options(config: Mapping[str, Any], variants: Iterable[Variant]) -> str:
+    """The ``variants``' PEFT options as ``config`` has them, e.g. ``key=False``."""
+    keys = {k: on for v in variants for k, on in (v.peft_config or {}).items()}
+    return ", ".join(f"{k}={config.get(k, _off(on))!r}" for k, on in keys.items())
+
+
+def _column_to_peft(x: np.ndarray, layout: Layout, conv_ndim: int | None) -> np.ndarray:
+    """A column vector ``(*out)`` as PEFT stores it: ``(out,)``, a conv's ``(1, out, 1…)``."""
+    if conv_ndim is not None:
+        return np.ascontiguousarray(x.reshape(1, -1, *([1] * (conv_ndim - 2))))
+    return np.ascontiguousarray(_to_matrix(x[None], layout.out_axes, r_first=True)[0])
 
 
 def _export_full(
@@ -595,7 +682,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
         if config.get(key, ok) != ok:
             raise LoraError(
                 f"{directory / CONFIG_NAME}: {key}={config[key]!r} is not "
-                "supported (LoRA and DoRA without biases only)"
+                "supported (LoRA adapters without biases only)"
             )
     if "lora_alpha" not in config:
         raise LoraError(f"{directory / CONFIG_NAME}: no lora_alpha")
@@ -636,9 +723,10 @@ def import_peft(
     kernels among them are transposed from PyTorch's ``(out, in)`` unless
     ``fan_in_fan_out`` (default: the config's) says they are stored ``(in, out)``. Refused with
     :class:`LoraError` naming the modules: anything that does not fit ``base``, an
-    unmapped module, LoRA biases, a missing layer. A DoRA adapter (``use_dora: true``)
-    gives factors with their ``magnitude``, which every module must have, of PEFT's
-    shape (``(out,)``, a conv's ``(1, out, 1, …)``).
+    unmapped module, LoRA biases, a missing layer. The config decides the adapter variant
+    (:mod:`lorax_fn.variants`): the registered one whose ``peft_config`` options it sets,
+    else plain LoRA. Every module then needs each of the variant's ``peft_tensors``, of
+    PEFT's shape (``(out,)``, a conv's ``(1, out, 1, …)``), and has no other variant's.
 
     An adapter on an embedding or ``lm_head`` is saved by PEFT (``save_embedding_layers=
     "auto"``) with a copy of that module's base weight, ``<module>.base_layer.weight``,
@@ -674,6 +762,7 @@ def import_peft(
     """
     directory = Path(directory)
     config = _read_config(directory)
+    variant = _config_variant(config, directory / CONFIG_NAME)
     tensors, exact = _read_tensors(directory)
     rslora = bool(config.get("use_rslora", False))
     if fan_in_fan_out is None:
@@ -746,8 +835,12 @@ def import_peft(
     full: dict[str, np.ndarray] = {}
     saved_bases: dict[str, np.ndarray] = {}  # module -> PEFT's copy of its base weight
     unmapped = []
+    # Every registered variant's tensors are recognised, so that one the config does not
+    # select is refused by name rather than as an unmapped tensor.
+    extra_suffixes = {s for v in _registered() for s in v.peft_tensors.values()}
+    suffixes = [*_LORA_SUFFIXES, *sorted(extra_suffixes, key=lambda s: (-len(s), s))]
     for key, x in tensors.items():
-        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
         if not key.startswith(_PREFIX):
             unmapped.append(key)
         elif suffix is None:
@@ -767,7 +860,10 @@ def import_peft(
             path, layer, layout, name, experts = factor_names[module]
             found[path] |= {"layout": layout, "experts": experts}
             got = found[path].setdefault(layer, {"module": module, "name": name})
-            got[_LORA_SUFFIXES[suffix][0]] = x
+            if suffix in _LORA_SUFFIXES:
+                got[_LORA_SUFFIXES[suffix][0]] = x
+            else:  # a variant's tensor, by its suffix
+                got.setdefault("extras", {})[suffix] = x
     if unmapped:
         raise LoraError(
             f"{directory / WEIGHTS_NAME}: tensors that no leaf of the base maps to (check "
@@ -782,7 +878,7 @@ def import_peft(
 
     tree: dict[str, Any] = {}
     for path, got in sorted(found.items()):
-        tree[path] = _factors(path, got, leaves[path], config, rslora, exact.get(path))
+        tree[path] = _factors(path, got, leaves[path], config, variant, rslora, exact.get(path))
     for path, x in sorted(full.items()):
         leaf = leaves[path]
         value = x.T if path.split("/")[-1] == "kernel" and not fan_in_fan_out else x
@@ -905,10 +1001,12 @@ def _factors(
     by_layer: dict[Any, Any],
     leaf: Any,
     config: Mapping[str, Any],
+    variant: Variant,
     rslora: bool,
     exact: Mapping[str, Any] | None,
 ) -> LoraFactors:
-    """One entry of the LoRA tree from PEFT's per-module (per-layer) lora_A / lora_B."""
+    """One entry of the LoRA tree from PEFT's per-module (per-layer) lora_A / lora_B and
+    the variant's tensors (``by_layer[i]["extras"]``, by PEFT suffix)."""
     shape = tuple(np.shape(leaf))
     layout, experts = by_layer["layout"], by_layer["experts"]
     if experts is None:
@@ -920,8 +1018,8 @@ def _factors(
         raise LoraError(f"{path}: the adapter has no module for layers {missing} of {layers}")
     in_dims = [shape[a] for a in layout.in_axes]
     out_dims = [shape[a] for a in layout.out_axes]
-    use_dora = bool(config.get("use_dora", False))
-    a_blocks, b_blocks, m_blocks, scales = [], [], [], set()
+    a_blocks, b_blocks, scales = [], [], set()
+    extra_blocks: dict[str, list[np.ndarray]] = {extra: [] for extra in variant.extras}
     for i in wanted:
         got = by_layer[i]
         module = got["module"]
@@ -948,12 +1046,8 @@ def _factors(
             b = _from_matrix(b.T, layout.out_axes, out_dims, r_first=True)
         a_blocks.append(a)
         b_blocks.append(b)
-        if use_dora:
-            m_blocks.append(_magnitude(module, path, got.get("m"), shape, layout, got["a"].ndim))
-        elif "m" in got:
-            raise LoraError(
-                f"{module}: the adapter has a {_MAGNITUDE[1:]} but its config says use_dora=False"
-            )
+        for extra, x in _extras(module, path, got, variant, config, shape, layout).items():
+            extra_blocks[extra].append(x)
         r = a.shape[-1]  # the rank, after conversion: an expert lora_A has r·E rows
         scales.add(_peft_alpha(config, got["name"]) / (math.sqrt(r) if rslora else r))
     if len({blk.shape for blk in a_blocks}) > 1 or len(scales) > 1:
@@ -971,39 +1065,80 @@ def _factors(
             scale = exact["scale"]
     a = a_blocks[0] if layers is None else np.stack(a_blocks)
     b = b_blocks[0] if layers is None else np.stack(b_blocks)
-    m = None
-    if use_dora:
-        m = jax.numpy.asarray(m_blocks[0] if layers is None else np.stack(m_blocks))
+    extras = {
+        extra: jax.numpy.asarray(blocks[0] if layers is None else np.stack(blocks))
+        for extra, blocks in extra_blocks.items()
+    }
     return LoraFactors(
-        jax.numpy.asarray(a), jax.numpy.asarray(b), scale, layout, dropout, magnitude=m
+        jax.numpy.asarray(a),
+        jax.numpy.asarray(b),
+        scale,
+        layout,
+        dropout,
+        extras=extras,
+        variant=variant.name,
     )
 
 
-def _magnitude(
+def _extras(
     module: str,
     path: str,
-    m: np.ndarray | None,
+    got: Mapping[str, Any],
+    variant: Variant,
+    config: Mapping[str, Any],
     shape: tuple[int, ...],
     layout: Layout,
+) -> dict[str, np.ndarray]:
+    """The variant's extra arrays of one module (one layer), by name, checked."""
+    own = {variant.peft_tensors[extra]: extra for extra in variant.extras}
+    tensors = got.get("extras", {})
+    for suffix in tensors:
+        if suffix not in own:
+            owners = [v for v in _registered() if suffix in v.peft_tensors.values()]
+            raise LoraError(
+                f"{module}: the adapter has a {suffix[1:]} but its config says "
+                f"{_options(config, owners)}"
+            )
+    if missing := [f"{_PREFIX}{module}{suffix}" for suffix in own if suffix not in tensors]:
+        raise LoraError(
+            f"{module}: the config says {_options(config, [variant])}, but the adapter has "
+            f"no {', '.join(missing)}"
+        )
+    return {
+        extra: _column(
+            f"{_PREFIX}{module}{suffix}",
+            path,
+            tensors[suffix],
+            got["a"].ndim,
+            f"{variant.title} {extra}",
+            shape,
+            layout,
+        )
+        for suffix, extra in own.items()
+    }
+
+
+def _column(
+    key: str,
+    path: str,
+    x: np.ndarray,
     peft_ndim: int,
+    what: str,
+    shape: tuple[int, ...],
+    layout: Layout,
 ) -> np.ndarray:
-    """DoRA's magnitude of one module (one layer) in our ``(*out)`` layout, checked.
+    """The column vector ``what``, PEFT's tensor ``key``, in our ``(*out)`` layout, checked.
 
     PEFT's is ``(out,)`` for a Linear or Embedding, ``(1, out, 1…)`` for a conv, whose
     lora_A has ``peft_ndim`` > 2 axes. Kept in the file's dtype, so a round trip is exact.
     """
-    if m is None:
-        raise LoraError(
-            f"{module}: the config says use_dora=True, but the adapter has no "
-            f"{_PREFIX}{module}{_MAGNITUDE}"
-        )
     out_dims = [shape[a] for a in layout.out_axes]
     want = (1, *out_dims, *([1] * (peft_ndim - 2))) if peft_ndim > 2 else (math.prod(out_dims),)
-    if m.shape != want:
+    if x.shape != want:
         raise LoraError(
-            f"{_PREFIX}{module}{_MAGNITUDE} → {path}: DoRA magnitude of shape {list(m.shape)}, "
-            f"a weight of shape {shape} with {layout} needs {list(want)}"
+            f"{key} → {path}: {what} of shape {list(x.shape)}, a weight of shape {shape} "
+            f"with {layout} needs {list(want)}"
         )
     if peft_ndim > 2:
-        return m.reshape(out_dims)
-    return _from_matrix(m[None], layout.out_axes, out_dims, r_first=True)[0]
+        return x.reshape(out_dims)
+    return _from_matrix(x[None], layout.out_axes, out_dims, r_first=True)[0]

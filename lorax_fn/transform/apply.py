@@ -10,8 +10,8 @@ evaluated recursively (the table is :mod:`lorax_fn.transform.primitives`, shared
 inference), and anything else — custom-derivative functions included, whose rule
 needs the full weight — materializes that one weight and reports it. A quantized weight
 (:class:`~lorax_fn.quant.lazy.LazyWeight`) is dequantized inside the operation reading it.
-A DoRA weight ``m·V/‖V‖_c`` stays factorized too: its consumers scale their output
-columns by ``m/‖V‖_c``, the norms computed from W0's and the factors' (no ``V``).
+An adapter variant's weight ``(W0 + scale·A·B)·c`` (:mod:`lorax_fn.variants`; DoRA's
+``c = m/‖V‖_c``) stays factorized too: its consumers scale their output columns by ``c``.
 The result is ordinary JAX code, so ``jit``, ``grad``, ``vmap`` and ``pmap`` compose
 with it, and the gradient never holds a full-size weight where the weight stays
 symbolic.
@@ -508,10 +508,11 @@ def lora(
     is consumed by ``dot_general`` (any dimension numbers, either side, batched),
     ``conv_general_dilated`` (ungrouped), an embedding ``gather`` or ``lax.ragged_dot``
     (mixture-of-experts weights ``(E, in, out)``, one adapter per expert: the same
-    group sizes route ``x``, ``x·A`` and the result). A DoRA adapter
-    (``LoraSpec(use_dora=True)``) computes ``(x·W0 + scale·(x·A)·B)·m/‖V‖_c`` per output
-    column (the norm, detached in the gradient, from ‖W0‖², ⟨W0ᵀA, B⟩ and AᵀA: one
-    pass over W0, no ``V``); a quantized stack's norms are taken one layer at a time.
+    group sizes route ``x``, ``x·A`` and the result). An adapter variant computes
+    ``(x·W0 + scale·(x·A)·B)·c`` per output column, ``c`` from the variant (DoRA,
+    ``LoraSpec(use_dora=True)``: ``m/‖V‖_c``, the norm detached in the gradient and taken
+    from ‖W0‖², ⟨W0ᵀA, B⟩ and AᵀA — one pass over W0, no ``V``; a quantized stack's norms
+    one layer at a time).
     Transposes, dtype
     casts, copies, ``optimization_barrier``, grouping reshapes, unit broadcasts and
     slices of a weight stay factorized, as do weights passed through ``jit``, ``scan``

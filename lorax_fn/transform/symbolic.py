@@ -7,11 +7,11 @@ rank; B's are its ``b``/``o`` axes, then the rank. Layout rules return a new
 :class:`SymbolicWeight` or ``None`` when the operation cannot stay factorized;
 consumer rules return the consumer's result, computed without forming the weight.
 
-A DoRA weight ``m·V/‖V‖_c`` (:mod:`lorax_fn.variants.dora`) is ``V = W0 + scale·A·B`` times a
-per-column scale ``c = m/‖V‖_c``, held like B with a unit rank axis, so that every
-layout rule moves it exactly as it moves B. Its consumers scale their output columns
-by ``c`` (or, contracting fan-out, their input); the column norms come from W0's norms
-and low-rank terms (:func:`lorax_fn.variants.dora.weight_norms`).
+An adapter variant (:mod:`lorax_fn.variants`) changes the weight only by a per-column
+scale: ``W = V·c`` with ``V = W0 + scale·A·B`` and ``c = variant.column_scale(W0, factors)``
+(DoRA: ``c = m/‖V‖_c``). ``c`` is held like B with a unit rank axis, so that every
+layout rule moves it exactly as it moves B; consumers scale their output columns by
+``c`` (or, contracting fan-out, their input).
 """
 
 from __future__ import annotations
@@ -28,39 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn.factors import Layout, LoraFactors
-from lorax_fn.quant import lazy
+from lorax_fn.factors import LoraFactors
 from lorax_fn.quant.lazy import LazyWeight
 from lorax_fn.transform import routing
-from lorax_fn.variants import dora
-
-
-def _column_norms(w0: jax.Array | LazyWeight, factors: LoraFactors) -> jax.Array:
-    """DoRA's ``‖W0 + scale·A·B‖_c``; a quantized stack one layer at a time.
-
-    Dequantizing a stacked quantized weight whole would put a float copy of every
-    layer in memory at once, which QLoRA exists to avoid.
-    """
-    layout = factors.layout
-    parts = None
-    if isinstance(w0, LazyWeight) and layout.batch_axes[:1] == (0,):
-        parts = lazy.scan_parts(w0)
-    if parts is None:
-        return dora.weight_norms(w0.value() if isinstance(w0, LazyWeight) else w0, factors)
-    stored, rebuild = parts
-    inner = Layout(
-        tuple(k - 1 for k in layout.in_axes),
-        tuple(k - 1 for k in layout.out_axes),
-        tuple(k - 1 for k in layout.batch_axes[1:]),
-    )
-
-    def layer(_, xs):
-        part, a, b, step = xs
-        one = LoraFactors(a, b, factors.scale, inner)
-        return None, dora.weight_norms(rebuild(part, step).value(), one)
-
-    steps = jnp.arange(factors.a.shape[0])
-    return lax.scan(layer, None, (stored, factors.a, factors.b, steps))[1]
+from lorax_fn.variants.base import get as get_variant
 
 
 @jax.tree_util.register_dataclass
@@ -75,7 +46,7 @@ class SymbolicWeight:
     kinds: tuple[str, ...] = dataclasses.field(metadata={"static": True})
     scale: float = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(metadata={"static": True})
-    # DoRA's column scale m/‖V‖_c (float32, B's axes with a unit rank), or None.
+    # The variant's column scale c (float32, B's axes with a unit rank), or None.
     c: jax.Array | None = None
     # A routed weight (multi_lora's grouped method): A and B are the whole stack, with a
     # leading adapter axis, and this is the example's adapter id.
@@ -105,10 +76,9 @@ class SymbolicWeight:
         b = jnp.transpose(jnp.moveaxis(factors.b, lead + nb, -1), order(b_axes))
         if routed:
             return cls(w0, a, b, path, tuple(kinds), 1.0, 0.0, route=factors.adapter_id)
-        c = None
-        if factors.is_dora:
-            c = dora.magnitude_scale(_column_norms(w0, factors), factors.magnitude)[..., None]
-            c = jnp.transpose(c, order(b_axes))
+        c = get_variant(factors.variant).column_scale(w0, factors)
+        if c is not None:
+            c = jnp.transpose(c[..., None], order(b_axes))
         return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout, c)
 
     def resolved(self) -> SymbolicWeight:
@@ -127,12 +97,12 @@ class SymbolicWeight:
         return dataclasses.replace(self, **changes)
 
     def map_b(self, fn: Any, **changes: Any) -> SymbolicWeight:
-        """Apply ``fn`` to B and to DoRA's column scale (both on B's axes), then ``changes``."""
+        """Apply ``fn`` to B and to the column scale ``c`` (both on B's axes), then ``changes``."""
         c = None if self.c is None else fn(self.c)
         return self.replace(b=fn(self.b), c=c, **changes)
 
     def column_scale(self, sub: str) -> tuple[jax.Array, str] | None:
-        """DoRA's scale without its rank axis, and its einsum subscripts from ``sub``.
+        """The column scale ``c`` without its rank axis, and its einsum subscripts from ``sub``.
 
         ``sub`` names the weight's axes, one letter each; ``None`` for plain LoRA.
         """
@@ -261,7 +231,7 @@ def _on_axes(c: jax.Array, c_sub: str, sub: str) -> jax.Array:
 
 
 def _add_scaled(base_out: jax.Array, y: jax.Array, scale: float, c: jax.Array | None) -> jax.Array:
-    """``base_out + scale·y``, each output column times DoRA's ``c`` (broadcastable) if any."""
+    """``base_out + scale·y``, each output column times the column scale ``c`` if any."""
     if c is None:
         return _add_low_rank(base_out, y, scale)
     total = base_out.astype(jnp.float32) + scale * y.astype(jnp.float32)
@@ -288,8 +258,9 @@ def dot_general(
 ) -> jax.Array | None:
     """``x·W`` as ``x·W0 + scale·(x·A)·B`` (or ``(x·Bᵀ)·Aᵀ`` when contracting fan-out).
 
-    ``base(x)`` is the original product with W0. A DoRA weight scales the output
-    columns by ``c``, or, contracting fan-out, the input's columns first. A routed
+    ``base(x)`` is the original product with W0. A weight with a column scale ``c``
+    scales the output columns by ``c``, or, contracting fan-out, the input's columns
+    first. A routed
     weight contracted over all its fan-in axes takes the grouped product
     (:func:`lorax_fn.transform.routing.low_rank`); in any other form it gathers its factors.
     """
@@ -424,7 +395,7 @@ def ragged_dot(
     """``ragged_dot(x, W0) + scale·ragged_dot(ragged_dot(x, A), B)``, the same groups each time.
 
     Rows past ``sum(group_sizes)`` belong to no expert: every product leaves them zero.
-    A DoRA weight scales each row's output by its expert's column scale; only the
+    A column-scaled weight scales each row's output by its expert's column scale; only the
     ``lax.ragged_dot`` form (x ``(M, in)`` ragged along M, W ``(E, in, out)``) has that
     rule (``None`` otherwise: the caller forms the weight).
     """
@@ -553,7 +524,7 @@ def gather(
     """``W[idx]``: of stacked layers (stays symbolic) or of embedding rows (gathers A).
 
     An index out of range in mode ``fill`` gives the fill, as merge-then-call does: the
-    fill is W0's (``base_out``), and the factors gather zeros there (DoRA's scale ones),
+    fill is W0's (``base_out``), and the factors gather zeros there (the column scale ones),
     so that no fill enters the low-rank term or its gradient.
     """
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
@@ -588,7 +559,7 @@ def gather(
     reached = _reached(w, collapsed, indices, params, base_out.ndim)
     if reached is None:
         return _add_scaled(base_out, y, w.scale, c)
-    # An unreached row is W0's fill, not fill·c (DoRA), and no fill enters the sum:
-    # a NaN there would meet the gradient of B or of DoRA's scale (0·NaN).
+    # An unreached row is W0's fill, not fill·c, and no fill enters the sum:
+    # a NaN there would meet the gradient of B or of the column scale (0·NaN).
     out = _add_scaled(jnp.where(reached, base_out, 0), y, w.scale, c)
     return jnp.where(reached, out, base_out)

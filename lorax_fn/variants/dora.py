@@ -12,7 +12,6 @@ As in the paper (§4.3) and PEFT, ``‖V‖_c`` is a constant in the gradient
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from typing import Any
 
@@ -23,20 +22,10 @@ from jax import lax
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors, delta
-
-
-def to_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
-    """A ``(*batch, *out)`` array laid out to broadcast against the weight (unit fan-in axes).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> to_weight_axes(jnp.ones((3,)), Layout((1,), (0,))).shape  # weight (out=3, in)
-        (3, 1)
-    """
-    nb = len(layout.batch_axes)
-    shape = x.shape[:nb] + (1,) * len(layout.in_axes) + x.shape[nb:]
-    order = layout.batch_axes + layout.in_axes + layout.out_axes
-    return jnp.transpose(x.reshape(shape), np.argsort(order))
+from lorax_fn.merge import unmerge_states
+from lorax_fn.quant import lazy
+from lorax_fn.quant.lazy import LazyWeight
+from lorax_fn.variants.base import Variant, apply_columns, register
 
 
 def _from_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
@@ -125,42 +114,141 @@ def dora_weight(w0: jax.Array, factors: LoraFactors) -> jax.Array:
         True
     """
     v = w0.astype(jnp.float32) + delta(factors)
-    if factors.magnitude is None:
+    if "magnitude" not in factors.extras:
         return v
+    scale = magnitude_scale(column_norms(v, factors.layout), factors.magnitude)
+    return apply_columns(v, scale, factors)
+
+
+def _norms(w0: jax.Array | LazyWeight, factors: LoraFactors) -> jax.Array:
+    """``‖W0 + scale·A·B‖_c``; a quantized stack one layer at a time.
+
+    Dequantizing a stacked quantized weight whole would put a float copy of every
+    layer in memory at once, which QLoRA exists to avoid.
+    """
     layout = factors.layout
-    scale = magnitude_scale(column_norms(v, layout), factors.magnitude)
-    return v * to_weight_axes(scale, layout)
+    parts = None
+    if isinstance(w0, LazyWeight) and layout.batch_axes[:1] == (0,):
+        parts = lazy.scan_parts(w0)
+    if parts is None:
+        return weight_norms(w0.value() if isinstance(w0, LazyWeight) else w0, factors)
+    stored, rebuild = parts
+    inner = Layout(
+        tuple(k - 1 for k in layout.in_axes),
+        tuple(k - 1 for k in layout.out_axes),
+        tuple(k - 1 for k in layout.batch_axes[1:]),
+    )
+
+    def layer(_, xs):
+        part, a, b, step = xs
+        one = LoraFactors(a, b, factors.scale, inner)
+        return None, weight_norms(rebuild(part, step).value(), one)
+
+    steps = jnp.arange(factors.a.shape[0])
+    return lax.scan(layer, None, (stored, factors.a, factors.b, steps))[1]
 
 
-def init_magnitude(w0: jax.Array, factors: LoraFactors) -> LoraFactors:
-    """``factors`` with DoRA's magnitude set to ``‖W0 + scale·A·B‖_c`` (model unchanged).
+class Dora(Variant):
+    """DoRA as a :class:`~lorax_fn.variants.base.Variant`: ``c = m / sg(‖V‖_c)``.
+
+    Its one extra array is the magnitude ``m``, labelled ``"lora_magnitude"`` for the
+    optimizer and never decayed (it starts at ``‖W0‖_c``: decay would shrink the
+    pretrained columns towards a zero layer). Exact unmerge needs ``‖V‖_c`` from before
+    merging (:func:`dora_norms`). PEFT writes it as ``lora_magnitude_vector`` with
+    ``use_dora: true``.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> f = LoraFactors(jnp.ones((2, 1)), jnp.zeros((1, 2)), 1.0, Layout((0,), (1,)))
-        >>> init_magnitude(jnp.array([[3.0, 0.0], [4.0, 1.0]]), f).magnitude
-        Array([5., 1.], dtype=float32)
+        >>> from lorax_fn.variants.base import get
+        >>> get("dora").extras, get("dora").label("magnitude")
+        (('magnitude',), 'lora_magnitude')
     """
-    v = w0.astype(jnp.float32) + delta(factors)
-    m = column_norms(v, factors.layout).astype(factors.a.dtype)
-    return dataclasses.replace(factors, magnitude=m)
+
+    name = "dora"
+    title = "DoRA"
+    extras = ("magnitude",)
+    peft_config = {"use_dora": True}  # noqa: RUF012 - a class-level constant
+    peft_tensors = {"magnitude": ".lora_magnitude_vector"}  # noqa: RUF012
+    unmerge_hint = (
+        "their column norms: a merged DoRA weight m·V/‖V‖ does not determine the base. Keep "
+        "norms = lorax_fn.dora_norms(base, lora) from before merging and call "
+        "unmerge(merged, lora, norms=norms)"
+    )
+
+    def init(self, w0: jax.Array, factors: LoraFactors) -> dict[str, jax.Array]:
+        v = w0.astype(jnp.float32) + delta(factors)
+        return {"magnitude": column_norms(v, factors.layout).astype(factors.a.dtype)}
+
+    def weight(self, w0: jax.Array, factors: LoraFactors) -> jax.Array:
+        return dora_weight(w0, factors)
+
+    def column_scale(self, w0: Any, factors: LoraFactors) -> jax.Array:
+        return magnitude_scale(_norms(w0, factors), factors.magnitude)
+
+    def unmerge_state(self, w0: jax.Array, factors: LoraFactors) -> jax.Array:
+        return weight_norms(w0, factors)
+
+    def inverse_column_scale(self, factors: LoraFactors, state: Any) -> jax.Array:
+        # W = V·m/‖V‖ ⇒ V = W·‖V‖/m. A zero column of V stays zero; with m = 0 the column
+        # is lost (0·∞ = NaN, which safe=True reports).
+        m = factors.magnitude.astype(jnp.float32)
+        return jnp.where(state > 0, state.astype(jnp.float32) / m, 0.0)
 
 
-def refuse_dora(tree: Any, what: str) -> None:
-    """Raise :class:`LoraError` naming the DoRA entries of ``tree``, which ``what`` cannot hold.
+register(Dora())
 
-    For the parts of the library that would otherwise drop the magnitude and silently
-    treat a DoRA adapter as plain LoRA.
+
+def _dora_entries(lora: dict[str, Any], who: str) -> dict[str, LoraFactors]:
+    dora = {p: f for p, f in lora.items() if isinstance(f, LoraFactors) and f.variant == "dora"}
+    if not dora:
+        raise LoraError(f"{who}: the LoRA tree has no DoRA entries (LoraSpec(use_dora=True))")
+    return dora
+
+
+def dora_norms(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
+    """``{path: ‖W0 + scale·A·B‖_c}`` for every DoRA entry: what an exact unmerge needs.
+
+    A merged DoRA weight ``m·V/‖V‖_c`` does not determine ``W0`` (any column length
+    of ``V`` gives the same weight), so keep these small vectors (one per output column)
+    when you merge and pass them to ``unmerge(merged, lora, norms=...)``. One weight at
+    a time, ``V`` never formed: a quantized base is never in float at once.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> f = LoraFactors(jnp.ones((2, 1)), jnp.zeros((1, 2)), 1.0, Layout((0,), (1,)))
-        >>> refuse_dora({"w": f}, "this")  # plain LoRA passes
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, merge, split, unmerge
+        >>> w = jax.random.normal(jax.random.key(0), (8, 4))
+        >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
+        >>> norms = dora_norms(base, lt)
+        >>> back = unmerge(merge(base, lt), lt, norms=norms)
+        >>> bool(jnp.allclose(back["w"], base["w"], atol=1e-5))
+        True
     """
-    paths = sorted(p for p, f in dict(tree).items() if isinstance(f, LoraFactors) and f.is_dora)
-    if paths:
-        raise LoraError(
-            f"{what} does not support DoRA adapters yet (it would drop the magnitude and "
-            f"give plain LoRA): {paths[:5]}{' …' if len(paths) > 5 else ''}. Merge the adapter "
-            "(lorax_fn.merge) and save or export the merged weights instead"
-        )
+    dora = _dora_entries(lora, "dora_norms")
+    return unmerge_states(base, dora)
+
+
+def init_magnitudes(base: Any, lora: dict[str, Any]) -> dict[str, Any]:
+    """``lora`` with each DoRA magnitude reset to ``‖W0 + scale·A·B‖_c`` of this ``base``.
+
+    Then the adapted model equals ``base`` with the plain low-rank update, and at
+    :func:`lorax_fn.split`'s init (B = 0) equals ``base`` itself. ``split`` sets the
+    magnitudes from the float weights; after :func:`lorax_fn.quantize_base` (QDoRA)
+    call this on the quantized base so that training starts from the quantized model
+    exactly, not from one whose columns are rescaled by the quantization error. Each
+    quantized weight is dequantized alone, inside one compiled call.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorax_fn import LoraSpec, merge, quantize_base, split
+        >>> w = jax.random.normal(jax.random.key(0), (64, 8))
+        >>> base, lt = split({"w": w}, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
+        >>> qbase = quantize_base(base, "w")
+        >>> lt = init_magnitudes(qbase, lt)
+        >>> merged = merge(qbase, lt)["w"]
+        >>> bool(jnp.allclose(merged, qbase["w"].dequantize(), atol=1e-5))
+        True
+    """
+    norms = unmerge_states(base, _dora_entries(lora, "init_magnitudes"))
+    return {
+        p: e.with_extras(magnitude=norms[p].astype(e.magnitude.dtype)) if p in norms else e
+        for p, e in lora.items()
+    }

@@ -762,7 +762,7 @@ def read_meta(directory: Path) -> dict:
 def test_dora_round_trip_keeps_the_magnitude(tmp_path, dora_model):
     base, lt = dora_model
     dora_paths = sorted(p for p, f in lt.items() if isinstance(f, LoraFactors))
-    assert len(dora_paths) == 4 and all(lt[p].is_dora for p in dora_paths)
+    assert len(dora_paths) == 4 and all(lt[p].variant == "dora" for p in dora_paths)
     assert lt["params/stack/kernel"].magnitude.shape == (3, 16)
     assert lt["params/attn/query/kernel"].magnitude.shape == (4, 8)
     _, init = lorax_fn.split(make_params(), DORA_SPEC, key=jax.random.key(1), layouts=STACK)
@@ -775,13 +775,13 @@ def test_dora_round_trip_keeps_the_magnitude(tmp_path, dora_model):
     assert sorted(e["path"] for e in meta["entries"] if "magnitude" in e) == dora_paths
     for got in (restore(tmp_path / "ad", base=base), restore(tmp_path / "ad")):
         assert_same_tree(got, lt)  # the magnitude included: it is a leaf of the tree
-        assert all(got[p].is_dora for p in dora_paths)
+        assert all(got[p].variant == "dora" for p in dora_paths)
     merged = lorax_fn.merge(base, restore(tmp_path / "ad", base=base))
     want = lorax_fn.merge(base, lt)
     for g, w in zip(jax.tree.leaves(merged), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     info = checkpoint_info(tmp_path / "ad")
-    assert info.dora == tuple(dora_paths) and info.spec == DORA_SPEC
+    assert info.variants == dict.fromkeys(dora_paths, "dora") and info.spec == DORA_SPEC
 
     # On a mesh, the magnitude is placed like B without its rank axis.
     mesh2 = jax.make_mesh((2, 4), ("data", "model"))
@@ -795,12 +795,9 @@ def test_dora_round_trip_keeps_the_magnitude(tmp_path, dora_model):
     explicit = jax.tree.map(lambda x: x.sharding, got)
     assert_same_tree(restore(tmp_path / "ad", shardings=explicit), lt)
     # Shardings made for a plain tree have no place for the magnitude.
-    plain = {
-        p: dataclasses.replace(s, magnitude=None) if isinstance(s, LoraFactors) else s
-        for p, s in explicit.items()
-    }
+    plain = {p: s.plain() if isinstance(s, LoraFactors) else s for p, s in explicit.items()}
     with pytest.raises(
-        LoraError, match=r"kernel: expected a jax.sharding.Sharding for the DoRA magnitude"
+        LoraError, match=r"kernel: expected a jax.sharding.Sharding for the 'dora' magnitude"
     ):
         restore(tmp_path / "ad", shardings=plain)
 
@@ -814,7 +811,7 @@ def test_dora_manager_round_trips_the_magnitude_and_its_optimizer_state(tmp_path
         updates, opt_state = tx.update(grads, opt_state, lt)
         lt = optax.apply_updates(lt, updates)
     flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-    m_state = [k for k, x in flat if jax.tree_util.keystr(k).endswith(".magnitude")]
+    m_state = [k for k, x in flat if jax.tree_util.keystr(k).endswith(".extras['magnitude']")]
     assert len(m_state) == 2 * 4  # Adam's mu and nu for each DoRA magnitude
     with LoraCheckpointManager(tmp_path / "run", DORA_SPEC, base=base) as manager:
         manager.save(2, lt, opt_state, data_state={"index": 2})
@@ -835,7 +832,7 @@ def test_dora_manager_round_trips_the_magnitude_and_its_optimizer_state(tmp_path
     manager.close()
     restored = dict(jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
     for key in m_state:
-        path = key[-2].key
+        path = key[-3].key  # ...[path].extras["magnitude"]
         assert restored[key].sharding == state.lora_tree[path].magnitude.sharding, path
     updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.lora_tree)
     want, _ = tx.update(grads, opt_state, lt)
@@ -847,9 +844,9 @@ def test_dora_and_plain_lora_are_never_taken_for_each_other(tmp_path, model, dor
     base, plain = model
     _, dora = dora_model
     is_dora = (
-        r"params/dense/kernel: a DoRA adapter \(it has a magnitude\), the spec says use_dora=False"
+        r"params/dense/kernel: a 'dora' adapter \(it has magnitude\), the spec says variant='lora'"
     )
-    is_plain = r"params/dense/kernel: plain LoRA, the spec says use_dora=True"
+    is_plain = r"params/dense/kernel: plain LoRA, the spec says variant='dora'"
     before = snapshot(base, plain, dora)
     with pytest.raises(LoraError, match=is_dora):
         save(tmp_path / "x", dora, SPEC, base=base)
@@ -876,7 +873,7 @@ def test_dora_and_plain_lora_are_never_taken_for_each_other(tmp_path, model, dor
     # An optimizer state made for the plain tree lacks the magnitude's moments.
     manager = LoraCheckpointManager(tmp_path / "dora", DORA_SPEC, base=base)
     with pytest.raises(
-        LoraError, match=r"saved-only leaves \[.*'params/dense/kernel'\]\.magnitude"
+        LoraError, match=r"saved-only leaves \[.*'params/dense/kernel'\]\.extras\['magnitude'\]"
     ):
         manager.restore(opt_state=optax.adam(1e-3).init(plain))
     manager.close()
@@ -886,9 +883,9 @@ def test_dora_and_plain_lora_are_never_taken_for_each_other(tmp_path, model, dor
 def test_a_misshapen_dora_magnitude_is_refused_naming_the_path(tmp_path, dora_model):
     base, lt = dora_model
     f = lt["params/dense/kernel"]
-    bad = {**lt, "params/dense/kernel": dataclasses.replace(f, magnitude=jnp.ones(16))}
+    bad = {**lt, "params/dense/kernel": f.with_extras(magnitude=jnp.ones(16))}
     match = (
-        r"params/dense/kernel: DoRA magnitude \(16,\) does not fit a weight of shape "
+        r"params/dense/kernel: the 'dora' magnitude \(16,\) does not fit a weight of shape "
         r"\(16, 32\) .*\(expected \(32,\)\)"
     )
     with pytest.raises(LoraError, match=match):
@@ -929,15 +926,15 @@ def test_a_checkpoint_written_before_dora_restores_as_plain_lora(tmp_path, model
         assert "use_dora" not in read_meta(directory)["spec"]
         got = restore(directory, base=base)
         assert_same_tree(got, lt)
-        assert not any(f.is_dora for f in got.values() if isinstance(f, LoraFactors))
-        assert checkpoint_info(directory).spec == SPEC and checkpoint_info(directory).dora == ()
+        assert not any(f.variant == "dora" for f in got.values() if isinstance(f, LoraFactors))
+        assert checkpoint_info(directory).spec == SPEC and checkpoint_info(directory).variants == {}
     manager = LoraCheckpointManager(tmp_path / "run", SPEC, base=base)
     state = manager.restore(opt_state=jax.eval_shape(tx.init, lt))
     assert_same_tree(state.lora_tree, lt)
     manager.close()
     manager = LoraCheckpointManager(tmp_path / "run", DORA_SPEC, base=base)
     with pytest.raises(
-        LoraError, match=r"params/dense/kernel: plain LoRA, the spec says use_dora=True"
+        LoraError, match=r"params/dense/kernel: plain LoRA, the spec says variant='dora'"
     ):
         manager.restore()
     manager.close()

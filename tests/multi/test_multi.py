@@ -419,7 +419,7 @@ def test_dora_adapters_are_refused_naming_the_path():
     params = {"w": jax.random.normal(jax.random.key(0), (6, 5)), "v": jnp.ones((5, 5))}
     base, plain = lorax_fn.split(params, LoraSpec("w", rank=2), key=jax.random.key(1))
     _, dora = lorax_fn.split(params, LoraSpec("w", rank=2, use_dora=True), key=jax.random.key(1))
-    assert dora["w"].magnitude is not None
+    assert "magnitude" in dora["w"].extras
     with pytest.raises(LoraError, match="adapter 1: w: DoRA adapters"):
         lorax_fn.stack_adapters([plain, dora])
     stack = lorax_fn.stack_adapters([plain])
@@ -427,7 +427,11 @@ def test_dora_adapters_are_refused_naming_the_path():
         lorax_fn.multi.replace_adapter(stack, 0, dora)
     # A stack built by hand around DoRA entries is refused when used, not run as LoRA.
     forged = lorax_fn.multi.AdapterStack(
-        {"w": dataclasses.replace(stack.entries["w"], magnitude=dora["w"].magnitude[None])}
+        {
+            "w": dataclasses.replace(
+                stack.entries["w"], extras={"magnitude": dora["w"].magnitude[None]}, variant="dora"
+            )
+        }
     )
     with pytest.raises(LoraError, match="the stack: w: DoRA"):
         lorax_fn.multi_lora(lambda p, x: x @ p["w"])(base, forged, jnp.array([0]), jnp.ones((1, 6)))

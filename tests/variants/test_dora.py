@@ -37,7 +37,7 @@ def _dora(variables, targets, fn=None, *args, rank=2, layouts=None, **spec_kw):
         layouts = lorax_fn.infer_layouts(fn, variables, *args)
     spec = LoraSpec(targets, rank=rank, use_dora=True, **spec_kw)
     base, lt = lorax_fn.split(variables, spec, key=jax.random.key(1), layouts=layouts)
-    assert all(f.is_dora for f in lt.values() if isinstance(f, lorax_fn.LoraFactors))
+    assert all(f.variant == "dora" for f in lt.values() if isinstance(f, lorax_fn.LoraFactors))
     return base, randomize_b(lt, std=0.5)
 
 
