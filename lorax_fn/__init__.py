@@ -11,25 +11,17 @@ Example:
 # The workflow's names; helpers live in their modules, the wings in their subpackages
 # (lorax_fn.checkpoint, .peft, .quant, .multi, .variants, .transform). The paper's
 # subspace analysis is `from lorax_fn import analysis` (it needs no import here).
-from lorax_fn import (
-    checkpoint,
-    multi,
-    parallel,
-    peft,
-    quant,
-    sharding,
-    transform,
-    variants,
-)
+import importlib
+from typing import Any
+
+from lorax_fn import multi, parallel, quant, sharding, transform, variants
 from lorax_fn.accounting import count_params, summary
-from lorax_fn.checkpoint import LoraCheckpointManager, restore, save
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import merge, unmerge
 from lorax_fn.multi import multi_lora, stack_adapters
 from lorax_fn.optim import optimizer, weight_decay_mask
 from lorax_fn.paths import describe
-from lorax_fn.peft import export_peft, import_peft
 from lorax_fn.quant import QuantizedArray, quantize_base
 from lorax_fn.sharding import lora_shardings
 from lorax_fn.spec import LoraSpec
@@ -75,3 +67,30 @@ __all__ = [
     "variants",
     "weight_decay_mask",
 ]
+
+# The checkpoint and PEFT wings load orbax/tensorstore and safetensors: they are imported
+# when first used, so that splitting, applying and training pay nothing for them.
+_LAZY = {
+    "checkpoint": ("lorax_fn.checkpoint", None),
+    "peft": ("lorax_fn.peft", None),
+    "LoraCheckpointManager": ("lorax_fn.checkpoint", "LoraCheckpointManager"),
+    "restore": ("lorax_fn.checkpoint", "restore"),
+    "save": ("lorax_fn.checkpoint", "save"),
+    "export_peft": ("lorax_fn.peft", "export_peft"),
+    "import_peft": ("lorax_fn.peft", "import_peft"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lorax_fn' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn.checkpoint.io import restore
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, LoraTree
 from lorax_fn.merge import check_fits
@@ -245,6 +244,8 @@ def stack_checkpoints(
         ...
         lorax_fn.errors.LoraError: missing: no checkpoint at ...missing
     """
+    from lorax_fn.checkpoint.io import restore  # the checkpoint wing, with orbax, on use
+
     trees = []
     for directory in directories:
         try:
