@@ -196,13 +196,18 @@ def merge(
     )
 
 
-def _check_norms(lora: dict[str, Any], norms: dict[str, jax.Array] | None) -> dict:
-    """The states that exact unmerges need (``norms=``), checked against the entries."""
-    needy = {
+def _needing_state(lora: dict[str, Any]) -> dict[str, LoraFactors]:
+    """The entries whose variant needs a state for an exact unmerge (DoRA: norms)."""
+    return {
         p: f
         for p, f in lora.items()
         if isinstance(f, LoraFactors) and get(f.variant).unmerge_hint is not None
     }
+
+
+def _check_norms(lora: dict[str, Any], norms: dict[str, jax.Array] | None) -> dict:
+    """The states that exact unmerges need (``norms=``), checked against the entries."""
+    needy = _needing_state(lora)
     norms = dict(norms or {})
     missing: dict[str, list[str]] = {}
     for p in sorted(set(needy) - set(norms)):
@@ -242,11 +247,7 @@ def unmerge_states(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
         True
     """
     check_fits(base, lora)
-    needy = {
-        p: f
-        for p, f in lora.items()
-        if isinstance(f, LoraFactors) and get(f.variant).unmerge_hint is not None
-    }
+    needy = _needing_state(lora)
     states = {p: _unmerge_state(w, needy[p]) for p, w in weight_leaves(base) if p in needy}
     return {p: states[p] for p in needy}
 
