@@ -8,7 +8,10 @@ the load average before and after (other processes on the machine perturb timing
 
     python benchmarks/run_all.py                     # everything, ~15 min on 2 CPU cores
     python benchmarks/run_all.py --only latency.py   # a subset
-    python benchmarks/run_all.py --docs              # also copy the report to docs/
+    python benchmarks/run_all.py --docs              # also copy both to docs/results/
+
+``--docs`` copies the JSON next to the report, so that ``benchmarks/compare.py`` can
+check a later run's ratios against the committed ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from common import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+DOCS = ROOT / "docs" / "results"
 SCRIPTS = (
     "train_step.py",
     "latency.py",
@@ -181,7 +185,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run just these scripts")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per script")
-    parser.add_argument("--docs", action="store_true", help="copy the report to docs/")
+    parser.add_argument(
+        "--docs", action="store_true", help=f"copy the report and its JSON to {DOCS}"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -197,8 +203,9 @@ def main() -> None:
     text = report(results)
     (args.out / "benchmarks.md").write_text(text)
     if args.docs:
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(args.out / "benchmarks.md", ROOT / "docs" / "benchmarks.md")
+        DOCS.mkdir(parents=True, exist_ok=True)
+        for name in ("benchmarks.md", "benchmarks.json"):
+            shutil.copyfile(args.out / name, DOCS / name)
     print("\n" + text)
     print(f"total {results['total_wall_s']} s; wrote {args.out}/benchmarks.{{json,md}}")
 
