@@ -481,7 +481,7 @@ def multi_lora(
     gather: XLA's ``ragged_dot`` on CPU costs in proportion to the number of groups, so
     a decode step (B=64, d=512, r=8) ran at 1.02× / 0.92× / 0.55× / 0.13× the merged
     model for N = 1 / 4 / 16 / 64 grouped, against 0.52–0.58× gathered
-    (docs/decode_grouped.md). A selection is already gathered: ``"grouped"`` with one
+    (docs/results/decode_grouped.md). A selection is already gathered: ``"grouped"`` with one
     is refused.
 
     ``adapter_ids`` are integers in ``[-1, N)``; concrete ids outside that range raise
