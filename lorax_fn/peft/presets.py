@@ -134,18 +134,18 @@ def llama_name_map(
     The PyTorch modules (``LlamaForCausalLM`` and its relatives) and the Flax paths they
     are read from, with the defaults (those of ``examples/serve.py``):
 
-    ========================================  ==============================================
-    Flax leaf path                            PyTorch module
-    ========================================  ==============================================
-    ``{layers}/{attn}/q_proj/*``              ``model.layers.{i}.self_attn.q_proj`` (also
-                                              ``k_proj``, ``v_proj``, ``o_proj``)
-    ``{layers}/{mlp}/gate_proj/*``            ``model.layers.{i}.mlp.gate_proj`` (also
-                                              ``up_proj``, ``down_proj``)
-    ``{layers}/{attn}/X/*``, ``{mlp}/X/*``    ``model.layers.{i}.self_attn.X`` / ``mlp.X``
-    ``{layers}/X/*`` (norms)                  ``model.layers.{i}.X``
-    ``{embed}/*``, ``{norm}/*``, ``{head}/*``  ``model.embed_tokens``, ``model.norm``,
-                                              ``lm_head``
-    ========================================  ==============================================
+    ==========================================  ==============================================
+    Flax leaf path                              PyTorch module
+    ==========================================  ==============================================
+    ``{layers}/{attn}/q_proj/*``                ``model.layers.{i}.self_attn.q_proj`` (also
+                                                ``k_proj``, ``v_proj``, ``o_proj``)
+    ``{layers}/{mlp}/gate_proj/*``              ``model.layers.{i}.mlp.gate_proj`` (also
+                                                ``up_proj``, ``down_proj``)
+    ``{layers}/{attn}/X/*``, ``{mlp}/X/*``      ``model.layers.{i}.self_attn.X`` / ``mlp.X``
+    ``{layers}/X/*`` (norms)                    ``model.layers.{i}.X``
+    ``{embed}/*``, ``{norm}/*``, ``{head}/*``   ``model.embed_tokens``, ``model.norm``,
+                                                ``lm_head``
+    ==========================================  ==============================================
 
     ``*`` is the parameter (``kernel``, ``bias``, ``scale``, ``embedding``). ``names``
     renames Flax projections, keyed by PyTorch name relative to the layer, e.g.

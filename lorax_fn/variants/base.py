@@ -50,7 +50,7 @@ from lorax_fn.factors import LoraFactors, delta
 class Variant:
     """Plain LoRA; subclass and override to make a variant, then :func:`register` it.
 
-    Class attributes:
+    Attributes:
       name: the registry key, stored in checkpoints and given as ``LoraSpec(variant=...)``.
       title: how messages name it ("DoRA adapters cannot be stacked").
       extras: the names of its trainable arrays beyond A and B (column vectors).
