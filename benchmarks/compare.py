@@ -14,8 +14,9 @@ by more than ``--tolerance``. Which ratios each script has is :data:`RATIOS`:
   (throughput over a reference method's); higher is better.
 - ``adapter_size.py``, ``qlora.py``: sizes and errors, no ratios; not compared.
 
-Rows are matched by their key columns; a matched row whose settings (its int, str and
-bool fields) differ from the baseline's is reported and not compared.
+Rows are matched by their key columns; a script run with other flags (``run_all.py
+--args``), or a matched row whose settings (its int, str and bool fields) differ from
+the baseline's, is reported and not compared.
 
     python benchmarks/run_all.py --only train_step.py latency.py
     python benchmarks/compare.py results/benchmarks.json   # exit 1 if a ratio is >10 % worse
@@ -138,6 +139,11 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Finding], li
         base = old_entries.get(script)
         if base is None or not _plain_rows(base):
             notes.append(f"{script}: no rows in the baseline")
+            continue
+        if base.get("args", []) != entry.get("args", []):
+            notes.append(
+                f"{script}: run with other flags ({base.get('args')} vs {entry.get('args')})"
+            )
             continue
         old_rows, new_rows = _rows_by_key(script, base), _rows_by_key(script, entry)
         if next(iter(old_rows)) != next(iter(new_rows), None):

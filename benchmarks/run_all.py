@@ -9,6 +9,7 @@ the load average before and after (other processes on the machine perturb timing
     python benchmarks/run_all.py                     # everything, ~15 min on 2 CPU cores
     python benchmarks/run_all.py --only latency.py   # a subset
     python benchmarks/run_all.py --docs              # also copy both to docs/results/
+    python benchmarks/run_all.py --only dora.py --args "dora.py=--d 256 --repeats 3"
 
 ``--docs`` copies the JSON next to the report, so that ``benchmarks/compare.py`` can
 check a later run's ratios against the committed ones.
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -68,16 +70,16 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_script(name: str, timeout_s: float) -> dict[str, Any]:
-    """Runs ``benchmarks/<name>`` in a subprocess; returns its rows, status and wall time."""
+def run_script(name: str, timeout_s: float, args: Sequence[str] = ()) -> dict[str, Any]:
+    """Runs ``benchmarks/<name> *args`` in a subprocess; returns its rows, status and wall time."""
     path = HERE / name
     if not path.is_file():
         return {"script": name, "status": "skipped", "note": f"{name} does not exist"}
-    print(f"== {name}", flush=True)
+    print(f"== {name} {shlex.join(args)}", flush=True)
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, str(path)],
+            [sys.executable, str(path), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -95,6 +97,7 @@ def run_script(name: str, timeout_s: float) -> dict[str, Any]:
         }
     result = {
         "script": name,
+        "args": list(args),
         "status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}",
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": json_lines(proc.stdout),
@@ -166,6 +169,8 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"Skipped: {entry['note']}.")
             continue
         lines.append(f"Status: {status}, {entry['wall_s']} s.")
+        if entry.get("args"):
+            lines.append(f"Run as `{shlex.join([entry['script'], *entry['args']])}`.")
         # A line holding a nested object (e.g. {"machine": {...}, "batch": 64}) describes
         # the run rather than one configuration: its plain values become a settings line.
         meta = [r for r in entry["rows"] if any(isinstance(v, dict) for v in r.values())]
@@ -180,22 +185,49 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def script_flags(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``["dora.py=--d 256"]`` as ``{"dora.py": ["--d", "256"]}``; an unknown script raises.
+
+    Example::
+
+        script_flags(["latency.py=--batch 8 --seq 512"])
+        # {'latency.py': ['--batch', '8', '--seq', '512']}
+    """
+    flags = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        if name not in SCRIPTS:
+            raise SystemExit(f"--args {spec!r}: {name!r} is not one of {', '.join(SCRIPTS)}")
+        flags[name] = shlex.split(rest)
+    return flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run just these scripts")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per script")
     parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="SCRIPT=FLAGS",
+        help="flags for one script instead of its defaults (repeatable)",
+    )
+    parser.add_argument(
         "--docs", action="store_true", help=f"copy the report and its JSON to {DOCS}"
     )
     args = parser.parse_args()
+    flags = script_flags(args.args)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
         "load_before": [round(x, 2) for x in os.getloadavg()],
-        "scripts": [run_script(name, args.timeout) for name in args.only or SCRIPTS],
+        "scripts": [
+            run_script(name, args.timeout, flags.get(name, ())) for name in args.only or SCRIPTS
+        ],
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }
     results["total_wall_s"] = round(time.perf_counter() - start, 1)

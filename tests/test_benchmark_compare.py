@@ -84,3 +84,10 @@ def test_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "REGRESSION" in capsys.readouterr().out
     # A run with nothing to compare must not pass as "no regression".
     assert main(old, _run({"script": "qlora.py", "status": "ok", "rows": []})) == 2
+
+
+def test_scripts_run_with_other_flags_are_not_compared() -> None:
+    gpu_sized = {**_train_step(200.0), "args": ["--d", "2048"]}
+    findings, notes = compare.compare(_run(_train_step(70.0)), _run(gpu_sized))
+    assert findings == []
+    assert any("other flags" in n for n in notes)
