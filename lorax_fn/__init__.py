@@ -21,7 +21,7 @@ from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.merge import merge, unmerge
 from lorax_fn.multi import multi_lora, stack_adapters
 from lorax_fn.optim import optimizer, weight_decay_mask
-from lorax_fn.paths import describe
+from lorax_fn.paths import AnyOf, describe
 from lorax_fn.quant import QuantizedArray, quantize_base
 from lorax_fn.sharding import lora_shardings
 from lorax_fn.spec import LoraSpec
@@ -31,6 +31,7 @@ from lorax_fn.variants.dora import dora_norms, init_magnitudes
 from lorax_fn.version import __version__
 
 __all__ = [
+    "AnyOf",
     "Layout",
     "LoraCheckpointManager",
     "LoraError",

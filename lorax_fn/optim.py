@@ -30,6 +30,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors
 from lorax_fn.paths import (
     PathFilter,
+    as_filters,
     compile_filter,
     path_str,
     unmatched_filter,
@@ -45,12 +46,6 @@ _NO_DECAY = re.compile(r"(?i)(?:^|/)(?:bias|scale|[^/]*norm[^/]*|ln(?:_[^/]*|\d*
 
 def _is_factors(x: Any) -> bool:
     return isinstance(x, LoraFactors)
-
-
-def _as_filters(frozen: PathFilter | Sequence[PathFilter]) -> tuple[PathFilter, ...]:
-    if isinstance(frozen, str | re.Pattern) or callable(frozen):
-        return (frozen,)
-    return tuple(frozen)
 
 
 def _is_float(leaf: Any) -> bool:
@@ -109,7 +104,7 @@ def lora_labels(params: Any, *, frozen: PathFilter | Sequence[PathFilter] = ()) 
         >>> lora_labels({"base": base, "lora": lt}, frozen="base/**")["base"]
         {'b': 'frozen', 'w': 'frozen'}
     """
-    return _labels(params, _as_filters(frozen), strict=True)
+    return _labels(params, as_filters(frozen), strict=True)
 
 
 def _labels(params: Any, filters: tuple[PathFilter, ...], *, strict: bool) -> Any:
@@ -209,7 +204,7 @@ def optimizer(
         and lora_plus_ratio > 0
     ):
         raise LoraError(f"lora_plus_ratio must be a number > 0, got {lora_plus_ratio!r}")
-    filters = _as_filters(frozen)
+    filters = as_filters(frozen)
     b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(lora_plus_ratio))
     candidates = {
         LORA_A: tx,

@@ -8,6 +8,7 @@ parameter).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -18,9 +19,52 @@ import numpy as np
 
 from lorax_fn.errors import LoraError
 
-PathFilter: TypeAlias = str | re.Pattern[str] | Callable[[str, Any], bool]
+
+@dataclasses.dataclass(frozen=True, init=False)
+class AnyOf:
+    """A path filter that matches what any of its alternatives matches.
+
+    Where a list of filters requires each to match something (a filter that matches
+    nothing is an error, since it is usually a typo), ``AnyOf`` requires only that
+    *some* alternative matches: one target list then serves the variants of a model
+    family, e.g. Gemma's fused ``qkv_einsum`` and its grouped-query ``q_einsum`` /
+    ``kv_einsum``. If no alternative matches anything, the error names them all.
+
+    Example:
+        >>> from lorax_fn import LoraSpec
+        >>> targets = [AnyOf("**/qkv_einsum/w", "**/q_einsum/w"), "**/mlp/*/kernel"]
+        >>> compile_filter(targets[0])("layer_0/attn/q_einsum/w", None)
+        True
+        >>> LoraSpec.from_json(LoraSpec(targets=targets).to_json()).targets[0] == targets[0]
+        True
+    """
+
+    alternatives: tuple[PathFilter, ...]
+
+    def __init__(self, *alternatives: PathFilter) -> None:
+        if not alternatives:
+            raise LoraError("AnyOf() needs at least one alternative filter")
+        object.__setattr__(self, "alternatives", alternatives)
+        for f in alternatives:
+            compile_filter(f)
+
+
+PathFilter: TypeAlias = str | re.Pattern[str] | AnyOf | Callable[[str, Any], bool]
 """A glob (``*`` one level, ``**`` any depth), ``re:``-prefixed or compiled
-regular expression (full match), or a callable ``(path, leaf) -> bool``."""
+regular expression (full match), an :class:`AnyOf` of filters, or a callable
+``(path, leaf) -> bool``."""
+
+
+def as_filters(value: PathFilter | Sequence[PathFilter]) -> tuple[PathFilter, ...]:
+    """One filter or a sequence of filters, as a tuple of filters.
+
+    Example:
+        >>> as_filters("**/kernel"), as_filters(["a", "b"])
+        (('**/kernel',), ('a', 'b'))
+    """
+    if isinstance(value, str | re.Pattern | AnyOf) or callable(value):
+        return (value,)
+    return tuple(value)
 
 
 def _key_name(key: Any) -> str:
@@ -156,6 +200,9 @@ def compile_filter(pattern: PathFilter) -> Callable[[str, Any], bool]:
         ...
         lorax_fn.errors.LoraError: path filter 're:(' is not a valid pattern: missing ), ...
     """
+    if isinstance(pattern, AnyOf):
+        alternatives = [compile_filter(f) for f in pattern.alternatives]
+        return lambda path, leaf: any(match(path, leaf) for match in alternatives)
     if callable(pattern) and not isinstance(pattern, re.Pattern):
         return pattern
     if not isinstance(pattern, str | re.Pattern):
@@ -183,6 +230,8 @@ def filter_name(pattern: PathFilter) -> str:
         return f"re:{pattern.pattern}"
     if isinstance(pattern, str):
         return pattern
+    if isinstance(pattern, AnyOf):
+        return "AnyOf(" + ", ".join(repr(filter_name(f)) for f in pattern.alternatives) + ")"
     return getattr(pattern, "__qualname__", repr(pattern))
 
 
@@ -194,6 +243,11 @@ def nearest_paths(pattern: PathFilter, paths: Iterable[str], n: int = 5) -> list
         ['a/query/kernel']
     """
     paths = list(paths)
+    if isinstance(pattern, AnyOf):
+        # Nearest to each alternative in turn, so every alternative gets its best guesses.
+        ranked = [nearest_paths(f, paths, n) for f in pattern.alternatives]
+        merged = [p for rank in zip(*ranked, strict=True) for p in rank]
+        return list(dict.fromkeys(merged))[:n]
     name = filter_name(pattern).replace("**/", "").replace("re:", "")
     scored = sorted(
         paths,
@@ -221,6 +275,10 @@ def unmatched_filter(
     """
     near = "\n  ".join(nearest_paths(pattern, paths))
     hint = f"\n(lorax_fn.describe({listing}) lists them all)" if listing else ""
-    return LoraError(
-        f"{what} {filter_name(pattern)!r} matches no {noun}. Nearest paths:\n  {near}{hint}"
-    )
+    name = filter_name(pattern)
+    if isinstance(pattern, AnyOf):
+        return LoraError(
+            f"{what} {name}: none of its alternatives matches any {noun}. Nearest paths:"
+            f"\n  {near}{hint}"
+        )
+    return LoraError(f"{what} {name!r} matches no {noun}. Nearest paths:\n  {near}{hint}")

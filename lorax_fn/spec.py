@@ -12,18 +12,27 @@ import jax.numpy as jnp
 
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout
-from lorax_fn.paths import PathFilter, compile_filter, filter_name
+from lorax_fn.paths import AnyOf, PathFilter, as_filters, compile_filter, filter_name
 
-INITS = ("gaussian", "kaiming_uniform", "pissa")
+INITS = ("gaussian", "kaiming_uniform", "orthogonal", "pissa", "olora", "loftq")
+"""The inits lorax_fn ships (:mod:`lorax_fn.inits`); more are added by registering them."""
+# Names lorax_fn.inits.register has seen: the spec checks names without importing the
+# inits (they build on this module).
+_REGISTERED_INITS: set[str] = set(INITS)
 SCALINGS = ("standard", "rslora")
 
 Filters = str | re.Pattern[str] | Sequence[PathFilter]
 
 
-def _as_filters(value: Any) -> tuple[PathFilter, ...]:
-    if isinstance(value, str | re.Pattern) or callable(value):
-        return (value,)
-    return tuple(value)
+def add_init_name(name: str) -> None:
+    """Let ``LoraSpec(init=name)`` pass (called by :func:`lorax_fn.inits.register`).
+
+    Example:
+        >>> add_init_name("doc_init")
+        >>> LoraSpec("w", init="doc_init").init
+        'doc_init'
+    """
+    _REGISTERED_INITS.add(name)
 
 
 def _as_pattern_map(value: Any, name: str) -> tuple[tuple[PathFilter, Any], ...]:
@@ -56,12 +65,16 @@ class LoraSpec:
       rank_pattern, alpha_pattern: per-path overrides, ``{filter: value}``; the first
         matching filter wins (PEFT's ``rank_pattern`` / ``alpha_pattern``).
       scaling: ``"standard"`` (``alpha / r``, the paper) or ``"rslora"`` (``alpha / √r``).
-      init: how A is drawn; B starts at zero so the model starts equal to the base.
-        ``"gaussian"`` (the paper; std ``init_std``, default ``1/r`` as in PEFT),
-        ``"kaiming_uniform"`` (PEFT's default: U(±1/√fan_in)), or ``"pissa"``: A and B
-        take the top-``r`` singular directions of ``W0`` and :func:`lorax_fn.split`
-        returns the *residual* ``W0 - scale·A·B`` as the base, so the model is unchanged
-        at init but the base is rewritten.
+      init: how :func:`lorax_fn.split` draws A and B (:mod:`lorax_fn.inits`). With B = 0,
+        the model starts equal to the base: ``"gaussian"`` (the paper; std ``init_std``,
+        default ``1/r`` as in PEFT), ``"kaiming_uniform"`` (PEFT's default:
+        U(±1/√fan_in)); ``"orthogonal"`` (PEFT's: A, B ≠ 0 with ``A·B = 0``, even ranks).
+        Rewriting the base, so the model is unchanged at init but the base is not the
+        weights: ``"pissa"`` (the top-``r`` singular directions of ``W0``) and
+        ``"olora"`` (the thin QR of ``W0``) move a part of ``W0`` into A, B and return
+        the *residual* ``W0 - scale·A·B`` as the base; ``"loftq"`` returns the base
+        quantized (NF4) with ``Q + scale·A·B ≈ W0``. Or the name of an init registered
+        with :func:`lorax_fn.inits.register`.
       factor_dtype: dtype of A and B (float32 even for a bfloat16 base, by default).
       trainable: filters of leaves trained in full (heads, norms, biases). BitFit is
         ``LoraSpec(trainable=["**/bias"])`` with no targets.
@@ -93,7 +106,7 @@ class LoraSpec:
     rank_pattern: Mapping[PathFilter, int] | Sequence[tuple[PathFilter, int]] = ()
     alpha_pattern: Mapping[PathFilter, float] | Sequence[tuple[PathFilter, float]] = ()
     scaling: Literal["standard", "rslora"] = "standard"
-    init: Literal["gaussian", "kaiming_uniform", "pissa"] = "gaussian"
+    init: str = "gaussian"
     init_std: float | None = None
     factor_dtype: Any = jnp.float32
     trainable: Filters = ()
@@ -104,9 +117,9 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("targets", _as_filters(self.targets))
-        set_("exclude", _as_filters(self.exclude))
-        set_("trainable", _as_filters(self.trainable))
+        set_("targets", as_filters(self.targets))
+        set_("exclude", as_filters(self.exclude))
+        set_("trainable", as_filters(self.trainable))
         set_("rank_pattern", _as_pattern_map(self.rank_pattern, "rank_pattern"))
         set_("alpha_pattern", _as_pattern_map(self.alpha_pattern, "alpha_pattern"))
         set_("layouts", _as_pattern_map(self.layouts, "layouts"))
@@ -131,8 +144,11 @@ class LoraSpec:
                 )
         if self.scaling not in SCALINGS:
             raise LoraError(f"unknown scaling {self.scaling!r}; expected one of {SCALINGS}")
-        if self.init not in INITS:
-            raise LoraError(f"unknown init {self.init!r}; expected one of {INITS}")
+        if not isinstance(self.init, str) or self.init not in _REGISTERED_INITS:
+            raise LoraError(
+                f"unknown init {self.init!r}; expected one of {sorted(_REGISTERED_INITS)} "
+                "(register your own with lorax_fn.inits.register)"
+            )
         if self.init_std is not None and not 0 < self.init_std < math.inf:
             raise LoraError(f"init_std must be finite and > 0, got {self.init_std!r}")
         if not jnp.issubdtype(jnp.dtype(self.factor_dtype), jnp.floating):
@@ -194,12 +210,15 @@ class LoraSpec:
             ['**/kernel']
         """
 
-        def names(filters: Sequence[PathFilter]) -> list[str]:
+        def names(filters: Sequence[PathFilter]) -> list:
             out = []
             for f in filters:
-                if not isinstance(f, str | re.Pattern):
+                if isinstance(f, AnyOf):
+                    out.append({"any_of": names(f.alternatives)})
+                elif isinstance(f, str | re.Pattern):
+                    out.append(filter_name(f))
+                else:
                     raise LoraError(f"cannot serialise the callable filter {filter_name(f)!r}")
-                out.append(filter_name(f))
             return out
 
         def pairs(items: Sequence[tuple[PathFilter, Any]], encode: Any = lambda v: v) -> list:
@@ -237,11 +256,20 @@ class LoraSpec:
             True
         """
         data = dict(data)
+        for key in ("targets", "exclude", "trainable"):
+            data[key] = [_filter_from_json(f) for f in data[key]]
         data["factor_dtype"] = jnp.dtype(data["factor_dtype"]).type
         data["layouts"] = [(k, Layout(**v)) for k, v in data["layouts"]]
         for key in ("rank_pattern", "alpha_pattern"):
-            data[key] = [tuple(p) for p in data[key]]
+            data[key] = [(_filter_from_json(f), v) for f, v in data[key]]
+        data["layouts"] = [(_filter_from_json(f), v) for f, v in data["layouts"]]
         return cls(**data)
+
+
+def _filter_from_json(value: Any) -> PathFilter:
+    if isinstance(value, Mapping):
+        return AnyOf(*(_filter_from_json(f) for f in value["any_of"]))
+    return value
 
 
 def _check_rank(name: str, value: Any) -> None:

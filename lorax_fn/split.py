@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ from lorax_fn.paths import (
     unmatched_filter,
 )
 from lorax_fn.spec import LoraSpec
+from lorax_fn.transform.layouts import infer_layouts
 from lorax_fn.variants.base import Variant
 from lorax_fn.variants.base import get as get_variant
 
@@ -137,26 +138,39 @@ def _with_variant(factors: LoraFactors, w0: jax.Array, variant: Variant) -> Lora
 
 
 def split(
-    params: Any, spec: LoraSpec, *, key: jax.Array, layouts: Mapping[str, Layout] | None = None
+    params: Any,
+    spec: LoraSpec,
+    *,
+    key: jax.Array,
+    layouts: Mapping[str, Layout] | None = None,
+    fn: Callable[..., Any] | None = None,
+    example_args: Sequence[Any] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Any, LoraTree]:
     """Split ``params`` into the frozen base and the trainable LoRA tree.
 
     ``params`` is exactly what the function you will wrap with :func:`lorax_fn.lora`
     takes as its first argument: for linen that is the whole ``variables`` dict
     (``{"params": ..., "batch_stats": ...}``, so paths start with ``params/``), for NNX
-    the ``nnx.State`` from ``nnx.split``. The base holds the same arrays, untouched —
+    the ``nnx.State`` from ``nnx.split`` — or the ``nnx.Module`` itself, if the function
+    takes the module (``lambda model, x: model(x)``); paths read the same either way, and
+    the base is then a module of the same structure. The base holds the same arrays, untouched —
     except with ``init="pissa"``, where targeted weights are replaced by their residual
     ``W0 - scale·A·B`` — in a fresh container of the same structure: for NNX, fresh
     Variables, so ``nnx.update(model, merge(base, lora))`` leaves the base as it was.
     (``nnx.merge(graphdef, base)`` itself hands the base's Variables to the new module,
     by NNX's rule: pass ``copy=True`` for a module you will modify.)
 
-    Factor shapes follow how each weight is contracted: from ``layouts`` (e.g. from
-    :func:`lorax_fn.infer_layouts`), else the spec's ``layouts``, else
-    :func:`lorax_fn.conventions.default_layout`; a weight none of them can place is an
-    error, never a silently different factorisation. With ``infer_layouts``' result, the error says
-    what it found: the function never reads the weight, or reads it through an op it
-    cannot follow (named).
+    Factor shapes follow how each weight is contracted: from ``layouts``, else the
+    spec's ``layouts``, else :func:`lorax_fn.conventions.default_layout`; a weight none
+    of them can place is an error, never a silently different factorisation. Give ``fn``
+    (the function you will wrap) and example inputs, and ``split`` reads the layouts off
+    ``fn(params, *example_args, **example_kwargs)`` itself — exactly
+    ``layouts=lorax_fn.infer_layouts(fn, params, *example_args, **example_kwargs)``,
+    the form for when you want to inspect or edit them first. That is how einsum
+    kernels such as Gemma's ``(heads, d, head_dim)`` attention weights are placed. With
+    inferred layouts, the error says what it found: the function never reads the
+    weight, or reads it through an op it cannot follow (named).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -165,8 +179,29 @@ def split(
         ...                    key=jax.random.key(0))
         >>> lora["params/Dense_0/kernel"].a.shape, lora["params/Dense_0/kernel"].b.shape
         ((16, 4), (4, 32))
+
+        An einsum kernel's shape does not say which axes are contracted; the function does:
+
+        >>> w = {"attn": {"w": jnp.ones((2, 16, 8))}}   # (heads, d, head_dim): out (0, 2)
+        >>> fn = lambda p, x: jnp.einsum("bd,hdk->bhk", x, p["attn"]["w"])
+        >>> _, lora = split(w, LoraSpec(targets="**/w", rank=4), key=jax.random.key(0),
+        ...                 fn=fn, example_args=(jnp.ones((1, 16)),))
+        >>> lora["attn/w"].layout
+        Layout(in_axes=(1,), out_axes=(0, 2), batch_axes=())
     """
     variant = get_variant(spec.variant_name)  # unknown names are refused before any work
+    if fn is not None:
+        if layouts is not None:
+            raise LoraError(
+                "split got both layouts= and fn=: give fn= (and example inputs) to infer the "
+                "layouts, or layouts= (e.g. edited from lorax_fn.infer_layouts), not both"
+            )
+        layouts = infer_layouts(fn, params, *example_args, **(example_kwargs or {}))
+    elif example_args or example_kwargs:
+        raise LoraError(
+            "split got example inputs but no fn=: they are only used to infer layouts by "
+            "tracing fn(params, *example_args, **example_kwargs)"
+        )
     paths_leaves = leaves_with_paths(params)
     shapes = {p: tuple(np.shape(x)) for p, x in paths_leaves}
     unplaced = getattr(layouts, "unplaced", {})

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,6 +50,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.paths import (
     PathFilter,
+    as_filters,
     compile_filter,
     path_str,
     unmatched_filter,
@@ -414,16 +414,10 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     return q.dequantize(dtype)
 
 
-def _as_filters(value: Any) -> tuple[PathFilter, ...]:
-    if isinstance(value, str | re.Pattern) or callable(value):
-        return (value,)
-    return tuple(value)
-
-
 def _select(pairs: list[tuple[str, Any]], targets: Any, exclude: Any) -> set[str]:
     """The targeted paths minus the excluded ones."""
     all_paths = [p for p, _ in pairs]
-    exclude = _as_filters(exclude)
+    exclude = as_filters(exclude)
     if isinstance(targets, LoraSpec):
         exclude = exclude + tuple(targets.exclude)
         targets = targets.targets
@@ -438,7 +432,7 @@ def _select(pairs: list[tuple[str, Any]], targets: Any, exclude: Any) -> set[str
         selected = set(wanted)
     else:
         selected = set()
-        for f in _as_filters(targets):
+        for f in as_filters(targets):
             match = compile_filter(f)
             hit = {p for p, leaf in pairs if match(p, leaf)}
             if not hit:
