@@ -11,6 +11,7 @@ import numpy as np
 
 from lorax_fn.factors import LoraFactors
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
+from lorax_fn.variants.base import get
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,21 @@ def _size(x: Any) -> tuple[int, int]:
     return n, n * np.dtype(getattr(x, "dtype", np.float32)).itemsize
 
 
+def _frozen_factors(entry: Any) -> list[Any]:
+    """The factors an adapter holds fixed (trainable tokens' row selection), not trained."""
+    if not isinstance(entry, LoraFactors):
+        return []
+    return [getattr(entry, n) for n in getattr(get(entry.variant), "frozen_factors", ())]
+
+
 def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
     """Count trainable vs total parameters (and bytes) of a base and its LoRA tree.
 
     Every array of an adapter is trainable: A, B and its variant's extra arrays
-    (:mod:`lorax_fn.variants`). A quantized base weight (:func:`lorax_fn.quantize_base`)
-    counts its original parameters and the bytes it is stored in.
+    (:mod:`lorax_fn.variants`), except a factor its variant holds fixed (trainable
+    tokens' row selection, :mod:`lorax_fn.tokens`), which counts in the total only. A
+    quantized base weight (:func:`lorax_fn.quantize_base`) counts its original
+    parameters and the bytes it is stored in.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -65,9 +75,11 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
     base_n, base_b = (sum(n for n, _ in sizes), sum(b for _, b in sizes))
     train_n = train_b = factor_n = factor_b = 0
     for entry in lora.values():
+        fixed = _frozen_factors(entry)
         for x in jax.tree_util.tree_leaves(entry):
             n, b = _size(x)
-            train_n, train_b = train_n + n, train_b + b
+            if not any(x is f for f in fixed):
+                train_n, train_b = train_n + n, train_b + b
             if isinstance(entry, LoraFactors):
                 factor_n, factor_b = factor_n + n, factor_b + b
     return ParamCount(train_n, base_n + factor_n, train_b, base_b + factor_b)

@@ -70,7 +70,10 @@ def _extra_label(variant: str, extra: str) -> str:
 def _factor_labels(factors: LoraFactors) -> LoraFactors:
     """``factors`` with each array replaced by its label."""
     extras = {name: _extra_label(factors.variant, name) for name in factors.extras}
-    return dataclasses.replace(factors, a=LORA_A, b=LORA_B, extras=extras)
+    # A variant may hold a fixed factor (trainable tokens' row selection P = A).
+    frozen = getattr(get(factors.variant), "frozen_factors", ())
+    a, b = (FROZEN if n in frozen else label for n, label in (("a", LORA_A), ("b", LORA_B)))
+    return dataclasses.replace(factors, a=a, b=b, extras=extras)
 
 
 def _variant_labels() -> set[str]:
