@@ -12,6 +12,7 @@ import numpy as np
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import LoraFactors, delta
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
+from lorax_fn.subsets import expand_subsets
 from lorax_fn.variants.base import apply_columns, get
 
 
@@ -191,6 +192,7 @@ def merge(
     """
     if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise LoraError(f"merge: dtype must be floating, got {dtype}")
+    lora = expand_subsets(lora)  # a layer subset (lorax_fn.subsets) folds as its full stack
     return _fold_tree(
         base, lora, 1.0, donate, safe, "merge", None if dtype is None else jnp.dtype(dtype)
     )
@@ -246,6 +248,7 @@ def unmerge_states(base: Any, lora: dict[str, Any]) -> dict[str, jax.Array]:
         >>> bool(jnp.allclose(back["w"], base["w"], atol=1e-5))
         True
     """
+    lora = expand_subsets(lora)
     check_fits(base, lora)
     needy = _needing_state(lora)
     states = {p: _unmerge_state(w, needy[p]) for p, w in weight_leaves(base) if p in needy}
@@ -286,4 +289,4 @@ def unmerge(
         >>> bool(jnp.allclose(unmerge(merge(base, lora), lora)["w"], base["w"]))
         True
     """
-    return _fold_tree(merged, lora, -1.0, donate, safe, "unmerge", norms=norms)
+    return _fold_tree(merged, expand_subsets(lora), -1.0, donate, safe, "unmerge", norms=norms)
