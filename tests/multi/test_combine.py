@@ -121,7 +121,7 @@ def test_refusals(trees):
     with pytest.raises(LoraError, match="one weight per adapter: 3 adapters, 2 weights"):
         lorax_fn.multi.combine(trees, [1.0, 1.0])
     with pytest.raises(LoraError, match="method must be"):
-        lorax_fn.multi.combine(trees, WEIGHTS, method="linear")
+        lorax_fn.multi.combine(trees, WEIGHTS, method="mean")
     with pytest.raises(LoraError, match="method='cat' keeps every rank"):
         lorax_fn.multi.combine(trees, WEIGHTS, rank=2)
     with pytest.raises(
