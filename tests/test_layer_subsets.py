@@ -1,6 +1,9 @@
 """Layer subsets of scanned stacks (lorax_fn.subsets): adapt chosen layers of an nn.scan stack."""
 
 import dataclasses
+import importlib
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -8,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 from helpers import assert_matches_merged, randomize_b
 
 import lorax_fn
-from lorax_fn import LoraError, LoraSpec
+from lorax_fn import Layout, LoraError, LoraSpec
+from lorax_fn.peft.subsets import export_layers, import_layers
 from lorax_fn.subsets import LayerSubset, expand_subsets, select_layers
 
 L, D = 6, 8
@@ -134,3 +139,112 @@ def test_refusals():
     dora = {KERNEL: dataclasses.replace(full[KERNEL], variant="dora")}
     with pytest.raises(LoraError, match="plain LoRA"):
         select_layers(dora, [0])
+
+
+# --------------------------------------------------------------------------- PEFT format
+
+NAME_MAP = [
+    (r"params/ScanBlock_0/Dense_0/(kernel|bias)", "layers.{layer}.lin"),
+    (r"params/Dense_0/(kernel|bias)", "head"),
+]
+STACKED = {KERNEL: Layout((1,), (2,), (0,))}
+
+
+def parity_modules():
+    """torch and peft; where CI installed them (LORAX_FN_REQUIRE_PARITY=1) a failed
+    import fails the test instead of skipping it."""
+    if os.environ.get("LORAX_FN_REQUIRE_PARITY") == "1":
+        return importlib.import_module("torch"), importlib.import_module("peft")
+    return pytest.importorskip("torch"), pytest.importorskip("peft")
+
+
+def test_peft_files_hold_the_chosen_layers_and_round_trip(tmp_path):
+    _, base, _, lt = adapted()
+    spec = LoraSpec("**/kernel", rank=2)
+    export_layers(tmp_path, lt, spec, name_map=NAME_MAP)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["head", "layers.4.lin", "layers.5.lin"]
+    keys = safetensors.numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k.split(".")[3] for k in keys if ".layers." in k} == {"4", "5"}
+    back = import_layers(tmp_path, base, name_map=NAME_MAP)  # layouts from lorax_fn's header
+    assert isinstance(back[KERNEL], LayerSubset) and back[KERNEL].layers == CHOSEN
+    for path in lt:
+        for got, want in zip(jax.tree.leaves(back[path]), jax.tree.leaves(lt[path]), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert back[KERNEL].factors.layout == lt[KERNEL].factors.layout
+
+
+def torch_model(params: dict):
+    torch, _ = parity_modules()
+    p = {k: np.asarray(v) for k, v in lorax_fn.paths.leaves_with_paths(params)}
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D, D)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Block() for _ in range(L))
+            self.head = torch.nn.Linear(D, 3)
+
+        def forward(self, x):
+            for block in self.layers:
+                x = x + torch.tanh(block.lin(x))
+            return self.head(x)
+
+    stack = "params/ScanBlock_0/Dense_0"
+    weights = {"head.weight": p["params/Dense_0/kernel"].T, "head.bias": p["params/Dense_0/bias"]}
+    for i in range(L):
+        weights[f"layers.{i}.lin.weight"] = p[f"{stack}/kernel"][i].T
+        weights[f"layers.{i}.lin.bias"] = p[f"{stack}/bias"][i]
+    model = Model()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return model.eval()
+
+
+def test_peft_model_with_exported_subset_matches_flax(tmp_path):
+    torch, peft = parity_modules()
+    model, base, _, lt = adapted()
+    lt = {KERNEL: lt[KERNEL]}
+    export_layers(tmp_path, lt, LoraSpec("**/kernel", rank=2), name_map=NAME_MAP)
+    peft_model = peft.PeftModel.from_pretrained(torch_model(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = peft_model(torch.from_numpy(np.array(X))).numpy()
+    want = np.asarray(lorax_fn.lora(model.apply)(base, lt, X))
+    assert np.abs(want - np.asarray(model.apply(base, X))).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_layers_to_transform_imports_as_a_subset_and_matches(tmp_path):
+    torch, peft = parity_modules()
+    model, base, _, _ = adapted()
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=3,
+        target_modules=["lin"],
+        layers_to_transform=[1, 4],
+        layers_pattern="layers",
+    )
+    peft_model = peft.get_peft_model(torch_model(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    peft_model.save_pretrained(str(tmp_path))
+    lt = import_layers(tmp_path, base, name_map=NAME_MAP, layouts=STACKED)
+    assert sorted(lt) == [KERNEL] and lt[KERNEL].layers == (1, 4)
+    assert lt[KERNEL].factors.scale == 1.5
+    with torch.no_grad():
+        want = peft_model.eval()(torch.from_numpy(np.array(X))).numpy()
+    got = np.asarray(lorax_fn.lora(model.apply)(base, lt, X))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_refusals(tmp_path):
+    _, _, _, lt = adapted()
+    with pytest.raises(LoraError, match="placeholder"):
+        export_layers(
+            tmp_path / "x", lt, name_map={KERNEL: "layers.lin", "params/Dense_0/kernel": "h"}
+        )
