@@ -26,6 +26,10 @@ orthogonal to ``D``, and rounding noise is, in effect, orthogonal to both, so it
 not move a leaf towards the other one even when it is larger than ``D``. An exact
 digest would do neither: it refuses every copy of the residual that is not bit for
 bit, and accepts the original weights after a cast.
+
+Other inits that rewrite the base record it the same way (:mod:`lorax_fn.inits`):
+OLoRA's residual, and LoftQ's quantized ``Q`` (``Q + scale·A·B ≈ W0``); the record
+names its init (:attr:`PissaRecord.init`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ PROBES = 64
 # How far (relative to the residual's norm) a base may be from the residual or the original
 # and still count as a copy of it: NF4 rounds about 10 %, bfloat16 0.3 %.
 TOLERANCE = 0.25
+_TITLES = {"pissa": "PiSSA", "olora": "OLoRA", "loftq": "LoftQ"}
 # Salts of the row and column probe vectors.
 _ROWS, _COLUMNS = 0x2545F491, 0x6C8E9CF5
 
@@ -67,13 +72,26 @@ class PissaRecord:
 
     original: tuple[float, ...]
     residual: tuple[float, ...]
+    # The init that rewrote the base (lorax_fn.inits): "pissa", "olora", "loftq", ...
+    init: str = "pissa"
 
-    def to_json(self) -> dict[str, list[float]]:
-        return {"original": list(self.original), "residual": list(self.residual)}
+    def to_json(self) -> dict[str, Any]:
+        # PiSSA records keep the JSON of checkpoints saved before other inits recorded one.
+        named = {} if self.init == "pissa" else {"init": self.init}
+        return {"original": list(self.original), "residual": list(self.residual), **named}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PissaRecord:
-        return cls(tuple(map(float, data["original"])), tuple(map(float, data["residual"])))
+        return cls(
+            tuple(map(float, data["original"])),
+            tuple(map(float, data["residual"])),
+            str(data.get("init", "pissa")),
+        )
+
+    @property
+    def title(self) -> str:
+        """How messages name the adapter: "PiSSA", "OLoRA", "init='mine'"."""
+        return _TITLES.get(self.init, f"init={self.init!r}")
 
     def fault(self, sketched: np.ndarray) -> str | None:
         """Why a base leaf with sketch ``sketched`` is not this adapter's base, or ``None``.
@@ -126,8 +144,11 @@ def sketch(w: Any) -> np.ndarray:
     return np.asarray(_sketch(w), np.float64)
 
 
-def record(w0: jax.Array, residual: jax.Array) -> PissaRecord | None:
-    """The record of a PiSSA split, or ``None`` under a JAX transformation (or non-finite).
+def record(w0: jax.Array, residual: Any, init: str = "pissa") -> PissaRecord | None:
+    """The record of a split whose ``init`` rewrote the base ``w0`` to ``residual``.
+
+    ``residual`` is an array or a :class:`lorax_fn.QuantizedArray` (LoftQ's base).
+    ``None`` under a JAX transformation (or when either is non-finite).
 
     Example:
         >>> import jax.numpy as jnp
@@ -140,7 +161,7 @@ def record(w0: jax.Array, residual: jax.Array) -> PissaRecord | None:
     original, rest = sketch(w0), sketch(residual)
     if not (np.isfinite(original).all() and np.isfinite(rest).all()):
         return None
-    return PissaRecord(tuple(map(float, original)), tuple(map(float, rest)))
+    return PissaRecord(tuple(map(float, original)), tuple(map(float, rest)), init)
 
 
 def tree_records(lora_tree: Mapping[str, Any]) -> dict[str, PissaRecord]:
@@ -206,12 +227,17 @@ def check_base(
         return
     found = base if sketches else base_sketches(base, records)
     faults = {p: rec.fault(found[p]) for p, rec in sorted(records.items()) if p in found}
-    if wrong := [f"{p} ({why})" for p, why in faults.items() if why]:
-        raise LoraError(
-            f"{where} is a PiSSA adapter, made for the residual base W0 - scale·A·B that "
-            "lorax_fn.split returned with init='pissa', and the base given is not that "
-            f"residual at {', '.join(wrong)}; the model would be wrong (on the original "
-            "weights it counts the adapted part twice). Pass that residual: re-run "
-            "lorax_fn.split on the original params with the same spec, or restore the "
-            "residual base you saved"
-        )
+    if not (wrong := [p for p, why in faults.items() if why]):
+        return
+    title = " and ".join(sorted({records[p].title for p in wrong}))
+    article = "an" if title[0] in "AEIOUaeiou" else "a"
+    made = ", ".join(sorted({f"init={records[p].init!r}" for p in wrong}))
+    raise LoraError(
+        f"{where} is {article} {title} adapter, made for the residual base W0 - scale·A·B (LoftQ: "
+        "its quantized form) that "
+        f"lorax_fn.split returned with {made}, and the base given is not that "
+        f"residual at {', '.join(f'{p} ({faults[p]})' for p in wrong)}; the model would be "
+        "wrong (on the original weights it counts the adapted part twice). Pass that "
+        "residual: re-run lorax_fn.split on the original params with the same spec, or "
+        "restore the residual base you saved"
+    )

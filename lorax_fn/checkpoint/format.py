@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from lorax_fn.checkpoint.errors import CheckpointDamaged
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.inits import rewrites_base
 from lorax_fn.paths import compile_filter
 from lorax_fn.pissa import PROBES, PissaRecord, check_base
 from lorax_fn.quant.quantized import weight_leaves
@@ -333,8 +334,8 @@ def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whos
                 else f"a {variant!r} adapter (it has {' and '.join(_stored_extras(e))})"
             )
             problems.append(f"{path}: {kind}, the spec says variant={spec.variant_name!r}")
-        if "pissa" in e and spec.init != "pissa":
-            problems.append(f"{path}: made by init='pissa', the spec says init={spec.init!r}")
+        if "pissa" in e and spec.init != (made := PissaRecord.from_json(e["pissa"]).init):
+            problems.append(f"{path}: made by init={made!r}, the spec says init={spec.init!r}")
     if problems:
         raise LoraError(f"{where} contradicts {whose}:\n  " + "\n  ".join(problems))
 
@@ -534,7 +535,7 @@ def check_pissa_base(
         lorax_fn.errors.LoraError: the adapter is a PiSSA adapter, made for the residual ...
     """
     factors = [e for e in meta["entries"] if e["kind"] == "factors"]
-    pissa_spec = (meta["spec"] or {}).get("init") == "pissa"
+    pissa_spec = rewrites_base((meta["spec"] or {}).get("init", "gaussian"))
     if pissa_spec and (unchecked := [e["path"] for e in factors if "pissa" not in e]):
         warnings.warn(
             f"PiSSA factors {unchecked} carry no record of the residual base they were "

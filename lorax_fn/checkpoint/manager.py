@@ -53,6 +53,7 @@ from lorax_fn.checkpoint.format import (
     verify_array,
 )
 from lorax_fn.errors import LoraError
+from lorax_fn.inits import rewrites_base
 from lorax_fn.pissa import base_sketches
 from lorax_fn.spec import LoraSpec
 
@@ -236,7 +237,7 @@ class LoraCheckpointManager:
         if self._spec_json is None:
             return set(paths)  # no stored spec to hold trees to: any weight may be PiSSA's
         # Under another init, check_spec refuses PiSSA factors before they are compared.
-        return spec_paths(self._spec, paths) if self._spec.init == "pissa" else set()
+        return spec_paths(self._spec, paths) if rewrites_base(self._spec.init) else set()
 
     def _check_pissa(self, meta: dict[str, Any], base: Any, where: str) -> None:
         if base is not None:

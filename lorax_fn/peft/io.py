@@ -48,6 +48,7 @@ import safetensors.numpy
 from lorax_fn.conventions import default_layout
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
+from lorax_fn.inits import rewrites_base
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import PathFilter, compile_filter
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
@@ -313,9 +314,10 @@ def export_peft(
     variant = _tree_variant(lora_tree)
     is_conv = _as_predicates(conv)
     is_expert = _as_predicates(experts)
-    if spec is not None and spec.init == "pissa":
+    if spec is not None and rewrites_base(spec.init):
+        title = "a PiSSA" if spec.init == "pissa" else f"an init={spec.init!r}"
         raise LoraError(
-            "a PiSSA adapter is relative to the residual base that split returned, but PEFT "
+            f"{title} adapter is relative to the residual base that split returned, but PEFT "
             "applies adapters to the original weights; export lorax_fn.merge(base, lt) "
             "instead, or pass a spec with another init if the PyTorch side uses the residual"
         )
@@ -424,7 +426,9 @@ def export_peft(
         "lora_dropout": 0.0 if spec is None else spec.dropout,
         "bias": "none",
         "fan_in_fan_out": bool(fan_in_fan_out),
-        "init_lora_weights": True if spec is None else _INITS[spec.init],
+        # PEFT only inits the layers it then loads this adapter into: any init that
+        # leaves the base as it is reads the same.
+        "init_lora_weights": True if spec is None else _INITS.get(spec.init, True),
         "modules_to_save": sorted(set(to_save)) or None,
         "lora_bias": False,
         "layers_to_transform": None,

@@ -1,0 +1,28 @@
+"""How ``split`` initialises each adapted weight: ``LoraSpec(init=name)``, a registry of inits.
+
+Built in: ``"gaussian"``, ``"kaiming_uniform"``, ``"orthogonal"`` (the base unchanged,
+:mod:`~lorax_fn.inits.standard`); ``"pissa"``, ``"olora"`` (the base rewritten to a
+residual, :mod:`~lorax_fn.inits.residual`); ``"loftq"`` (the base quantized together with
+the factors, :mod:`~lorax_fn.inits.loftq`). Your own: subclass :class:`Init` and
+:func:`register` it (:mod:`~lorax_fn.inits.base`).
+"""
+
+from lorax_fn.inits import residual, standard
+from lorax_fn.inits.base import Init, get, names, register, rewrites_base
+from lorax_fn.inits.loftq import LoftQ, loftq_iterates
+from lorax_fn.inits.residual import olora_factors
+from lorax_fn.inits.standard import orthogonal_factors
+
+__all__ = [
+    "Init",
+    "LoftQ",
+    "get",
+    "loftq_iterates",
+    "names",
+    "olora_factors",
+    "orthogonal_factors",
+    "register",
+    "residual",
+    "rewrites_base",
+    "standard",
+]
