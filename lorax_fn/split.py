@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,7 +13,8 @@ import numpy as np
 
 from lorax_fn.conventions import attention_named, default_layout
 from lorax_fn.errors import LoraError
-from lorax_fn.factors import Layout, LoraFactors, LoraTree, delta
+from lorax_fn.factors import Layout, LoraFactors, LoraTree
+from lorax_fn.inits import get as get_init
 from lorax_fn.paths import (
     compile_filter,
     filter_name,
@@ -22,6 +22,7 @@ from lorax_fn.paths import (
     quantized_weights,
     unmatched_filter,
 )
+from lorax_fn.quant.quantized import QuantizedArray
 from lorax_fn.spec import LoraSpec
 from lorax_fn.transform.layouts import infer_layouts
 from lorax_fn.variants.base import Variant
@@ -91,44 +92,6 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _init_factors(
-    path: str, w: jax.Array, layout: Layout, rank: int, scale: float, spec: LoraSpec, key: jax.Array
-) -> tuple[LoraFactors, jax.Array]:
-    a_shape, b_shape = layout.shapes(w.shape, rank)
-    dtype = spec.factor_dtype
-    fan_in = layout.fan_in(w.shape)
-    if spec.init == "gaussian":
-        std = spec.init_std if spec.init_std is not None else 1.0 / rank
-        a = std * jax.random.normal(key, a_shape, jnp.float32)
-        return LoraFactors(
-            a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout, spec.dropout
-        ), w
-    if spec.init == "kaiming_uniform":
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
-        return LoraFactors(
-            a.astype(dtype), jnp.zeros(b_shape, dtype), scale, layout, spec.dropout
-        ), w
-    # PiSSA: the principal r singular directions become the adapter, the rest stays frozen.
-    nb = len(layout.batch_axes)
-    batch = a_shape[:nb]
-    order = layout.batch_axes + layout.in_axes + layout.out_axes
-    mat = jnp.transpose(w.astype(jnp.float32), order).reshape(batch + (fan_in, -1))
-    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
-    root = jnp.sqrt(s[..., :rank] / scale)
-    a = (u[..., :, :rank] * root[..., None, :]).reshape(a_shape)
-    b = (root[..., :, None] * vh[..., :rank, :]).reshape(b_shape)
-    factors = LoraFactors(a.astype(dtype), b.astype(dtype), scale, layout, spec.dropout)
-    residual = (w.astype(jnp.float32) - delta(factors)).astype(w.dtype)
-    # Imported here: pissa checks quantized bases, and quantize builds on this module.
-    from lorax_fn.pissa import record
-
-    # The adapter is right on this residual only; the record lets restore, the manager and
-    # stack_adapters refuse the original weights (see lorax_fn.pissa).
-    pissa = record(w, residual)
-    return LoraFactors(factors.a, factors.b, scale, layout, spec.dropout, pissa=pissa), residual
-
-
 def _with_variant(factors: LoraFactors, w0: jax.Array, variant: Variant) -> LoraFactors:
     """``factors`` of ``variant``, its extra arrays initialised from the (residual) base."""
     if variant.name == "lora":
@@ -154,10 +117,12 @@ def split(
     (``{"params": ..., "batch_stats": ...}``, so paths start with ``params/``), for NNX
     the ``nnx.State`` from ``nnx.split`` — or the ``nnx.Module`` itself, if the function
     takes the module (``lambda model, x: model(x)``); paths read the same either way, and
-    the base is then a module of the same structure. The base holds the same arrays, untouched —
-    except with ``init="pissa"``, where targeted weights are replaced by their residual
-    ``W0 - scale·A·B`` — in a fresh container of the same structure: for NNX, fresh
-    Variables, so ``nnx.update(model, merge(base, lora))`` leaves the base as it was.
+    the base is then a module of the same structure. The base holds the same arrays,
+    untouched — except with an init that rewrites the base (:mod:`lorax_fn.inits`):
+    ``"pissa"`` and ``"olora"`` replace targeted weights by their residual
+    ``W0 - scale·A·B``, ``"loftq"`` by a :class:`lorax_fn.QuantizedArray` — in a fresh
+    container of the same structure: for NNX, fresh Variables, so
+    ``nnx.update(model, merge(base, lora))`` leaves the base as it was.
     (``nnx.merge(graphdef, base)`` itself hands the base's Variables to the new module,
     by NNX's rule: pass ``copy=True`` for a module you will modify.)
 
@@ -190,6 +155,7 @@ def split(
         Layout(in_axes=(1,), out_axes=(0, 2), batch_axes=())
     """
     variant = get_variant(spec.variant_name)  # unknown names are refused before any work
+    init = get_init(spec.init)
     if fn is not None:
         if layouts is not None:
             raise LoraError(
@@ -241,10 +207,12 @@ def split(
                 f"{path}: rank {rank} > min(fan_in, fan_out) = min({fan_in}, {fan_out}) "
                 f"for shape {shape} with {layout}"
             )
-        factors, base_leaf = _init_factors(
+        factors, base_leaf = init(
             path, leaf, layout, rank, spec.scale_for(path, leaf), spec, _path_key(key, path)
         )
-        lora[path] = _with_variant(factors, base_leaf, variant)
+        # A variant's extras start from the weight the model sees (LoftQ's: dequantized).
+        w0 = base_leaf.dequantize() if isinstance(base_leaf, QuantizedArray) else base_leaf
+        lora[path] = _with_variant(factors, w0, variant)
         new_leaves.append(base_leaf)
     # A fresh container even when no leaf changed: an nnx.State from nnx.split holds the
     # model's own Variables, so returning it would let nnx.update(model, ...) rewrite the
