@@ -372,3 +372,42 @@ def test_peft_add_weighted_adapter_parity(method, options):
         got = got if layer is None else got[layer]
         # Measured ≤ 1e-7 for the factor methods, ≤ 1e-6 after an SVD (float32).
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), (method, path)
+
+
+def test_two_stack_axes_a_path_of_one_adapter_and_the_dtype():
+    # Experts × layers stacked (two batch axes), bfloat16 factors, and a path that only the
+    # first adapter targets: there the rule merges that adapter alone (as PEFT does).
+    layout, shape = Layout((2,), (3,), (0, 1)), (2, 3, 6, 5)
+    one = factors(2, 1.5, 0, layout, shape)
+    one = LoraFactors(one.a.astype(jnp.bfloat16), one.b.astype(jnp.bfloat16), 1.5, layout)
+    two = factors(2, 0.5, 1, layout, shape)
+    two = LoraFactors(two.a.astype(jnp.bfloat16), two.b.astype(jnp.bfloat16), 0.5, layout)
+    solo = factors(2, 2.0, 2)
+    out = combine(
+        [{"e": one, "q": solo}, {"e": two}], WEIGHTS, method="ties_svd", rank=5, density=0.5
+    )
+    assert out["e"].a.dtype == jnp.bfloat16 and out["e"].a.shape == (2, 3, 6, 5)
+    deltas = np.stack([np.asarray(delta(f)) for f in (one, two)])  # (2, 2, 3, 6, 5)
+    for e in range(2):
+        for layer in range(3):
+            want = merge_task_tensors(
+                jnp.asarray(deltas[:, e, layer]), jnp.asarray(WEIGHTS), "ties", density=0.5
+            )
+            got = delta(out["e"])[e, layer]
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)  # bfloat16 factors
+    want_q = [
+        merge_task_tensors(jnp.asarray(d[None]), jnp.asarray(WEIGHTS[:1]), "ties", density=0.5)
+        for d in np.asarray(delta(solo)).reshape(4, 6, 10)
+    ]
+    full_q = combine([{"q": solo}, {}], WEIGHTS, method="ties_svd", rank=6, density=0.5)["q"]
+    np.testing.assert_allclose(matrices(full_q), np.stack(want_q), rtol=1e-5, atol=1e-5)
+
+
+def test_traced_weights_under_jit(trees):
+    run = jax.jit(lambda w: delta(combine(trees, w, method="ties_svd", density=0.5)["q"]))
+    np.testing.assert_allclose(
+        run(jnp.asarray(WEIGHTS)),
+        delta(combine(trees, WEIGHTS, method="ties_svd", density=0.5)["q"]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
