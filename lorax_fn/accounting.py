@@ -11,6 +11,7 @@ import numpy as np
 
 from lorax_fn.factors import LoraFactors
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
+from lorax_fn.subsets import LayerSubset
 from lorax_fn.variants.base import get
 
 
@@ -80,7 +81,7 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
             n, b = _size(x)
             if not any(x is f for f in fixed):
                 train_n, train_b = train_n + n, train_b + b
-            if isinstance(entry, LoraFactors):
+            if isinstance(entry, LoraFactors | LayerSubset):
                 factor_n, factor_b = factor_n + n, factor_b + b
     return ParamCount(train_n, base_n + factor_n, train_b, base_b + factor_b)
 
@@ -102,13 +103,18 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
     shapes = {p: tuple(np.shape(x)) for p, x in weight_leaves(base)}
     rows = [("path", "weight", "kind", "rank", "scale", "A", "B", "params")]
     for path, entry in lora.items():
+        kind = f"layers {list(entry.layers)}" if isinstance(entry, LayerSubset) else None
+        if isinstance(entry, LayerSubset):  # the chosen layers' factors (lorax_fn.subsets)
+            entry = entry.factors
         if isinstance(entry, LoraFactors):
-            n = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(entry))
+            fixed = _frozen_factors(entry)
+            leaves = jax.tree_util.tree_leaves(entry)
+            n = sum(math.prod(np.shape(x)) for x in leaves if not any(x is f for f in fixed))
             rows.append(
                 (
                     path,
                     str(shapes.get(path)),
-                    entry.variant,
+                    kind or entry.variant,
                     str(entry.rank),
                     f"{entry.scale:g}",
                     str(tuple(entry.a.shape)),

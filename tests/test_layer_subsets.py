@@ -248,3 +248,32 @@ def test_peft_refusals(tmp_path):
         export_layers(
             tmp_path / "x", lt, name_map={KERNEL: "layers.lin", "params/Dense_0/kernel": "h"}
         )
+
+
+def test_summary_names_the_layers_and_counts_the_compact_factors():
+    _, base, _, lt = adapted()
+    row = next(r for r in lorax_fn.summary(base, lt).splitlines() if r.startswith(KERNEL))
+    assert "layers [4, 5]" in row and row.split()[-1] == str(2 * (D * 2 + 2 * D))
+    total = sum(x.size for x in jax.tree.leaves(base)) + sum(x.size for x in jax.tree.leaves(lt))
+    assert lorax_fn.count_params(base, lt).total == total
+
+
+def test_checkpoints_refuse_a_subset_loudly(tmp_path):
+    _, _, _, lt = adapted()
+    with pytest.raises(LoraError, match="LayerSubset"):
+        lorax_fn.save(tmp_path / "ck", lt, None)
+
+
+def test_with_trainable_tokens_in_one_peft_adapter(tmp_path):
+    from lorax_fn.peft.tokens import export_tokens, import_tokens
+    from lorax_fn.tokens import add_trainable_tokens
+
+    model, base, _, lt = adapted()
+    kernel = "params/Dense_0/kernel"  # the head: (D, 3), its rows read as 8 "tokens"
+    lt = add_trainable_tokens(base, {KERNEL: lt[KERNEL]}, {kernel: [1, 6]})
+    lt[kernel] = dataclasses.replace(lt[kernel], b=jnp.ones_like(lt[kernel].b))
+    export_tokens(tmp_path, lt, base, LoraSpec("**/kernel", rank=2), name_map=NAME_MAP)
+    back = import_tokens(tmp_path, base, name_map=NAME_MAP)
+    assert back[KERNEL].layers == CHOSEN
+    got = lorax_fn.lora(model.apply)(base, back, X)
+    np.testing.assert_allclose(got, lorax_fn.lora(model.apply)(base, lt, X), rtol=1e-5, atol=1e-5)

@@ -262,3 +262,12 @@ def test_peft_refusals(tmp_path):
     export_tokens(tmp_path / "ok", lt, base)
     with pytest.raises(LoraError, match="matches no module"):
         import_tokens(tmp_path / "ok", base, name_map={LIN: "lin"})
+
+
+def test_summary_counts_the_delta_and_checkpoints_round_trip(tmp_path):
+    _, base, lt = adapted()
+    row = next(r for r in lorax_fn.summary(base, lt).splitlines() if r.startswith(EMBED))
+    assert " tokens " in row and row.split()[-1] == str(len(ROWS) * 8)
+    lorax_fn.save(tmp_path / "ck", lt, None)
+    back = lorax_fn.restore(tmp_path / "ck")
+    assert token_indices(back[EMBED]) == tuple(ROWS) and back[EMBED].variant == "tokens"

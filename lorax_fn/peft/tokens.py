@@ -42,9 +42,8 @@ from lorax_fn.peft.io import (
     NameMap,
     _module_name,
     _write_directory,
-    export_peft,
-    import_peft,
 )
+from lorax_fn.peft.subsets import export_layers, import_layers
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 from lorax_fn.spec import LoraSpec
 from lorax_fn.tokens import is_tokens, token_factors, token_indices, with_rows
@@ -98,11 +97,12 @@ def export_tokens(
 
     The entries other than trainable tokens are written by
     :func:`lorax_fn.peft.export_peft` (``spec``, ``name_map`` and ``export_kwargs`` go
-    to it) and the tokens join them as ``trainable_token_indices``; a tree of tokens
-    only becomes PEFT's ``TRAINABLE_TOKENS`` adapter, which has one ``token_indices``
-    for all its modules (different ids per embedding are refused). ``base`` gives each
-    table's original rows: PEFT stores ``E[indices] + D``, in the table's dtype. Written
-    next to ``directory`` and renamed into place, as ``export_peft`` does.
+    to it; layer subsets as :func:`lorax_fn.peft.subsets.export_layers` writes them)
+    and the tokens join them as ``trainable_token_indices``; a tree of tokens only
+    becomes PEFT's ``TRAINABLE_TOKENS`` adapter, which has one ``token_indices`` for all
+    its modules (different ids per embedding are refused). ``base`` gives each table's
+    original rows: PEFT stores ``E[indices] + D``, in the table's dtype. Written next
+    to ``directory`` and renamed into place, as ``export_peft`` does.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn
@@ -137,7 +137,7 @@ def export_tokens(
     rest = {p: e for p, e in lora_tree.items() if p not in names}
     if rest:
         with tempfile.TemporaryDirectory() as tmp:
-            export_peft(Path(tmp) / "a", rest, spec, name_map=name_map, **export_kwargs)
+            export_layers(Path(tmp) / "a", rest, spec, name_map=name_map, **export_kwargs)
             tensors, header, config = _read(Path(tmp) / "a")
         tensors |= {f"{_PREFIX}{m}{WITH_LORA}": x for m, x in rows.items()}
         config["trainable_token_indices"] = indices
@@ -195,7 +195,8 @@ def import_tokens(
 
     Its tokens become :mod:`lorax_fn.tokens` adapters, ``D = rows - E[indices]``
     (float32), and any LoRA beside them is read by :func:`lorax_fn.peft.import_peft`
-    (``name_map`` and ``import_kwargs`` go to it). A config key of
+    (``name_map`` and ``import_kwargs`` go to it; a stack with some of its layers as
+    :func:`lorax_fn.peft.subsets.import_layers` reads it). A config key of
     ``trainable_token_indices`` names a module or the end of one (``embed_tokens``
     matches ``model.embed_tokens``), as PEFT matches; one that no base leaf maps to, or
     a module without its rows, is refused.
@@ -244,7 +245,7 @@ def import_tokens(
             rest = Path(tmp)
             safetensors.numpy.save_file(tensors, str(rest / WEIGHTS_NAME), metadata=header)
             (rest / CONFIG_NAME).write_text(json.dumps(config))
-            lora = import_peft(rest, base, name_map=name_map, **import_kwargs)
+            lora = import_layers(rest, base, name_map=name_map, **import_kwargs)
         if both := sorted(set(lora) & set(tree)):
             raise LoraError(f"{directory}: {both} carry both LoRA and trainable tokens")
         tree |= lora
