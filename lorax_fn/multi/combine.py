@@ -312,6 +312,8 @@ def combine(
         check_rule_options("linear", density, majority_sign_method, key)
     else:
         check_rule_options(rule, density, majority_sign_method, key)
+    # A plain float: the options are static arguments of the jitted per-layer kernels.
+    density = None if density is None else float(density)
     options = {"rule": rule, "density": density, "majority_sign_method": majority_sign_method}
     if not trees or len(weights) != len(trees):
         raise LoraError(

@@ -411,3 +411,13 @@ def test_traced_weights_under_jit(trees):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_a_density_array_and_a_raw_uint32_key_are_accepted(trees):
+    # The options become static arguments of jitted kernels: a 0-d array must not break that.
+    by_array = combine(trees, WEIGHTS, method="ties", density=jnp.asarray(0.5))
+    np.testing.assert_array_equal(
+        by_array["q"].a, combine(trees, WEIGHTS, method="ties", density=0.5)["q"].a
+    )
+    raw = combine(trees, WEIGHTS, method="dare_ties", density=0.5, key=jax.random.PRNGKey(0))
+    assert raw["q"].a.shape == (4, 6, 3) and np.isfinite(np.asarray(raw["q"].a)).all()
