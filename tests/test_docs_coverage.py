@@ -87,7 +87,7 @@ def documented() -> list[Any]:
         for kind, target, options in _DIRECTIVE.findall(page.read_text()):
             value = resolve(target, module=kind == "module")
             objects.append(value)
-            if kind == "module" and ":members:" in options:
+            if kind == "module" and "members" in re.findall(r":([\w-]+):", options):
                 objects += [getattr(value, name) for name in public_names(value)]
     return objects
 
@@ -108,6 +108,16 @@ def test_every_public_name_is_in_the_api_reference(module: str) -> None:
         f"{module}: {missing} are public but have no autodoc entry in docs/api/*.md "
         "(add an `.. autofunction::`/`.. autoclass::` line to the wing's page)"
     )
+
+
+def test_only_members_documents_a_modules_names(tmp_path, monkeypatch) -> None:
+    # `:no-members:` must not count as `:members:` (it contains the string).
+    page = ".. automodule:: lorax_fn.multi\n   :no-members:\n"
+    monkeypatch.setattr(__import__(__name__), "API", tmp_path)
+    (tmp_path / "p.md").write_text(page)
+    assert documented() == [lorax_fn.multi]
+    (tmp_path / "p.md").write_text(page.replace("no-members", "members"))
+    assert lorax_fn.multi.combine in documented()
 
 
 def test_the_resolver_finds_lazy_wings_and_top_level_names() -> None:
