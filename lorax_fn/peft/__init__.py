@@ -7,5 +7,12 @@
 
 from lorax_fn.peft import presets
 from lorax_fn.peft.io import export_peft, import_peft
+from lorax_fn.peft.presets import tunix_llama3_name_map, tunix_qwen3_name_map
 
-__all__ = ["export_peft", "import_peft", "presets"]
+__all__ = [
+    "export_peft",
+    "import_peft",
+    "presets",
+    "tunix_llama3_name_map",
+    "tunix_qwen3_name_map",
+]

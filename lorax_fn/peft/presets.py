@@ -221,3 +221,93 @@ def gpt2_name_map(
         GPT2_PROJECTIONS,
         {"transformer.wte": embed, "transformer.wpe": positions, "transformer.ln_f": norm},
     )
+
+
+def _prefixed(prefix: object, path: str) -> str:
+    prefix = "" if prefix == "" else _path(prefix, "prefix")
+    return f"{prefix}/{path}" if prefix else path
+
+
+def tunix_llama3_name_map(*, prefix: str = "") -> Rules:
+    r"""PEFT names for Tunix's NNX Llama3 (``tunix.models.llama3.model.Llama3``).
+
+    Tunix keeps attention weights as einsum kernels named ``w``: ``q_proj/w``
+    ``(d, heads, head_dim)``, ``k_proj/w`` and ``v_proj/w`` ``(d, kv_heads, head_dim)``,
+    ``o_proj/w`` ``(heads, head_dim, d)``. Split with their layouts (``split(...,
+    fn=..., example_args=...)``, or ``layouts=lorax_fn.infer_layouts(...)``) and
+    :func:`lorax_fn.export_peft` flattens each to the ``Linear`` Hugging Face has
+    (``heads·head_dim`` rows, head-major, as ``LlamaForCausalLM`` stores them);
+    :func:`lorax_fn.import_peft` reshapes back.
+
+    ==========================================  ========================================
+    Path in ``nnx.split(model)``'s state        PyTorch module
+    ==========================================  ========================================
+    ``layers/{i}/attn/q_proj/w``                ``model.layers.{i}.self_attn.q_proj``
+                                                (also ``k_proj``, ``v_proj``, ``o_proj``)
+    ``layers/{i}/mlp/gate_proj/kernel``         ``model.layers.{i}.mlp.gate_proj`` (also
+                                                ``up_proj``, ``down_proj``)
+    ``layers/{i}/input_layernorm/w``            ``model.layers.{i}.input_layernorm``
+    ``embedder/input_embedding``                ``model.embed_tokens``
+    ``final_norm/w``, ``lm_head/w``             ``model.norm``, ``lm_head``
+    ==========================================  ========================================
+
+    ``prefix`` is prepended to every path, for a Tunix model held inside a module of your
+    own (``prefix="llm"`` for ``llm/layers/{i}/…``).
+
+    Example:
+        >>> module_name(tunix_llama3_name_map(), "layers/3/attn/q_proj/w")
+        'model.layers.3.self_attn.q_proj'
+        >>> module_name(tunix_llama3_name_map(), "embedder/input_embedding")
+        'model.embed_tokens'
+    """
+    return llama_name_map(
+        layers=_prefixed(prefix, "layers/{i}"),
+        attn="attn",
+        mlp="mlp",
+        embed=_prefixed(prefix, "embedder"),
+        norm=_prefixed(prefix, "final_norm"),
+        head=_prefixed(prefix, "lm_head"),
+    )
+
+
+def tunix_qwen3_name_map(*, prefix: str = "") -> Rules:
+    r"""PEFT names for Tunix's NNX Qwen3, dense or mixture-of-experts (``Qwen3``).
+
+    The paths of :func:`tunix_llama3_name_map` (Qwen3's ``q_norm``/``k_norm`` keep their
+    names), and for a MoE layer (``ModelConfig(num_experts=...)``):
+
+    ==========================================  ========================================
+    Path in ``nnx.split(model)``'s state        PyTorch module
+    ==========================================  ========================================
+    ``layers/{i}/mlp/gate_proj``                ``model.layers.{i}.mlp.experts.{e}.``
+    ``(experts, d, hidden)``                    ``gate_proj``, one per expert ``e`` (also
+                                                ``up_proj``, ``down_proj``)
+    ``layers/{i}/mlp/router/kernel``            ``model.layers.{i}.mlp.gate``
+    ==========================================  ========================================
+
+    Expert weights are named per expert through export_peft's ``{layer}`` placeholder
+    (the expert axis is their one batch axis), which writes one ``Linear`` adapter per
+    expert, ``lora_A`` ``[r, d]``: the layout of Hugging Face's per-expert checkpoints,
+    which PEFT (0.21 and later, with transformers 5) converts on load into the fused
+    ``experts.gate_up_proj``/``down_proj`` parameters of ``Qwen3MoeForCausalLM`` (gate
+    and up become one rank-2r adapter, block-diagonal, so the update is the same).
+    Target ``gate_proj`` and ``up_proj`` together, with one rank and alpha: PEFT fuses
+    their adapters. Do not pass ``experts=`` to export_peft with this preset: that writes
+    ``target_parameters`` of one Flax weight each, and ``Qwen3MoeForCausalLM`` has no
+    separate ``gate_proj``/``up_proj`` parameters.
+
+    Example:
+        >>> module_name(tunix_qwen3_name_map(), "layers/0/mlp/up_proj")
+        'model.layers.0.mlp.experts.{layer}.up_proj'
+        >>> module_name(tunix_qwen3_name_map(), "layers/0/attn/k_norm/w")
+        'model.layers.0.self_attn.k_norm'
+    """
+    layer, hf_layer = _layer_rules(_prefixed(prefix, "layers/{i}"), "model.layers")
+    moe: Rules = [
+        (
+            rf"{layer}/mlp/(?P<p>gate_proj|up_proj|down_proj)",
+            rf"{hf_layer}.mlp.experts.{{layer}}.\g<p>",
+        ),
+        (rf"{layer}/mlp/router{_LEAF}", rf"{hf_layer}.mlp.gate"),
+    ]
+    return moe + tunix_llama3_name_map(prefix=prefix)
