@@ -161,6 +161,8 @@ def _eval_symbolic(eqn: core.JaxprEqn, invals: list[Any], ctx: _Context) -> Any:
         rule = _RULES.get(name)
         if rule not in _ROUTE_AWARE:  # a routed weight gathers its factors here
             invals = [x.resolved() if isinstance(x, SymbolicWeight) else x for x in invals]
+        if rule not in _PASS_PENDING:  # a pending column scale is computed whole here
+            invals = [x.with_scale() if isinstance(x, SymbolicWeight) else x for x in invals]
     result = rule(eqn, invals, ctx) if rule else None
     if result is not None:
         return result
@@ -346,10 +348,15 @@ def _remat(eqn, invals, ctx):
     return body(*invals)
 
 
+def _with_scale(x: Any) -> Any:
+    return x.with_scale() if isinstance(x, SymbolicWeight) else x
+
+
 def _scan(eqn, invals, ctx):
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
-    consts = invals[:n_consts]
+    # Read by every step: a pending column scale is computed once, outside the loop.
+    consts = [_with_scale(x) for x in invals[:n_consts]]
     carry = [_concrete(x, ctx, "scan carry") for x in invals[n_consts : n_consts + n_carry]]
     xs = invals[n_consts + n_carry :]
     # A weight scanned over its leading axis: slice W0 (a quantized one's stored arrays),
@@ -366,9 +373,12 @@ def _scan(eqn, invals, ctx):
     sliced = []
     for k, x in enumerate(xs):
         if isinstance(x, SymbolicWeight):
+            if x.kinds[0] != "b":
+                x = xs[k] = x.with_scale()
             a = x.a if x.kinds[0] in "bi" else None
             b, c = (x.b, x.c) if x.kinds[0] in "bo" else (None, None)
-            sliced.append((scanned_w0(k, x.w0), a, b, c))
+            # A pending column scale: its factors are sliced too (all lead with the layer).
+            sliced.append((scanned_w0(k, x.w0), a, b, c, x.pending))
         else:
             sliced.append(scanned_w0(k, x))
     key = ctx.key
@@ -385,16 +395,18 @@ def _scan(eqn, invals, ctx):
         args = []
         for k, (orig, x) in enumerate(zip(xs, per_step, strict=True)):
             if isinstance(orig, SymbolicWeight):
-                w0, a, b, c = x
-                args.append(
-                    orig.replace(
-                        w0=step_w0(k, w0),
-                        a=orig.a if a is None else a,
-                        b=orig.b if b is None else b,
-                        c=orig.c if b is None else c,
-                        kinds=orig.kinds[1:],
-                    )
+                w0, a, b, c, pending = x
+                layer = orig.replace(
+                    w0=step_w0(k, w0),
+                    a=orig.a if a is None else a,
+                    b=orig.b if b is None else b,
+                    c=orig.c if b is None else c,
+                    kinds=orig.kinds[1:],
+                    pending=None if pending is None else symbolic.peel_layer(pending),
                 )
+                # This layer's column scale, here rather than where the body consumes
+                # the weight: a remat inside the body would recompute it.
+                args.append(layer.with_scale())
             else:
                 args.append(step_w0(k, x))
         out = _eval_jaxpr(
@@ -424,7 +436,9 @@ def _cond(eqn, invals, ctx):
 def _while(eqn, invals, ctx):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
+    # Read by every iteration: a pending column scale is computed once, outside the loop.
+    cond_consts = [_with_scale(x) for x in invals[:nc]]
+    body_consts = [_with_scale(x) for x in invals[nc : nc + nb]]
     init = [_concrete(x, ctx, "while carry") for x in invals[nc + nb :]]
 
     def cond_fn(carry):
@@ -463,6 +477,10 @@ _RULES: dict[str, Callable] = primitives.dispatch(
 
 # Rules that keep a routed weight (multi_lora's grouped method) routed.
 _ROUTE_AWARE = (_dot_general, _same, _inline, _remat)
+
+# Rules that pass a stacked weight's pending column scale on (SymbolicWeight.pending):
+# called once, or a scan, which computes it layer by layer where it slices the weight.
+_PASS_PENDING = (_inline, _remat, _cond, _scan, _while)
 
 # Rules for operations reading quantized weights but no adapted one: control flow as
 # above, layout ops pending; every other consumer dequantizes in place (_bind_frozen).

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn.factors import LoraFactors
+from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.quant.lazy import LazyWeight
 from lorax_fn.transform import routing
 from lorax_fn.variants.base import get as get_variant
@@ -51,6 +51,11 @@ class SymbolicWeight:
     # A routed weight (multi_lora's grouped method): A and B are the whole stack, with a
     # leading adapter axis, and this is the example's adapter id.
     route: jax.Array | None = None
+    # A stacked weight whose variant takes its column scale layer by layer
+    # (``Variant.per_layer``): its factors, ``c`` not yet computed. A loop slicing the
+    # weight slices these and computes ``c`` for its layer alone; anything else first
+    # computes it for the whole weight (:meth:`with_scale`).
+    pending: LoraFactors | None = None
 
     @classmethod
     def from_factors(
@@ -76,10 +81,17 @@ class SymbolicWeight:
         b = jnp.transpose(jnp.moveaxis(factors.b, lead + nb, -1), order(b_axes))
         if routed:
             return cls(w0, a, b, path, tuple(kinds), 1.0, 0.0, route=factors.adapter_id)
-        c = get_variant(factors.variant).column_scale(w0, factors)
-        if c is not None:
-            c = jnp.transpose(c[..., None], order(b_axes))
-        return cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout, c)
+        weight = cls(w0, a, b, path, tuple(kinds), factors.scale, factors.dropout)
+        if get_variant(factors.variant).per_layer and layout.batch_axes[:1] == (0,):
+            # Only the leading axis can be a loop's: scan slices its operands there.
+            return weight.replace(pending=factors)
+        return weight.replace(c=_weight_order_scale(w0, factors))
+
+    def with_scale(self) -> SymbolicWeight:
+        """This weight with its column scale ``c`` computed, if it was pending."""
+        if self.pending is None:
+            return self
+        return self.replace(c=_weight_order_scale(self.w0, self.pending), pending=None)
 
     def resolved(self) -> SymbolicWeight:
         """A routed weight with its example's factors gathered (for rules without grouping)."""
@@ -114,6 +126,8 @@ class SymbolicWeight:
         """The full weight ``w0 + scale·A·B`` (the fallback), accumulated in float32."""
         if self.route is not None:
             return self.resolved().materialize()
+        if self.pending is not None:
+            return self.with_scale().materialize()
         letters = string.ascii_letters[: len(self.kinds)]
         a_sub = "".join(letters[k] for k in self.axes_of("a")) + "Z"
         b_sub = "".join(letters[k] for k in self.axes_of("b")) + "Z"
@@ -129,6 +143,36 @@ class SymbolicWeight:
         if scaled is not None:
             v = v * _on_axes(*scaled, letters)
         return v.astype(w0.dtype)
+
+
+def _weight_order_scale(w0: Any, factors: LoraFactors) -> jax.Array | None:
+    """The variant's column scale, laid out like B in weight order (unit rank axis)."""
+    c = get_variant(factors.variant).column_scale(w0, factors)
+    if c is None:
+        return None
+    b_axes = factors.layout.batch_axes + factors.layout.out_axes
+    return jnp.transpose(c[..., None], [*(int(k) for k in np.argsort(b_axes)), len(b_axes)])
+
+
+def peel_layer(factors: LoraFactors) -> LoraFactors:
+    """One layer's factors from a stack's, already sliced along the leading axis.
+
+    A scan slices every array of ``factors`` (A, B, the extras: all lead with the
+    weight's axis 0 when that is its first batch axis); this fixes the static layout.
+
+    Example:
+        >>> from lorax_fn.factors import Layout
+        >>> f = LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 3)), 1.0, Layout((1,), (2,), (0,)))
+        >>> peel_layer(f).layout
+        Layout(in_axes=(0,), out_axes=(1,), batch_axes=())
+    """
+    layout = factors.layout
+    inner = Layout(
+        tuple(k - 1 for k in layout.in_axes),
+        tuple(k - 1 for k in layout.out_axes),
+        tuple(k - 1 for k in layout.batch_axes[1:]),
+    )
+    return dataclasses.replace(factors, layout=inner)
 
 
 # ---------------------------------------------------------------- layout rules
@@ -235,7 +279,41 @@ def _add_scaled(base_out: jax.Array, y: jax.Array, scale: float, c: jax.Array | 
     if c is None:
         return _add_low_rank(base_out, y, scale)
     total = base_out.astype(jnp.float32) + scale * y.astype(jnp.float32)
-    return (total * c).astype(base_out.dtype)
+    return _times_columns(total, c, base_out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _times_columns(total: jax.Array, c: jax.Array, dtype: Any) -> jax.Array:
+    """``total·c`` in ``dtype`` (``c`` broadcasts), whose backward pass keeps the result.
+
+    ``c``'s gradient ``Σ g·total`` is taken as ``Σ g·out / c``: the backward pass holds
+    ``out``, which the next operation often holds anyway, instead of a float32
+    ``total`` per product (per layer, in a scan: a DoRA step's memory would be 1.2×
+    LoRA's). Where ``c`` is 0 ``out`` says nothing about ``total``: that column's
+    gradient is NaN. DoRA's ``c`` is 0 for a zero column of ``V``, whose magnitude
+    gets no gradient (the NaN is never selected), or for a magnitude of exactly 0.
+    """
+    return (total * c).astype(dtype)
+
+
+def _times_columns_fwd(total, c, dtype):
+    out = (total * c).astype(dtype)
+    return out, (out, c)
+
+
+def _times_columns_bwd(dtype, res, g):
+    out, c = res
+    g = g.astype(jnp.float32)
+    gout = g * out.astype(jnp.float32)
+    gout = jnp.sum(gout, axis=tuple(range(out.ndim - c.ndim)))
+    bcast = tuple(k for k in range(c.ndim) if c.shape[k] == 1 and gout.shape[k] != 1)
+    gout = jnp.sum(gout, axis=bcast, keepdims=True)
+    safe = jnp.where(c != 0, c, 1.0)
+    dc = jnp.where(c != 0, gout / safe, jnp.nan)
+    return g * c, dc.astype(c.dtype)
+
+
+_times_columns.defvjp(_times_columns_fwd, _times_columns_bwd)
 
 
 def _dropped(x: jax.Array, w: SymbolicWeight, key: jax.Array | None) -> jax.Array:

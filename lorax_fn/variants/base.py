@@ -61,6 +61,11 @@ class Variant:
         (DoRA: ``{"use_dora": True}``); ``None`` when PEFT has no such adapter.
       peft_tensors: for each extra, the suffix PEFT uses for it after the module name
         (DoRA: ``{"magnitude": ".lora_magnitude_vector"}``).
+      per_layer: whether ``column_scale`` of a stacked weight is, layer by layer,
+        ``column_scale`` of that layer's slice (W0, factors and extras sliced along the
+        stacked axis). Then ``lora(fn)`` computes it inside the loop that slices the
+        weight (a ``scan`` over layers), one layer at a time; default False: once,
+        for the whole stack.
     """
 
     name: ClassVar[str] = "lora"
@@ -69,6 +74,7 @@ class Variant:
     decayed: ClassVar[tuple[str, ...]] = ()
     peft_config: ClassVar[dict[str, Any] | None] = {}
     peft_tensors: ClassVar[dict[str, str]] = {}
+    per_layer: ClassVar[bool] = False
     # What unmerge needs that the merged weight no longer holds (None: nothing), and how
     # an error tells the user to keep it.
     unmerge_hint: ClassVar[str | None] = None

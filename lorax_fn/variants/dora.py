@@ -168,6 +168,7 @@ class Dora(Variant):
     extras = ("magnitude",)
     peft_config = {"use_dora": True}  # noqa: RUF012 - a class-level constant
     peft_tensors = {"magnitude": ".lora_magnitude_vector"}  # noqa: RUF012
+    per_layer = True  # each column's norm is over its own layer's fan-in
     unmerge_hint = (
         "their column norms: a merged DoRA weight m·V/‖V‖ does not determine the base. Keep "
         "norms = lorax_fn.dora_norms(base, lora) from before merging and call "
