@@ -214,8 +214,12 @@ def test_adapter_gives_the_same_logits_in_transformers_and_peft(trained, tmp_pat
 
     lorax_fn.export_peft(tmp_path, lt, spec, name_map=family.preset)
     adapted = peft.PeftModel.from_pretrained(model, str(tmp_path)).eval()
-    ours = np.asarray(lorax_fn.lora(logits, on_fallback="error")(base, lt, tokens))
+    adapted_logits = lorax_fn.lora(logits, on_fallback="error")
+    ours = np.asarray(adapted_logits(base, lt, tokens))
     assert np.max(np.abs(ours - ours_base)) > 0.1  # the adapter matters
+    # ... and so do its MLP (expert) factors alone, so PEFT cannot match by dropping them.
+    no_mlp = {p: dataclasses.replace(e, b=0 * e.b) if "/mlp/" in p else e for p, e in lt.items()}
+    assert np.max(np.abs(ours - np.asarray(adapted_logits(base, no_mlp, tokens)))) > 0.1
     got = hf_logits(adapted, TOKENS)
     print(f"{family.name}: max |logits(PEFT) - logits(lorax_fn)| = {np.abs(got - ours).max():.2e}")
     np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
