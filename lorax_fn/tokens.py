@@ -55,6 +55,7 @@ class TrainableTokens(Variant):
     # PEFT keeps them beside LoRA (trainable_token_indices), not as a LoRA module:
     # lorax_fn.peft.tokens writes them.
     peft_config = None
+    peft_writer = "write it with lorax_fn.peft.tokens.export_tokens(directory, lora_tree, base)"
     frozen_factors: ClassVar[tuple[str, ...]] = ("a",)
 
     def init(self, w0: Any, factors: LoraFactors) -> dict[str, jax.Array]:

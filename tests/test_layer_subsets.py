@@ -277,3 +277,12 @@ def test_with_trainable_tokens_in_one_peft_adapter(tmp_path):
     assert back[KERNEL].layers == CHOSEN
     got = lorax_fn.lora(model.apply)(base, back, X)
     np.testing.assert_allclose(got, lorax_fn.lora(model.apply)(base, lt, X), rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_and_import_peft_point_to_the_layer_functions(tmp_path):
+    _, base, _, lt = adapted()
+    with pytest.raises(LoraError, match="export_layers"):
+        lorax_fn.export_peft(tmp_path / "a", lt, name_map=NAME_MAP)
+    export_layers(tmp_path / "b", lt, name_map=NAME_MAP)
+    with pytest.raises(LoraError, match=r"no module for layers .*import_layers"):
+        lorax_fn.import_peft(tmp_path / "b", base, name_map=NAME_MAP, layouts=STACKED)

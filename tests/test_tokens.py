@@ -271,3 +271,12 @@ def test_summary_counts_the_delta_and_checkpoints_round_trip(tmp_path):
     lorax_fn.save(tmp_path / "ck", lt, None)
     back = lorax_fn.restore(tmp_path / "ck")
     assert token_indices(back[EMBED]) == tuple(ROWS) and back[EMBED].variant == "tokens"
+
+
+def test_export_peft_and_import_peft_point_to_the_token_functions(tmp_path):
+    base, lt = trained(with_lora=True)
+    with pytest.raises(LoraError, match="export_tokens"):
+        lorax_fn.export_peft(tmp_path / "a", lt)
+    export_tokens(tmp_path / "b", lt, base, LoraSpec("**/lin/kernel", rank=2, alpha=3.0))
+    with pytest.raises(LoraError, match="import_tokens"):
+        lorax_fn.import_peft(tmp_path / "b", base)
