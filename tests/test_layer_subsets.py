@@ -286,3 +286,38 @@ def test_export_peft_and_import_peft_point_to_the_layer_functions(tmp_path):
     export_layers(tmp_path / "b", lt, name_map=NAME_MAP)
     with pytest.raises(LoraError, match=r"no module for layers .*import_layers"):
         lorax_fn.import_peft(tmp_path / "b", base, name_map=NAME_MAP, layouts=STACKED)
+
+
+def test_nnx_scan_stack():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class NnxBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return x + jnp.tanh(self.lin(x))
+
+    class NnxStack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return NnxBlock(rngs)
+
+            self.blocks = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(x, block):
+                return block(x)
+
+            return body(x, self.blocks)
+
+    graphdef, state = nnx.split(NnxStack(nnx.Rngs(0)))
+    fn = lambda st, x: nnx.merge(graphdef, st)(x)  # noqa: E731
+    spec = LoraSpec("**/kernel", rank=2)
+    base, lt = lorax_fn.split(state, spec, key=jax.random.key(1), fn=fn, example_args=(X,))
+    lt = select_layers(randomize_b(lt, std=0.3), [1, -1])
+    assert lt["blocks/lin/kernel"].layers == (1, L - 1)
+    assert_matches_merged(fn, base, lt, X, rtol=1e-5, atol=1e-5)
