@@ -14,7 +14,7 @@ from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout
 from lorax_fn.paths import AnyOf, PathFilter, as_filters, compile_filter, filter_name
 
-INITS = ("gaussian", "kaiming_uniform", "orthogonal", "pissa", "olora", "loftq")
+INITS = ("gaussian", "kaiming_uniform", "orthogonal", "pissa", "olora", "loftq", "lora_ga")
 """The inits lorax_fn ships (:mod:`lorax_fn.inits`); more are added by registering them."""
 # Names lorax_fn.inits.register has seen: the spec checks names without importing the
 # inits (they build on this module).
@@ -73,8 +73,9 @@ class LoraSpec:
         weights: ``"pissa"`` (the top-``r`` singular directions of ``W0``) and
         ``"olora"`` (the thin QR of ``W0``) move a part of ``W0`` into A, B and return
         the *residual* ``W0 - scale·A·B`` as the base; ``"loftq"`` returns the base
-        quantized (NF4) with ``Q + scale·A·B ≈ W0``. Or the name of an init registered
-        with :func:`lorax_fn.inits.register`.
+        quantized (NF4) with ``Q + scale·A·B ≈ W0``; ``"lora_ga"`` takes A, B from one
+        batch's gradients (register :func:`lorax_fn.inits.lora_ga` first) and returns the
+        residual. Or the name of an init registered with :func:`lorax_fn.inits.register`.
       factor_dtype: dtype of A and B (float32 even for a bfloat16 base, by default).
       trainable: filters of leaves trained in full (heads, norms, biases). BitFit is
         ``LoraSpec(trainable=["**/bias"])`` with no targets.

@@ -3,12 +3,13 @@
 Built in: ``"gaussian"``, ``"kaiming_uniform"``, ``"orthogonal"`` (the base unchanged,
 :mod:`~lorax_fn.inits.standard`); ``"pissa"``, ``"olora"`` (the base rewritten to a
 residual, :mod:`~lorax_fn.inits.residual`); ``"loftq"`` (the base quantized together with
-the factors, :mod:`~lorax_fn.inits.loftq`). Your own: subclass :class:`Init` and
+the factors, :mod:`~lorax_fn.inits.loftq`); ``"lora_ga"`` (from one batch's gradients,
+:func:`lora_ga`, :mod:`~lorax_fn.inits.gradient`). Your own: subclass :class:`Init` and
 :func:`register` it (:mod:`~lorax_fn.inits.base`).
 """
 
-from lorax_fn.inits import residual, standard
 from lorax_fn.inits.base import Init, get, names, register, rewrites_base
+from lorax_fn.inits.gradient import LoraGA, lora_ga, lora_ga_factors
 from lorax_fn.inits.loftq import LoftQ, loftq_iterates
 from lorax_fn.inits.residual import olora_factors
 from lorax_fn.inits.standard import orthogonal_factors
@@ -16,13 +17,14 @@ from lorax_fn.inits.standard import orthogonal_factors
 __all__ = [
     "Init",
     "LoftQ",
+    "LoraGA",
     "get",
     "loftq_iterates",
+    "lora_ga",
+    "lora_ga_factors",
     "names",
     "olora_factors",
     "orthogonal_factors",
     "register",
-    "residual",
     "rewrites_base",
-    "standard",
 ]

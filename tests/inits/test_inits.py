@@ -252,3 +252,48 @@ def test_unknown_inits_are_refused_and_registered_ones_are_used():
     assert not rewrites_base("test_constant") and rewrites_base("never_registered")
     with pytest.raises(LoraError, match=r"expected a lorax_fn\.inits\.Init"):
         register(lambda *a: None)
+
+
+# --------------------------------------------------------------------------- LoRA-GA
+
+
+def test_lora_ga_starts_at_the_model_with_a_on_the_gradients_top_directions():
+    params = make_params()
+    spec = LoraSpec(TARGETS, rank=4, alpha=8, init="lora_ga", layouts=LAYOUTS)
+    target = jax.random.normal(jax.random.key(3), (5, 4, 16))
+
+    def loss(p, x):
+        return jnp.mean((model(p, x) - target) ** 2)
+
+    init = lorax_fn.inits.lora_ga(loss, params, spec, X)
+    grads = jax.grad(loss)(params, X)  # merge-then-call: the full model's gradient
+    for path in TARGETS:
+        np.testing.assert_allclose(init.grads[path], grads[path], rtol=1e-5, atol=1e-8)
+    register(init)
+    try:
+        base, lt = lorax_fn.split(params, spec, key=KEY)
+    finally:
+        register(lorax_fn.inits.LoraGA())
+    np.testing.assert_allclose(lorax_fn.lora(model)(base, lt, X), model(params, X), atol=2e-5)
+    assert lt["dense"].pissa.init == "lora_ga" and rewrites_base("lora_ga")
+    for layer in range(3):  # per matrix of the stack: A = the top-4 left singular vectors
+        a, g = lt["stack"].a[layer], grads["stack"][layer]
+        np.testing.assert_allclose(a.T @ a, jnp.eye(4), atol=1e-5)
+        top = np.linalg.svd(np.asarray(g), compute_uv=False)[:4]
+        assert frobenius(g.T @ a) == pytest.approx(float(np.sqrt(np.sum(top**2))), rel=1e-4)
+    assert_matches_merged(model, base, randomize_b(lt), X)
+
+
+def test_lora_ga_refusals_name_the_path():
+    params = {"w": spectrum((16, 8))}
+    with pytest.raises(LoraError, match=r"w: init='lora_ga' needs this weight's gradient"):
+        lorax_fn.split(params, LoraSpec("w", rank=2, init="lora_ga"), key=KEY)
+    init = lorax_fn.inits.lora_ga(lambda p: jnp.sum(p["w"] ** 3), params, LoraSpec("w"))
+    register(init)
+    try:
+        with pytest.raises(LoraError, match=r"w: init='lora_ga' takes 2·rank = 10 singular"):
+            lorax_fn.split(params, LoraSpec("w", rank=5, init="lora_ga"), key=KEY)
+    finally:
+        register(lorax_fn.inits.LoraGA())
+    with pytest.raises(LoraError, match=r"unknown direction 'AB'"):
+        lorax_fn.inits.LoraGA(direction="AB")

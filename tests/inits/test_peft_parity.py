@@ -160,3 +160,58 @@ def test_orthogonal_matches_peft_on_the_same_draws(fan_in, fan_out, rank):
     # Same law: entries of A and B have std 1/10 (the rows of Q are orthonormal).
     assert lt["w"].a.shape == a.shape and lt["w"].b.shape == b.shape
     np.testing.assert_allclose(float(jnp.std(lt["w"].a)), 0.1, rtol=0.35)
+
+
+@pytest.mark.parametrize(
+    "direction, scaling",
+    [("ArB2r", "stable"), ("A2rBr", "weight_svd"), ("ArBr", "gd_scale"), ("ArB2r", "unit")],
+)
+def test_lora_ga_matches_peft_from_the_same_batch(direction, scaling):
+    # 4r = 24 covers the weight's smaller side, so PEFT's svd_lowrank is an exact SVD.
+    fan_in, fan_out, rank, alpha = 40, 24, 6, 12
+    w0 = spectrum_weight(fan_in, fan_out, seed=5)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, fan_in)).astype(np.float32)
+    y = rng.normal(size=(16, fan_out)).astype(np.float32)
+
+    model = torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out, bias=False))
+    model[0].weight.data = torch.tensor(np.ascontiguousarray(w0.T))
+    cfg = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=["0"],
+        init_lora_weights="lora_ga",
+        lora_ga_config=peft.LoraGAConfig(direction=direction, scale=scaling),
+    )
+
+    def train_step():
+        loss = torch.mean((model(torch.tensor(x)) - torch.tensor(y)) ** 2)
+        loss.backward()
+
+    peft.preprocess_loraga(model, cfg, train_step)
+    a, b, residual = peft_arrays(peft.get_peft_model(model, cfg).base_model.model[0])
+
+    spec = LoraSpec("w", rank=rank, alpha=alpha, init="lora_ga")
+    params = {"w": jnp.asarray(w0)}
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p["w"] - y) ** 2)
+
+    previous = lorax_fn.inits.get("lora_ga")
+    lorax_fn.inits.register(
+        lorax_fn.inits.lora_ga(loss, params, spec, x, y, direction=direction, scaling=scaling)
+    )
+    try:
+        base, lt = lorax_fn.split(params, spec, key=KEY)
+    finally:
+        lorax_fn.inits.register(previous)
+    # Singular directions are defined up to sign, A's and B's independently here.
+    ours_a = np.asarray(lt["w"].a) * np.sign(np.sum(np.asarray(lt["w"].a) * a, axis=0))
+    ours_b = np.asarray(lt["w"].b) * np.sign(np.sum(np.asarray(lt["w"].b) * b, axis=1))[:, None]
+    close(ours_a, a, rtol=1e-4)
+    close(ours_b, b, rtol=1e-4)
+    # Both bases are W0 - scale·A·B of their own factors (signs differ, so not each other's).
+    np.testing.assert_allclose(
+        base["w"], w0 - lt["w"].scale * np.asarray(lt["w"].a) @ np.asarray(lt["w"].b), atol=1e-5
+    )
+    np.testing.assert_allclose(residual, w0 - lt["w"].scale * a @ b, atol=1e-5)
