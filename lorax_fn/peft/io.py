@@ -11,9 +11,10 @@ kernel (``DenseGeneral``, e.g. attention ``(d, heads, head_dim)``) becomes a Lin
 ``in = prod(in axes)`` and ``out = prod(out axes)``, each group flattened in the
 weight's own axis order — as ``W.reshape(d, heads * head_dim)`` in PyTorch. A stacked
 (``nn.scan``) weight with one batch axis of size L becomes L modules, named through a
-``{layer}`` placeholder. ``Embed`` tables (a path ending in ``embedding``) become
-``nn.Embedding`` adapters (``lora_embedding_A``/``lora_embedding_B``). Convolution
-kernels, Flax ``(*window, in, out)`` with A ``(*window, in, r)`` and B ``(r, out)``,
+``{layer}`` placeholder. ``Embed`` tables (a path ending in ``embedding``, or any
+table the name map sends to a transformers embedding module such as ``embed_tokens``
+or ``wte``) become ``nn.Embedding`` adapters (``lora_embedding_A``/``lora_embedding_B``).
+Convolution kernels, Flax ``(*window, in, out)`` with A ``(*window, in, r)`` and B ``(r, out)``,
 become PEFT's ``ConvNd`` adapters: ``lora_A`` is a conv with the base's window,
 weight ``(r, in, *window)``, and ``lora_B`` a 1×1 conv, weight ``(out, r, 1, …)``.
 An adapter variant (:mod:`lorax_fn.variants`) sets its ``peft_config`` options in the
@@ -62,6 +63,23 @@ _PREFIX = "base_model.model."
 # PEFT's copy of an adapted embedding's or lm_head's base weight (save_embedding_layers).
 _BASE_WEIGHT = ".base_layer.weight"
 _LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
+# transformers' nn.Embedding modules: PEFT adapts them through lora_embedding_A/B and
+# ignores Linear keys there (a warning, not an error), so a table that is not named
+# `embedding` in Flax (Tunix: embedder/input_embedding) must be recognised by its target.
+_EMBEDDING_MODULES = frozenset(
+    {
+        "embed_tokens",
+        "embed_positions",
+        "embed_in",
+        "tok_embeddings",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "shared",
+    }
+)
     ".lora_A.weight": ("a", False),
     ".lora_B.weight": ("b", False),
     ".lora_embedding_A": ("a", True),
@@ -356,7 +374,9 @@ def export_peft(
             continue
         layers = _stack_size(path, layout, shape)
         names = _layer_names(name, path, layers)
-        embedding = path.split("/")[-1] == "embedding"
+        embedding = (
+            path.split("/")[-1] == "embedding" or name.rsplit(".", 1)[-1] in _EMBEDDING_MODULES
+        )
         if embedding and (layout.in_axes, layout.out_axes, layers) != ((0,), (1,), None):
             raise LoraError(
                 f"{path}: an embedding table exports only as (vocab, features), "
