@@ -8,7 +8,9 @@ along its largest axis, the batch along its first, the adapters following the ba
 :func:`lorax_fn.lora_shardings`). Parameters are ``jax.eval_shape`` shapes with
 ``NamedSharding``; the train step (``value_and_grad`` of the next-token loss over the
 LoRA tree) is lowered and compiled, and XLA's ``memory_analysis()`` (temporary bytes
-per device) and ``cost_analysis()`` (FLOPs) are read. Configurations: ``lora``/``dora``,
+per device) and ``cost_analysis()`` (FLOPs per device; a second compile, the scan
+unrolled two layers a step, gives one layer's FLOPs, which XLA counts once per loop)
+are read. Configurations: ``lora``/``dora``,
 each with the layer under ``nn.remat`` (``-remat``) or not. Defaults are Llama-3-8B:
 32 layers, d=4096, ffn 14336, 32/8 heads, vocab 128256, batch 8 × 2048 tokens.
 
@@ -89,13 +91,18 @@ class Decoder(nn.Module):
     kv_heads: int
     vocab: int
     remat: bool
+    unroll: int = 1
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
         h = nn.Embed(self.vocab, self.d, dtype=DTYPE, param_dtype=DTYPE)(ids)
         layer = nn.remat(Layer) if self.remat else Layer
         stack = nn.scan(
-            layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.layers,
+            unroll=self.unroll,
         )
         h = stack(self.heads, self.kv_heads, self.ffn, name="layers")(h, None)[0]
         h = nn.RMSNorm(dtype=DTYPE, param_dtype=DTYPE)(h)
@@ -118,10 +125,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def step_cost(args: argparse.Namespace, config: str) -> dict[str, Any]:
-    """Compile the train step of ``config`` and read its per-device memory and FLOPs."""
+def compile_step(args: argparse.Namespace, config: str, unroll: int = 1) -> Any:
+    """The compiled train step of ``config``, its scan unrolled ``unroll`` layers a step."""
     use_dora, remat = config.startswith("dora"), config.endswith("-remat")
-    model = Decoder(args.layers, args.d, args.ffn, args.heads, args.kv_heads, args.vocab, remat)
+    model = Decoder(
+        args.layers, args.d, args.ffn, args.heads, args.kv_heads, args.vocab, remat, unroll
+    )
     ids = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), ids)
     # Every projection kernel is stacked (layers, in, out).
@@ -151,21 +160,35 @@ def step_cost(args: argparse.Namespace, config: str) -> dict[str, Any]:
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
-    start = time.perf_counter()
-    lowered = jax.jit(jax.value_and_grad(loss)).lower(
-        placed(lt, lt_sh), placed(base, base_sh), batch
-    )
-    compiled = lowered.compile()
+    step = jax.jit(jax.value_and_grad(loss))
+    return step.lower(placed(lt, lt_sh), placed(base, base_sh), batch).compile()
+
+
+def _flops(compiled: Any) -> float:
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
+def step_cost(args: argparse.Namespace, config: str) -> dict[str, Any]:
+    """Compile the train step of ``config`` and read its per-device memory and FLOPs.
+
+    XLA's cost analysis counts a loop's body once: the step's FLOPs are those of the
+    step compiled with the scan unrolled two layers a step, minus those of one layer a
+    step (one layer's), times the layers, plus the rest (embedding, head, loss).
+    """
+    start = time.perf_counter()
+    compiled = compile_step(args, config)
     memory = compiled.memory_analysis()
+    once = _flops(compiled)
+    layer = _flops(compile_step(args, config, unroll=2)) - once
     return {
         "config": config,
-        "variant": "dora" if use_dora else "lora",
-        "remat": remat,
+        "variant": "dora" if config.startswith("dora") else "lora",
+        "remat": config.endswith("-remat"),
         "temp_gib_per_device": memory.temp_size_in_bytes / 2**30,
         "argument_gib_per_device": memory.argument_size_in_bytes / 2**30,
-        "gflops": cost["flops"] / 1e9,
+        "gflops": (once + (args.layers - 1) * layer) / 1e9,
+        "layer_gflops": layer / 1e9,
         "compile_s": round(time.perf_counter() - start, 1),
         "lorax_fn": str(Path(lorax_fn.__file__).resolve().parent.parent),
         "shape": {k: v for k, v in vars(args).items() if k not in ("config", "json")},
@@ -180,6 +203,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         if ref is not None:
             r["temp_vs_lora"] = r["temp_gib_per_device"] / ref["temp_gib_per_device"]
             r["flops_vs_lora"] = r["gflops"] / ref["gflops"]
+            r["layer_flops_vs_lora"] = r["layer_gflops"] / ref["layer_gflops"]
     return rows
 
 
@@ -202,6 +226,7 @@ def main() -> None:
                 ("temp_vs_lora", "temp / LoRA", ".3f"),
                 ("gflops", "GFLOPs", ".4g"),
                 ("flops_vs_lora", "FLOPs / LoRA", ".3f"),
+                ("layer_flops_vs_lora", "layer FLOPs / LoRA", ".3f"),
             ],
         )
     )
