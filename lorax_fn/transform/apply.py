@@ -529,8 +529,8 @@ def lora(
     group sizes route ``x``, ``x·A`` and the result). An adapter variant computes
     ``(x·W0 + scale·(x·A)·B)·c`` per output column, ``c`` from the variant (DoRA,
     ``LoraSpec(use_dora=True)``: ``m/‖V‖_c``, the norm detached in the gradient and taken
-    from ‖W0‖², ⟨W0ᵀA, B⟩ and AᵀA — one pass over W0, no ``V``; a quantized stack's norms
-    one layer at a time).
+    from ‖W0‖², ⟨W0ᵀA, B⟩ and AᵀA — one pass over W0, no ``V``; a stack's norms one
+    layer at a time, in the body of the ``scan`` that slices it).
     Transposes, dtype
     casts, copies, ``optimization_barrier``, grouping reshapes, unit broadcasts and
     slices of a weight stay factorized, as do weights passed through ``jit``, ``scan``

@@ -8,6 +8,14 @@ norm ``‖·‖_c`` is taken over the weight's fan-in axes, separately for every
 As in the paper (§4.3) and PEFT, ``‖V‖_c`` is a constant in the gradient
 (``stop_gradient``): A, B get gradient through ``V`` and ``m`` through the scale
 ``m / ‖V‖_c``. A zero column of ``V`` gives a zero column of ``W``.
+
+Inside ``lora(fn)`` a stacked weight that a ``scan`` slices (``nn.scan`` layers) has its
+norms taken in the scan body, one layer at a time (``Dora.per_layer``), so no float32
+copy of the stack exists; and the backward pass takes ``m``'s gradient from each
+product's output ``y`` (``Σ g·y / m``), not from a float32 pre-scale sum kept per
+layer. So a column whose magnitude is exactly 0 while ``V``'s column is not (its output
+is 0 whatever ``V``) gets a NaN magnitude gradient there, where merge-then-call gives
+``Σ g·(x·V)/‖V‖_c``: set such a magnitude to a tiny non-zero value instead.
 """
 
 from __future__ import annotations

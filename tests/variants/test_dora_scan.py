@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import linen as nn
 from helpers import assert_matches_merged, randomize_b, tainted_shapes
@@ -148,3 +149,24 @@ def test_dora_step_over_a_scan_stack_needs_lora_memory(dtype):
     lora, dora = (_step_temp_bytes(model, x, use_dora) for use_dora in (False, True))
     print(f"{jnp.dtype(dtype).name}: DoRA/LoRA step temp memory {dora / lora:.3f}")
     assert dora <= 1.05 * lora, (dora, lora)
+
+
+def test_a_magnitude_of_exactly_zero_gets_a_nan_gradient_not_a_wrong_one():
+    # The magnitude's gradient is read off the output (Σ g·y / m): where m = 0 and the
+    # column of V is not zero, the output says nothing, and the gradient is NaN (loud),
+    # never a finite wrong value; every other entry equals merge-then-call.
+    params = {"w": jax.random.normal(KEY, (8, 4))}
+    spec = LoraSpec("w", rank=2, use_dora=True)
+    base, lt = lorax_fn.split(params, spec, key=KEY, layouts={"w": Layout((0,), (1,))})
+    entry = randomize_b(lt)["w"]
+    lt = {"w": entry.with_extras(magnitude=entry.magnitude.at[1].set(0.0))}
+    x = jax.random.normal(KEY, (3, 8))
+
+    def grad(**kw):
+        g = lorax_fn.lora(lambda p, x: x @ p["w"], **kw)
+        return jax.grad(lambda t: jnp.sum(jnp.sin(g(base, t, x))))(lt)["w"].magnitude
+
+    got, want = grad(on_fallback="error"), grad(factorized=False)
+    assert bool(jnp.isnan(got[1])) and bool(jnp.isfinite(want[1]))
+    keep = jnp.array([0, 2, 3])
+    np.testing.assert_allclose(got[keep], want[keep], rtol=1e-5, atol=1e-6)
