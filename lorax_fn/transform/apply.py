@@ -37,7 +37,7 @@ from lorax_fn.paths import path_str
 from lorax_fn.quant import lazy
 from lorax_fn.quant.lazy import LazyWeight
 from lorax_fn.quant.quantized import QuantizedArray
-from lorax_fn.transform import primitives, symbolic
+from lorax_fn.transform import fusion, primitives, symbolic
 from lorax_fn.transform.routing import RoutedFactors
 from lorax_fn.transform.signature import (
     Split,
@@ -58,20 +58,28 @@ class _Context:
     """Per-call state: how to report fallbacks (once per signature), and the dropout key."""
 
     def __init__(
-        self, on_fallback: FallbackMode, reported: set, key: jax.Array | None, signature: str
+        self,
+        on_fallback: FallbackMode,
+        reported: set,
+        key: jax.Array | None,
+        signature: str,
+        fuse: bool = True,
     ):
         self.on_fallback = on_fallback
         self.reported = reported
         self.key = key
         self.signature = signature
         self.consumers = 0
+        self.fuse = fuse
+        # The shared-input plan of the jaxpr being evaluated (lorax_fn.transform.fusion).
+        self.fusion: fusion.SharedInputs | None = None
 
     def next_key(self) -> jax.Array | None:
         self.consumers += 1
         return None if self.key is None else jax.random.fold_in(self.key, self.consumers)
 
     def with_key(self, key: jax.Array | None) -> _Context:
-        ctx = _Context(self.on_fallback, self.reported, key, self.signature)
+        ctx = _Context(self.on_fallback, self.reported, key, self.signature, self.fuse)
         ctx.consumers = self.consumers
         return ctx
 
@@ -124,6 +132,8 @@ def _eval_jaxpr(
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
+    outer = ctx.fusion
+    ctx.fusion = fusion.SharedInputs(jaxpr.eqns, env, ctx.key is not None) if ctx.fuse else None
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, _HELD) for x in invals):
@@ -135,6 +145,7 @@ def _eval_jaxpr(
         for v, x in zip(eqn.outvars, outvals, strict=True):
             if not isinstance(v, core.DropVar):
                 env[v] = x
+    ctx.fusion = outer
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -274,6 +285,10 @@ def _dot_general(eqn, invals, ctx):
     def base(x):
         return _bind_frozen(eqn, [w.w0, x] if weight_is_lhs else [x, w.w0])
 
+    fused = ctx.fusion.product(eqn, x, w, weight_is_lhs, base) if ctx.fusion else None
+    if fused is not None:
+        ctx.next_key()  # the k-th product's dropout key stays the k-th
+        return fused
     return symbolic.dot_general(
         x,
         w,
@@ -514,6 +529,7 @@ def lora(
     *,
     factorized: bool = True,
     on_fallback: FallbackMode = "warn",
+    fuse_shared_inputs: bool = True,
     cache_size: int = 32,
     static_argnums: int | Iterable[int] | None = None,
     static_argnames: str | Iterable[str] | None = None,
@@ -546,6 +562,13 @@ def lora(
     the wrapped function (the first frame outside lorax_fn, JAX and Flax), under
     ``jit``, ``grad`` or ``scan`` too. ``factorized=False`` is plain merge-then-call
     (the reference, and a baseline for benchmarks).
+
+    ``fuse_shared_inputs`` (default ``True``): adapted products that read the same
+    activation the same way (q, k and v; gate and up) compute their ``x·A`` as one
+    product ``x·[A_q|A_k|A_v]`` and split it, and the backward pass follows (one
+    product into ``dx``); XLA on CPU merges no such dots itself
+    (:mod:`lorax_fn.transform.fusion`). The results are the unfused ones up to float
+    rounding; ``False`` computes each product alone.
 
     A base holding :class:`~lorax_fn.QuantizedArray` weights (from
     :func:`lorax_fn.quantize_base`: QLoRA) gives ``fn(merge(dequantize_base(base),
@@ -676,7 +699,9 @@ def lora(
                 LazyWeight.of(p, x) if _quantized(x) else x
                 for p, x in zip(paths, param_leaves, strict=True)
             ]
-            ctx = _Context(on_fallback, entry.reported, lora_key, entry.signature)
+            ctx = _Context(
+                on_fallback, entry.reported, lora_key, entry.signature, fuse_shared_inputs
+            )
             inputs = [
                 SymbolicWeight.from_factors(p, x, factors[p]) if p in factors else x
                 for p, x in zip(paths, inputs, strict=True)
