@@ -11,7 +11,7 @@ import numpy as np
 
 from lorax_fn.factors import LoraFactors
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
-from lorax_fn.subsets import LayerSubset
+from lorax_fn.subsets import LayerGroups, LayerSubset, is_subset
 from lorax_fn.variants.base import get
 
 
@@ -81,7 +81,7 @@ def count_params(base: Any, lora: dict[str, Any]) -> ParamCount:
             n, b = _size(x)
             if not any(x is f for f in fixed):
                 train_n, train_b = train_n + n, train_b + b
-            if isinstance(entry, LoraFactors | LayerSubset):
+            if isinstance(entry, LoraFactors) or is_subset(entry):
                 factor_n, factor_b = factor_n + n, factor_b + b
     return ParamCount(train_n, base_n + factor_n, train_b, base_b + factor_b)
 
@@ -102,9 +102,15 @@ def summary(base: Any, lora: dict[str, Any]) -> str:
     """
     shapes = {p: tuple(np.shape(x)) for p, x in weight_leaves(base)}
     rows = [("path", "weight", "kind", "rank", "scale", "A", "B", "params")]
-    for path, entry in lora.items():
+    # A layer subset is a row of its chosen layers' factors, one per rank (lorax_fn.subsets).
+    entries = [
+        (path, part)
+        for path, entry in lora.items()
+        for part in (entry.parts if isinstance(entry, LayerGroups) else (entry,))
+    ]
+    for path, entry in entries:
         kind = f"layers {list(entry.layers)}" if isinstance(entry, LayerSubset) else None
-        if isinstance(entry, LayerSubset):  # the chosen layers' factors (lorax_fn.subsets)
+        if isinstance(entry, LayerSubset):
             entry = entry.factors
         if isinstance(entry, LoraFactors):
             fixed = _frozen_factors(entry)

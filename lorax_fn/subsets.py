@@ -80,6 +80,54 @@ class LayerSubset:
         )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerGroups:
+    """Layer subsets of one stacked weight at different ranks (a rank per layer index).
+
+    ``parts`` are :class:`LayerSubset` s of disjoint layers, one per rank. Expanded, they
+    are one adapter of rank ``Σ r`` whose every layer uses its own part's columns (the
+    others are zero there), each part at its own scale.
+
+    Example:
+        >>> from lorax_fn import Layout
+        >>> f = lambda r: LoraFactors(jnp.ones((1, 3, r)), jnp.ones((1, r, 4)), 1.0,
+        ...                           Layout((1,), (2,), (0,)))
+        >>> g = LayerGroups((LayerSubset(f(2), (0,), 4), LayerSubset(f(1), (3,), 4)))
+        >>> g.layers, g.ranks, g.expand().a.shape
+        ((0, 3), (2, 1), (4, 3, 3))
+    """
+
+    parts: tuple[LayerSubset, ...]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(i for part in self.parts for i in part.layers))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The rank of each layer of :attr:`layers`."""
+        rank = {i: part.factors.rank for part in self.parts for i in part.layers}
+        return tuple(rank[i] for i in self.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.parts[0].num_layers
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.parts[0].weight_shape
+
+    def expand(self) -> LoraFactors:
+        """Full-stack factors of rank ``Σ r``: each layer its part's columns, zeros elsewhere."""
+        full = [part.expand() for part in self.parts]
+        # One scale for the whole adapter: each part's own folds into its B.
+        b = [f.b * (f.scale / full[0].scale) for f in full]
+        return dataclasses.replace(
+            full[0], a=jnp.concatenate([f.a for f in full], -1), b=jnp.concatenate(b, 1)
+        )
+
+
 def _check(path: str, factors: Any, layers: Sequence[int]) -> tuple[tuple[int, ...], int]:
     if not isinstance(factors, LoraFactors):
         raise LoraError(f"{path}: a layer subset needs LoRA factors, got {type(factors).__name__}")
@@ -107,9 +155,33 @@ def _check(path: str, factors: Any, layers: Sequence[int]) -> tuple[tuple[int, .
     return tuple(sorted(chosen)), n
 
 
+def _subset(
+    path: str, entry: LoraFactors, layers: Sequence[int] | Mapping[int, int]
+) -> LayerSubset | LayerGroups:
+    """``entry`` at ``layers``: a list of layer ids, or ``{layer id: rank}``."""
+    chosen, n = _check(path, entry, list(layers))
+    if not isinstance(layers, Mapping):
+        ranks = dict.fromkeys(chosen, entry.rank)
+    else:
+        ranks = {i % n: r for i, r in layers.items()}
+        if bad := {
+            i: r for i, r in ranks.items() if not (isinstance(r, int) and 0 < r <= entry.rank)
+        }:
+            raise LoraError(
+                f"{path}: layer ranks {bad} must be ints in [1, {entry.rank}] (split at the "
+                "largest rank: a layer of rank r keeps the first r columns of A, rows of B)"
+            )
+    parts = []
+    for r in sorted(set(ranks.values()), reverse=True):
+        ids = np.asarray(sorted(i for i in chosen if ranks[i] == r))
+        factors = dataclasses.replace(entry, a=entry.a[ids][..., :r], b=entry.b[ids][:, :r])
+        parts.append(LayerSubset(factors, tuple(ids.tolist()), n))
+    return parts[0] if len(parts) == 1 else LayerGroups(tuple(parts))
+
+
 def select_layers(
     lora_tree: LoraTree,
-    layers: Sequence[int] | Mapping[PathFilter, Sequence[int]],
+    layers: Sequence[int] | Mapping[PathFilter, Sequence[int] | Mapping[int, int]],
 ) -> LoraTree:
     """``lora_tree`` with stacked entries cut to the chosen layers (``layers_to_transform``).
 
@@ -118,6 +190,11 @@ def select_layers(
     the first matching filter wins, and entries no filter matches stay as they are;
     each filter must match a stacked entry. A chosen entry keeps its factors at those
     layers as a :class:`LayerSubset`. Plain LoRA only.
+
+    A filter's value may be ``{layer: rank}`` instead (PEFT's ``rank_pattern`` per
+    layer index): each layer keeps the first ``rank`` columns of A (rows of B) of the
+    split — split at the largest rank — and the entry's scale; layers of different
+    ranks become a :class:`LayerGroups`.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn
@@ -128,6 +205,9 @@ def select_layers(
         >>> lt = select_layers(lt, {"**/kernel": [0, 3]})
         >>> lorax_fn.count_params(base, lt).trainable  # 2 layers · 2·(8 + 8) + 2·(8 + 2)
         84
+        >>> base, lt = lorax_fn.split(params, spec, key=jax.random.key(0))
+        >>> select_layers(lt, {"**/kernel": {0: 2, 3: 1}})["layers/kernel"].ranks
+        (2, 1)
     """
     if isinstance(layers, Mapping):
         rules = [(compile_filter(f), filter_name(f), v) for f, v in layers.items()]
@@ -144,17 +224,14 @@ def select_layers(
             out[path] = entry
             continue
         hits[k] += 1
-        chosen, n = _check(path, entry, rules[k][2])
-        ids = np.asarray(chosen)
-        factors = dataclasses.replace(entry, a=entry.a[ids], b=entry.b[ids])
-        out[path] = LayerSubset(factors, chosen, n)
+        out[path] = _subset(path, entry, rules[k][2])
     if missed := [name for (_, name, _), n in zip(rules, hits, strict=True) if not n]:
         raise LoraError(f"select_layers: {missed} match no stacked (one batch axis) LoRA entry")
     return out
 
 
 def expand_subsets(lora_tree: Mapping[str, Any]) -> Any:
-    """``lora_tree`` with each :class:`LayerSubset` as full-stack factors (zeros elsewhere).
+    """``lora_tree`` with each layer subset as full-stack factors (zeros elsewhere).
 
     Returns the tree itself when it holds none. :func:`lorax_fn.lora` and
     :func:`lorax_fn.merge` call it; differentiating through it gives the compact
@@ -166,8 +243,16 @@ def expand_subsets(lora_tree: Mapping[str, Any]) -> Any:
         >>> expand_subsets({"w": LayerSubset(f, (2,), 3)})["w"].a[:, 0, 0]
         Array([0., 0., 1.], dtype=float32)
     """
-    if not isinstance(lora_tree, Mapping) or not any(
-        isinstance(e, LayerSubset) for e in lora_tree.values()
-    ):
+    if not isinstance(lora_tree, Mapping) or not any(map(is_subset, lora_tree.values())):
         return lora_tree
-    return {p: e.expand() if isinstance(e, LayerSubset) else e for p, e in lora_tree.items()}
+    return {p: e.expand() if is_subset(e) else e for p, e in lora_tree.items()}
+
+
+def is_subset(entry: Any) -> bool:
+    """Whether a LoRA-tree entry is a :class:`LayerSubset` or :class:`LayerGroups`.
+
+    Example:
+        >>> is_subset(jnp.ones(2))
+        False
+    """
+    return isinstance(entry, LayerSubset | LayerGroups)

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,7 @@ from helpers import assert_matches_merged, randomize_b
 import lorax_fn
 from lorax_fn import Layout, LoraError, LoraSpec
 from lorax_fn.peft.subsets import export_layers, import_layers
-from lorax_fn.subsets import LayerSubset, expand_subsets, select_layers
+from lorax_fn.subsets import LayerGroups, LayerSubset, expand_subsets, select_layers
 
 L, D = 6, 8
 KERNEL = "params/ScanBlock_0/Dense_0/kernel"
@@ -321,3 +322,77 @@ def test_nnx_scan_stack():
     lt = select_layers(randomize_b(lt, std=0.3), [1, -1])
     assert lt["blocks/lin/kernel"].layers == (1, L - 1)
     assert_matches_merged(fn, base, lt, X, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a rank per layer
+
+RANKS = {4: 2, 5: 1}
+
+
+def test_a_rank_per_layer_matches_the_truncated_full_stack():
+    model, base, full, _ = adapted(rank=2)
+    lt = select_layers(full, {"**/ScanBlock_0/**": RANKS})
+    entry = lt[KERNEL]
+    assert isinstance(entry, LayerGroups) and entry.layers == (4, 5) and entry.ranks == (2, 1)
+    f = full[KERNEL]
+    keep_a = np.zeros((L, 1, 2), np.float32)
+    keep_a[4], keep_a[5, :, 0] = 1.0, 1.0  # layer 5 keeps its first rank-1 column
+    truncated = dataclasses.replace(f, a=f.a * keep_a, b=f.b * keep_a.transpose(0, 2, 1))
+    reference = {**full, KERNEL: truncated}
+    got = lorax_fn.lora(model.apply)(base, lt, X)
+    np.testing.assert_allclose(got, model.apply(lorax_fn.merge(base, reference), X), 1e-5, 1e-5)
+    assert_matches_merged(model.apply, base, lt, X, rtol=1e-5, atol=1e-5)
+
+    def loss(tree):
+        return jnp.sum(jnp.sin(lorax_fn.lora(model.apply)(base, tree, X)))
+
+    grads, want = jax.grad(loss)(lt)[KERNEL], jax.grad(loss)(reference)[KERNEL]
+    np.testing.assert_allclose(grads.parts[1].factors.a[0], want.a[5][:, :1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads.parts[0].factors.b[0], want.b[4], rtol=1e-5, atol=1e-6)
+    trained = lorax_fn.count_params(base, lt).trainable - lorax_fn.count_params(base, {}).trainable
+    assert trained == 2 * (D + D) + 1 * (D + D) + lt["params/Dense_0/kernel"].a.size + 2 * 3
+
+
+def test_a_rank_per_layer_refusals():
+    _, _, full, _ = adapted(rank=2)
+    with pytest.raises(LoraError, match="must be ints"):
+        select_layers(full, {"**/ScanBlock_0/**": {4: 3}})
+
+
+def test_peft_rank_pattern_per_layer_both_ways(tmp_path):
+    torch, peft = parity_modules()
+    model, base, full, _ = adapted(rank=2)
+    lt = select_layers({KERNEL: full[KERNEL]}, {"**": RANKS})
+    export_layers(tmp_path / "ours", lt, LoraSpec("**/kernel", rank=2), name_map=NAME_MAP)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    rank = {
+        m: config["rank_pattern"].get(re.escape(m), config["r"]) for m in config["target_modules"]
+    }
+    assert rank == {"layers.4.lin": 2, "layers.5.lin": 1}
+    peft_model = peft.PeftModel.from_pretrained(torch_model(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        got = peft_model.eval()(torch.from_numpy(np.array(X))).numpy()
+    want = np.asarray(lorax_fn.lora(model.apply)(base, lt, X))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=2,
+        target_modules=["lin"],
+        layers_to_transform=[0, 2, 3],
+        layers_pattern="layers",
+        rank_pattern={"layers.2.lin": 1},
+    )
+    peft_model = peft.get_peft_model(torch_model(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    back = import_layers(tmp_path / "theirs", base, name_map=NAME_MAP, layouts=STACKED)
+    assert back[KERNEL].layers == (0, 2, 3) and back[KERNEL].ranks == (2, 1, 2)
+    assert [p.factors.scale for p in back[KERNEL].parts] == [1.0, 2.0]  # alpha / r per layer
+    with torch.no_grad():
+        want = peft_model.eval()(torch.from_numpy(np.array(X))).numpy()
+    got = np.asarray(lorax_fn.lora(model.apply)(base, back, X))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

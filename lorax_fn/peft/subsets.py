@@ -51,7 +51,7 @@ from lorax_fn.peft.io import (
 )
 from lorax_fn.quant.quantized import weight_leaves
 from lorax_fn.spec import LoraSpec
-from lorax_fn.subsets import LayerSubset
+from lorax_fn.subsets import LayerGroups, LayerSubset, is_subset
 
 
 def _layer_path(path: str, layer: int | str) -> str:
@@ -109,17 +109,18 @@ def export_layers(
     tree: dict[str, Any] = {}
     fixed: dict[str, str] = {}
     for path, entry in lora_tree.items():
-        if not isinstance(entry, LayerSubset):
+        if not is_subset(entry):
             tree[path] = entry
             continue
         template = _template(name_map, path)
-        layout = _unstacked(entry.factors.layout)
-        for j, layer in enumerate(entry.layers):
-            one = dataclasses.replace(
-                entry.factors, a=entry.factors.a[j], b=entry.factors.b[j], layout=layout
-            )
-            tree[_layer_path(path, layer)] = one
-            fixed[_layer_path(path, layer)] = template.replace("{layer}", str(layer))
+        for part in entry.parts if isinstance(entry, LayerGroups) else (entry,):
+            layout = _unstacked(part.factors.layout)
+            for j, layer in enumerate(part.layers):
+                one = dataclasses.replace(
+                    part.factors, a=part.factors.a[j], b=part.factors.b[j], layout=layout
+                )
+                tree[_layer_path(path, layer)] = one
+                fixed[_layer_path(path, layer)] = template.replace("{layer}", str(layer))
     return export_peft(directory, tree, spec, name_map=_names(name_map, fixed), **export_kwargs)
 
 
@@ -141,9 +142,10 @@ def import_layers(
     A stacked weight (its layout from ``layouts``, from lorax_fn's header — layer axis
     first — or :func:`lorax_fn.conventions.default_layout`) whose ``{layer}`` modules
     are in the file for some but not all layers is read layer by layer into a
-    :class:`~lorax_fn.subsets.LayerSubset` of those layers; each needs the same rank
-    and scale. Stacks with all layers, and everything else, read as ``import_peft``
-    reads them.
+    :class:`~lorax_fn.subsets.LayerSubset` of those layers — a
+    :class:`~lorax_fn.subsets.LayerGroups` where their ranks or scales differ (PEFT's
+    ``rank_pattern``/``alpha_pattern`` per layer). Stacks with all layers, and
+    everything else, read as ``import_peft`` reads them.
 
     Example:
         >>> import jax.numpy as jnp
@@ -191,19 +193,20 @@ def import_layers(
         directory, view, name_map=_names(name_map, fixed), layouts=view_layouts, **import_kwargs
     )
     for path, (layout, present) in subsets.items():
-        layers = [tree.pop(_layer_path(path, i)) for i in present]
-        first = layers[0]
-        if any((f.rank, f.scale) != (first.rank, first.scale) for f in layers):
-            raise LoraError(
-                f"{path}: layers {present} have ranks {[f.rank for f in layers]} and scales "
-                f"{[f.scale for f in layers]}; a layer subset needs one rank and scale"
+        layers = {i: tree.pop(_layer_path(path, i)) for i in present}
+        n = shapes[path][layout.batch_axes[0]]
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i, f in layers.items():  # PEFT's rank_pattern per layer: one part per rank
+            groups.setdefault((f.rank, f.scale), []).append(i)
+        parts = []
+        for (_, scale), ids in sorted(groups.items(), key=lambda g: (-g[0][0], g[1])):
+            stacked = LoraFactors(
+                jnp.stack([layers[i].a for i in ids]),
+                jnp.stack([layers[i].b for i in ids]),
+                scale,
+                layout,
+                layers[ids[0]].dropout,
             )
-        factors = LoraFactors(
-            jnp.stack([f.a for f in layers]),
-            jnp.stack([f.b for f in layers]),
-            first.scale,
-            layout,
-            first.dropout,
-        )
-        tree[path] = LayerSubset(factors, tuple(present), shapes[path][layout.batch_axes[0]])
+            parts.append(LayerSubset(stacked, tuple(ids), n))
+        tree[path] = parts[0] if len(parts) == 1 else LayerGroups(tuple(parts))
     return tree
