@@ -37,6 +37,7 @@ from lorax_fn.paths import path_str
 from lorax_fn.quant import lazy
 from lorax_fn.quant.lazy import LazyWeight
 from lorax_fn.quant.quantized import QuantizedArray
+from lorax_fn.subsets import expand_subsets
 from lorax_fn.transform import fusion, primitives, symbolic
 from lorax_fn.transform.routing import RoutedFactors
 from lorax_fn.transform.signature import (
@@ -724,6 +725,7 @@ def lora(
         lora_key: jax.Array | None = None,
         **kwargs: Any,
     ) -> Any:
+        lora_tree = expand_subsets(lora_tree)  # layer subsets (lorax_fn.subsets): full stacks
         if not factorized:
             if lora_key is not None:
                 raise LoraError("LoRA dropout needs the factorized transform (factorized=True)")
