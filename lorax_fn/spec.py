@@ -148,7 +148,8 @@ class LoraSpec:
         if not isinstance(self.init, str) or self.init not in _REGISTERED_INITS:
             raise LoraError(
                 f"unknown init {self.init!r}; expected one of {sorted(_REGISTERED_INITS)} "
-                "(register your own with lorax_fn.inits.register)"
+                "(register your own with lorax_fn.inits.register, also before restoring a "
+                "checkpoint whose spec names it)"
             )
         if self.init_std is not None and not 0 < self.init_std < math.inf:
             raise LoraError(f"init_std must be finite and > 0, got {self.init_std!r}")

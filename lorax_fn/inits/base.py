@@ -73,6 +73,8 @@ def register(init: Init) -> Init:
     """Make ``init`` known by its ``name`` to ``LoraSpec`` and ``split``; returns it.
 
     Registering a name again replaces the init (e.g. a LoftQ with other settings).
+    A spec naming an init is refused until it is registered: register yours before
+    restoring a checkpoint whose stored spec names it, too.
 
     Example:
         >>> from lorax_fn.inits import LoftQ
