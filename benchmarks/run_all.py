@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,33 +78,32 @@ def run_script(name: str, timeout_s: float, args: Sequence[str] = ()) -> dict[st
         return {"script": name, "status": "skipped", "note": f"{name} does not exist"}
     print(f"== {name} {shlex.join(args)}", flush=True)
     start = time.perf_counter()
+    # A session of its own: a timeout stops the script's per-configuration children too
+    # (left running, they would hold the cores or the accelerator the next script needs).
+    proc = subprocess.Popen(
+        [sys.executable, str(path), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            [sys.executable, str(path), *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        partial = err.stdout or ""
-        return {
-            "script": name,
-            "status": "timeout",
-            "wall_s": round(time.perf_counter() - start, 1),
-            "rows": json_lines(partial.decode() if isinstance(partial, bytes) else partial),
-            "note": f"killed after {timeout_s:.0f} s",
-        }
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        status, stderr = "timeout", f"killed after {timeout_s:.0f} s\n{stderr}"
     result = {
         "script": name,
         "args": list(args),
-        "status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}",
+        "status": status,
         "wall_s": round(time.perf_counter() - start, 1),
-        "rows": json_lines(proc.stdout),
+        "rows": json_lines(stdout),
     }
-    if proc.returncode != 0:
-        result["note"] = proc.stderr[-2000:]
+    if status != "ok":
+        result["note"] = stderr[-2000:]
     for row in result["rows"]:
         print(json.dumps(row), flush=True)
     print(f"   {result['status']} in {result['wall_s']} s", flush=True)
