@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 
 # google-tunix declares its whole training stack (tensorflow-datasets, grain, datasets,
 # numba, kagglehub, ...); its models import only what the zoo extra lists.
-NO_DEPS=("google-tunix==0.1.7")
+# gemma declares kauldron's whole stack (tensorflow, tfds, grain, xmanager, ...); its Gemma3
+# imports kauldron's typing and kd modules only (examples/zoo/gemma3_linen.py).
+NO_DEPS=("google-tunix==0.1.7" "gemma==3.3.0" "kauldron==1.4.2")
 
 start=$SECONDS
 python3 -m venv .venv-zoo
