@@ -76,10 +76,60 @@ def _unfold(w: jax.Array, factors: LoraFactors, state: Any) -> jax.Array:
     return apply_columns(w.astype(jnp.float32), inverse, factors) - delta(factors)
 
 
+def bias_path(path: str) -> str | None:
+    """The path of the bias beside the weight at ``path`` (Flax's ``kernel``), else None.
+
+    Where :func:`merge` folds a variant's output term
+    (:meth:`lorax_fn.variants.Variant.output_bias`, PEFT's ``lora_bias``).
+
+    Example:
+        >>> bias_path("params/dense/kernel"), bias_path("w")
+        ('params/dense/bias', None)
+    """
+    parent, _, leaf = path.rpartition("/")
+    if leaf != "kernel":
+        return None
+    return f"{parent}/bias" if parent else "bias"
+
+
+def _output_biases(lora: dict[str, Any], leaves: dict[str, Any], what: str) -> dict[str, str]:
+    """``{bias path: weight path}`` for the entries adding a term to their layer's output.
+
+    Refused, naming the path, where the layer has no bias leaf of the output's shape: the
+    term would be lost from the merged model (PEFT refuses to merge it too).
+    """
+    out = {}
+    for path, entry in sorted(lora.items()):
+        if not isinstance(entry, LoraFactors):
+            continue
+        variant = get(entry.variant)
+        if variant.output_bias(entry) is None:
+            continue
+        bias = bias_path(path)
+        where = bias or "(none: the weight is not a layer's 'kernel')"
+        shape = None if bias not in leaves else tuple(np.shape(leaves[bias]))
+        if shape != entry.column_shape:
+            found = "none" if shape is None else f"one of shape {shape}"
+            raise LoraError(
+                f"{what}: {path}: a {variant.title} adapter adds scale·bias to its layer's "
+                f"output, which {what} folds into the layer's bias {where} "
+                f"of shape {entry.column_shape}, but the base has {found}. Serve it "
+                "unmerged with lorax_fn.lora(fn), or give the layer a bias (use_bias=True)"
+            )
+        out[bias] = path
+    return out
+
+
 def _apply(
-    weights: dict[str, Any], lora: dict[str, Any], sign: float, dtype: Any, norms: dict
+    weights: dict[str, Any],
+    lora: dict[str, Any],
+    sign: float,
+    dtype: Any,
+    norms: dict,
+    biases: tuple[tuple[str, str], ...] = (),
 ) -> dict:
     out = {}
+    output_bias = dict(biases)
     for path, w in weights.items():
         entry = lora.get(path)
         if isinstance(w, QuantizedArray):
@@ -97,20 +147,24 @@ def _apply(
             out[path] = entry
         else:
             out[path] = w
+        if path in output_bias:  # a trained bias leaf gets the term on top of its value
+            factors = lora[output_bias[path]]
+            term = sign * get(factors.variant).output_bias(factors)
+            out[path] = (out[path].astype(jnp.float32) + term).astype(out[path].dtype)
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _fold(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict) -> dict:
-    return _apply(weights, lora, sign, dtype, norms)
+@functools.partial(jax.jit, static_argnums=(2, 3, 5))
+def _fold(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict, biases: tuple) -> dict:
+    return _apply(weights, lora, sign, dtype, norms, biases)
 
 
-_fold_donated = jax.jit(_apply, static_argnums=(2, 3), donate_argnums=0)
+_fold_donated = jax.jit(_apply, static_argnums=(2, 3, 5), donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _finite(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict) -> dict:
-    folded = _apply(weights, lora, sign, dtype, norms)
+@functools.partial(jax.jit, static_argnums=(2, 3, 5))
+def _finite(weights: dict, lora: dict, sign: float, dtype: Any, norms: dict, biases: tuple) -> dict:
+    folded = _apply(weights, lora, sign, dtype, norms, biases)
     return {p: jnp.all(jnp.isfinite(w)) for p, w in folded.items()}
 
 
@@ -138,19 +192,21 @@ def _fold_tree(
             "the quantized base and the LoRA tree, or merge(base, lora) for a float model"
         )
     norms = _check_norms(lora, norms) if sign < 0 else {}
+    biases = _output_biases(lora, dict(zip(paths, flat, strict=True)), what)
     weights = {
         p: leaf
         for p, leaf in zip(paths, flat, strict=True)
-        if p in lora or isinstance(leaf, QuantizedArray)
+        if p in lora or p in biases or isinstance(leaf, QuantizedArray)
     }
+    folding = (weights, lora, sign, dtype, norms, tuple(sorted(biases.items())))
     if safe:
         # Checked before folding so that a donated input is never lost to a bad result.
-        bad = [p for p, ok in _finite(weights, lora, sign, dtype, norms).items() if not bool(ok)]
+        bad = [p for p, ok in _finite(*folding).items() if not bool(ok)]
         if bad:
             raise LoraError(f"{what} would produce NaN/Inf at {sorted(bad)}; nothing was changed")
     # A quantized weight's stored arrays cannot hold its float result: never donated.
     fold = _fold_donated if donate and not quantized else _fold
-    folded = fold(weights, lora, sign, dtype, norms)
+    folded = fold(*folding)
     leaves = [folded.get(p, leaf) for p, leaf in zip(paths, flat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

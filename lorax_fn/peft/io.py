@@ -702,12 +702,13 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{directory / CONFIG_NAME}: not a PEFT LoRA adapter (peft_type "
             f"{config.get('peft_type') if isinstance(config, dict) else config!r})"
         )
-    for key, ok in (("lora_bias", False), ("bias", "none")):
-        if config.get(key, ok) != ok:
-            raise LoraError(
-                f"{directory / CONFIG_NAME}: {key}={config[key]!r} is not "
-                "supported (LoRA adapters without biases only)"
-            )
+    # lora_bias=True is a variant's option (lorax_fn.variants.lora_bias), read with the
+    # others; PEFT's bias modes train base biases, which this reader has no tensors for.
+    if config.get("bias", "none") != "none":
+        raise LoraError(
+            f"{directory / CONFIG_NAME}: bias={config['bias']!r} is not supported (adapters "
+            "that train no base bias only)"
+        )
     if "lora_alpha" not in config:
         raise LoraError(f"{directory / CONFIG_NAME}: no lora_alpha")
     return config
@@ -747,8 +748,9 @@ def import_peft(
     kernels among them are transposed from PyTorch's ``(out, in)`` unless
     ``fan_in_fan_out`` (default: the config's) says they are stored ``(in, out)``. Refused with
     :class:`LoraError` naming the modules: anything that does not fit ``base``, an
-    unmapped module, LoRA biases, a missing layer. The config decides the adapter variant
-    (:mod:`lorax_fn.variants`): the registered one whose ``peft_config`` options it sets,
+    unmapped module, trained base biases (PEFT's ``bias`` modes), a missing layer. The
+    config decides the adapter variant (:mod:`lorax_fn.variants`; ``lora_bias: true``:
+    :mod:`~lorax_fn.variants.lora_bias`): the registered one whose ``peft_config`` options it sets,
     else plain LoRA. Every module then needs each of the variant's ``peft_tensors``, of
     PEFT's shape (``(out,)``, a conv's ``(1, out, 1, …)``), and has no other variant's.
 

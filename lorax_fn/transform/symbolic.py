@@ -12,6 +12,11 @@ scale: ``W = V·c`` with ``V = W0 + scale·A·B`` and ``c = variant.column_scale
 (DoRA: ``c = m/‖V‖_c``). ``c`` is held like B with a unit rank axis, so that every
 layout rule moves it exactly as it moves B; consumers scale their output columns by
 ``c`` (or, contracting fan-out, their input).
+
+A variant's output term (:meth:`lorax_fn.variants.Variant.output_bias`, PEFT's
+``lora_bias``) is held the same way (``out_bias``) and added to the output of a
+product over the weight's whole fan-in (a dense layer, a conv); every other consumer
+refuses the weight (:class:`LoraError`) rather than drop the term.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.quant.lazy import LazyWeight
 from lorax_fn.transform import routing
@@ -48,6 +54,8 @@ class SymbolicWeight:
     dropout: float = dataclasses.field(metadata={"static": True})
     # The variant's column scale c (float32, B's axes with a unit rank), or None.
     c: jax.Array | None = None
+    # The variant's output term (Variant.output_bias), laid out like c, or None.
+    out_bias: jax.Array | None = None
     # A routed weight (multi_lora's grouped method): A and B are the whole stack, with a
     # leading adapter axis, and this is the example's adapter id.
     route: jax.Array | None = None
@@ -85,13 +93,19 @@ class SymbolicWeight:
         if get_variant(factors.variant).per_layer and layout.batch_axes[:1] == (0,):
             # Only the leading axis can be a loop's: scan slices its operands there.
             return weight.replace(pending=factors)
-        return weight.replace(c=_weight_order_scale(w0, factors))
+        return weight.replace(
+            c=_weight_order_scale(w0, factors), out_bias=_weight_order_bias(factors)
+        )
 
     def with_scale(self) -> SymbolicWeight:
-        """This weight with its column scale ``c`` computed, if it was pending."""
+        """This weight with its column scale ``c`` (and output term) computed, if pending."""
         if self.pending is None:
             return self
-        return self.replace(c=_weight_order_scale(self.w0, self.pending), pending=None)
+        return self.replace(
+            c=_weight_order_scale(self.w0, self.pending),
+            out_bias=_weight_order_bias(self.pending),
+            pending=None,
+        )
 
     def resolved(self) -> SymbolicWeight:
         """A routed weight with its example's factors gathered (for rules without grouping)."""
@@ -109,9 +123,21 @@ class SymbolicWeight:
         return dataclasses.replace(self, **changes)
 
     def map_b(self, fn: Any, **changes: Any) -> SymbolicWeight:
-        """Apply ``fn`` to B and to the column scale ``c`` (both on B's axes), then ``changes``."""
+        """Apply ``fn`` to B, the column scale ``c`` and the output term (all on B's axes),
+        then ``changes``."""
         c = None if self.c is None else fn(self.c)
-        return self.replace(b=fn(self.b), c=c, **changes)
+        out_bias = None if self.out_bias is None else fn(self.out_bias)
+        return self.replace(b=fn(self.b), c=c, out_bias=out_bias, **changes)
+
+    def refuse_bias(self, use: str) -> None:
+        """Raise :class:`LoraError` if this weight has an output term that ``use`` would drop."""
+        if self.out_bias is not None:
+            raise LoraError(
+                f"{self.path}: its adapter adds scale·bias to the layer's output (lora_bias), "
+                f"which only a product of an input with the weight over its whole fan-in "
+                f"(a dense layer, a conv) can add; here it is {use}, where the bias would be "
+                "lost. Adapt this weight without lora_bias (e.g. exclude it from the spec)"
+            )
 
     def column_scale(self, sub: str) -> tuple[jax.Array, str] | None:
         """The column scale ``c`` without its rank axis, and its einsum subscripts from ``sub``.
@@ -128,6 +154,7 @@ class SymbolicWeight:
             return self.resolved().materialize()
         if self.pending is not None:
             return self.with_scale().materialize()
+        self.refuse_bias("formed in full (an operation with no factorized rule)")
         letters = string.ascii_letters[: len(self.kinds)]
         a_sub = "".join(letters[k] for k in self.axes_of("a")) + "Z"
         b_sub = "".join(letters[k] for k in self.axes_of("b")) + "Z"
@@ -152,6 +179,29 @@ def _weight_order_scale(w0: Any, factors: LoraFactors) -> jax.Array | None:
         return None
     b_axes = factors.layout.batch_axes + factors.layout.out_axes
     return jnp.transpose(c[..., None], [*(int(k) for k in np.argsort(b_axes)), len(b_axes)])
+
+
+def _weight_order_bias(factors: LoraFactors) -> jax.Array | None:
+    """The variant's output term, laid out like B in weight order (unit rank axis)."""
+    bias = get_variant(factors.variant).output_bias(factors)
+    if bias is None:
+        return None
+    b_axes = factors.layout.batch_axes + factors.layout.out_axes
+    return jnp.transpose(bias[..., None], [*(int(k) for k in np.argsort(b_axes)), len(b_axes)])
+
+
+def _plus_bias(out: jax.Array, w: SymbolicWeight, out_sub: str, sub: str) -> jax.Array:
+    """``out`` (axes ``out_sub``) plus the weight's output term; ``sub`` names its axes."""
+    if w.out_bias is None:
+        return out
+    b_axes = w.axes_of("b")
+    if w.out_bias.ndim != len(b_axes) + 1:  # a loop sliced the weight but not its term
+        raise LoraError(
+            f"{w.path}: its lora_bias term does not follow the weight here (a stacked weight "
+            "rearranged before a loop slices it); apply the layers without rearranging it"
+        )
+    bias = _on_axes(w.out_bias[..., 0], "".join(sub[k] for k in b_axes), out_sub)
+    return (out.astype(jnp.float32) + bias).astype(out.dtype)
 
 
 def peel_layer(factors: LoraFactors) -> LoraFactors:
@@ -350,6 +400,8 @@ def dot_general(
             return _add_low_rank(base(x), y, w.scale)
         w = w.resolved()
     roles = {w.kinds[k] for k in wc}
+    if set(wc) != {k for k, role in enumerate(w.kinds) if role == "i"}:
+        w.refuse_bias("contracted over other axes than its fan-in (e.g. a tied output head)")
     if roles <= {"i"}:
         first, second = "a", "b"
     elif roles == {"o"}:
@@ -394,7 +446,7 @@ def dot_general(
         y = jnp.einsum(
             f"{''.join(t_sub)},{f2}->{''.join(out)}", t, getattr(w, second), precision=precision
         )
-    return _add_scaled(base_out, y, w.scale, c_out)
+    return _plus_bias(_add_scaled(base_out, y, w.scale, c_out), w, "".join(out), "".join(w_sub))
 
 
 def _as_rows(x: jax.Array, xc, wc, order: list[int]) -> tuple[jax.Array, list[int]]:
@@ -478,6 +530,7 @@ def ragged_dot(
     rule (``None`` otherwise: the caller forms the weight).
     """
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    w.refuse_bias("an expert weight of a ragged_dot")
     c_rows = None
     if w.c is not None:
         plain = (
@@ -536,9 +589,13 @@ def conv(
     y = jnp.tensordot(t, w.b, axes=[[out_feature], [1]], precision=params["precision"])
     y = jnp.moveaxis(y, -1, out_feature)
     c = None
+    per_feature = [-1 if k == out_feature else 1 for k in range(y.ndim)]
     if w.c is not None:  # (out, 1): one scale per output feature
-        c = w.c[:, 0].reshape([-1 if k == out_feature else 1 for k in range(y.ndim)])
-    return _add_scaled(base_out, y, w.scale, c)
+        c = w.c[:, 0].reshape(per_feature)
+    out = _add_scaled(base_out, y, w.scale, c)
+    if w.out_bias is not None:  # a conv's lora_B.bias: one entry per output feature
+        out = (out.astype(jnp.float32) + w.out_bias[:, 0].reshape(per_feature)).astype(out.dtype)
+    return out
 
 
 def _standard_take(dn, slice_sizes: Sequence[int], w: SymbolicWeight, out_ndim: int) -> bool:
@@ -619,9 +676,13 @@ def gather(
     if roles == {"b"}:
         kinds = ("b",) * n_batch + tuple(w.kinds[k] for k in rest)
         c = None if w.c is None else take(w.c, "b", 1.0)
-        return w.replace(w0=base_out, kinds=kinds, a=take(w.a, "a"), b=take(w.b, "b"), c=c)
+        bias = None if w.out_bias is None else take(w.out_bias, "b")
+        return w.replace(
+            w0=base_out, kinds=kinds, a=take(w.a, "a"), b=take(w.b, "b"), c=c, out_bias=bias
+        )
     if roles != {"i"}:
         return None
+    w.refuse_bias("looked up by rows (an embedding)")
     del key  # dropout acts on a layer's input features; a lookup has none.
     rows = take(w.a, "a")
     letters = iter(string.ascii_letters)

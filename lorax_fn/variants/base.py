@@ -18,6 +18,11 @@ so that every factorized consumer scales its output columns (or, contracting the
 fan-out, its input) by ``c``. DoRA (``c = m/‖V‖_c``) and a learned per-column gain
 (``c = g``) are two such variants; plain LoRA has no ``c``.
 
+A variant may also add a term to the layer's *output* that no weight expresses
+(:meth:`Variant.output_bias`, PEFT's ``lora_bias``: ``x·W + scale·β``). ``lora(fn)`` adds
+it to each product contracting the weight's whole fan-in and refuses every other use
+of the weight; ``merge`` folds it into the layer's own bias leaf.
+
 Example:
     >>> import jax, jax.numpy as jnp, lorax_fn
     >>> class Gain(Variant):  # a learned per-column gain on top of LoRA
@@ -96,6 +101,15 @@ class Variant:
         """
         return None
 
+    def output_bias(self, factors: LoraFactors) -> jax.Array | None:
+        """The term added to the layer's output, float32 ``(*batch, *out)``; None: none.
+
+        Not a part of the weight: ``lora(fn)`` adds it to each product of an input with
+        the weight over its whole fan-in (a dense layer, a conv), and ``merge`` adds it to
+        the layer's bias leaf (:func:`lorax_fn.merge.bias_path`).
+        """
+        return None
+
     def unmerge_state(self, w0: jax.Array, factors: LoraFactors) -> jax.Array | None:
         """What an exact ``unmerge`` needs that the merged weight no longer holds.
 
@@ -120,7 +134,7 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 # Variants shipped with lorax_fn, imported when first asked for: the core asks the
 # registry, so it never imports a variant's module (which may import the core).
-_BUILT_IN = {"dora": "lorax_fn.variants.dora"}
+_BUILT_IN = {"dora": "lorax_fn.variants.dora", "lora_bias": "lorax_fn.variants.lora_bias"}
 
 
 def register(variant: Variant) -> Variant:
