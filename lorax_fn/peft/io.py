@@ -54,6 +54,7 @@ from lorax_fn.merge import check_fits
 from lorax_fn.paths import PathFilter, compile_filter
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 from lorax_fn.spec import LoraSpec
+from lorax_fn.subsets import is_subset
 from lorax_fn.variants.base import Variant, get, names
 from lorax_fn.version import __version__
 
@@ -62,7 +63,6 @@ CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 # PEFT's copy of an adapted embedding's or lm_head's base weight (save_embedding_layers).
 _BASE_WEIGHT = ".base_layer.weight"
-_LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
 # transformers' nn.Embedding modules: PEFT adapts them through lora_embedding_A/B and
 # ignores Linear keys there (a warning, not an error), so a table that is not named
 # `embedding` in Flax (Tunix: embedder/input_embedding) must be recognised by its target.
@@ -80,6 +80,7 @@ _EMBEDDING_MODULES = frozenset(
         "shared",
     }
 )
+_LORA_SUFFIXES = {  # key suffix -> (factor, is_embedding)
     ".lora_A.weight": ("a", False),
     ".lora_B.weight": ("b", False),
     ".lora_embedding_A": ("a", True),
@@ -329,6 +330,11 @@ def export_peft(
         >>> config["target_modules"], config["r"], config["lora_alpha"]
         (['transformer.h.0.attn.c_attn'], 2, 4)
     """
+    if subsets := [p for p, e in lora_tree.items() if is_subset(e)]:
+        raise LoraError(
+            f"{_few(subsets)}: layer subsets are written one module per chosen layer by "
+            "lorax_fn.peft.subsets.export_layers (same arguments)"
+        )
     variant = _tree_variant(lora_tree)
     is_conv = _as_predicates(conv)
     is_expert = _as_predicates(experts)
@@ -588,9 +594,11 @@ def _tree_variant(lora_tree: Mapping[str, Any]) -> Variant:
     variants = {name: get(name) for name in by_variant}
     for name, variant in variants.items():
         if variant.peft_config is None:
+            # A variant PEFT keeps outside LoRA's modules says which writer it needs.
+            hint = getattr(variant, "peft_writer", None)
             raise LoraError(
-                f"{_few(by_variant[name])}: PEFT has no adapter of variant {name!r}; save "
-                "the tree with lorax_fn.checkpoint, or merge it into the base"
+                f"{_few(by_variant[name])}: PEFT has no adapter of variant {name!r}; "
+                + (hint or "save the tree with lorax_fn.checkpoint, or merge it into the base")
             )
         if missing := [e for e in variant.extras if e not in variant.peft_tensors]:
             raise LoraError(
@@ -788,6 +796,12 @@ def import_peft(
     """
     directory = Path(directory)
     config = _read_config(directory)
+    if config.get("trainable_token_indices"):
+        raise LoraError(
+            f"{directory / CONFIG_NAME}: the adapter trains token rows "
+            "(trainable_token_indices): read it with lorax_fn.peft.tokens.import_tokens(directory, "
+            "base, ...), which reads its LoRA modules too"
+        )
     variant = _config_variant(config, directory / CONFIG_NAME)
     tensors, exact = _read_tensors(directory)
     rslora = bool(config.get("use_rslora", False))
@@ -1041,7 +1055,11 @@ def _factors(
         layers = _expert_axes(path, layout, shape)[0]
     wanted = [None] if layers is None else list(range(layers))
     if missing := [i for i in wanted if i not in by_layer]:
-        raise LoraError(f"{path}: the adapter has no module for layers {missing} of {layers}")
+        raise LoraError(
+            f"{path}: the adapter has no module for layers {missing} of {layers} (for some "
+            "layers only, as PEFT's layers_to_transform saves: lorax_fn.peft.subsets."
+            "import_layers reads them as a layer subset)"
+        )
     in_dims = [shape[a] for a in layout.in_axes]
     out_dims = [shape[a] for a in layout.out_axes]
     a_blocks, b_blocks, scales = [], [], set()
