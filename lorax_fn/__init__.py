@@ -9,12 +9,13 @@ Example:
 """
 
 # The workflow's names; helpers live in their modules, the wings in their subpackages
-# (lorax_fn.checkpoint, .peft, .quant, .multi, .variants, .transform). The paper's
+# (lorax_fn.checkpoint, .peft, .quant, .multi, .variants, .inits, .transform); trainable
+# tokens and layer subsets in lorax_fn.tokens and lorax_fn.subsets. The paper's
 # subspace analysis is `from lorax_fn import analysis` (it needs no import here).
 import importlib
 from typing import Any
 
-from lorax_fn import multi, parallel, quant, sharding, transform, variants
+from lorax_fn import inits, multi, parallel, quant, sharding, subsets, tokens, transform, variants
 from lorax_fn.accounting import count_params, summary
 from lorax_fn.errors import LoraError
 from lorax_fn.factors import Layout, LoraFactors
@@ -47,6 +48,7 @@ __all__ = [
     "import_peft",
     "infer_layouts",
     "init_magnitudes",
+    "inits",
     "lora",
     "lora_shardings",
     "merge",
@@ -62,7 +64,9 @@ __all__ = [
     "sharding",
     "split",
     "stack_adapters",
+    "subsets",
     "summary",
+    "tokens",
     "transform",
     "unmerge",
     "variants",
