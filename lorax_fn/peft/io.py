@@ -32,6 +32,7 @@ JSON only.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.inits import rewrites_base
 from lorax_fn.merge import check_fits
 from lorax_fn.paths import PathFilter, compile_filter
+from lorax_fn.peft import biases
 from lorax_fn.quant.quantized import QuantizedArray, weight_leaves
 from lorax_fn.spec import LoraSpec
 from lorax_fn.subsets import is_subset
@@ -270,6 +272,7 @@ def export_peft(
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    base: Any = None,
 ) -> Path:
     """Write ``lora_tree`` as a Hugging Face PEFT LoRA adapter into ``directory``.
 
@@ -311,6 +314,10 @@ def export_peft(
     ``parameter_order`` is that order (by default Hugging Face's: ``gate_up_proj``, …,
     ``down_proj``) and must name every parameter of a module with more than one. As
     PEFT refuses them there, experts refuse dropout, ``fan_in_fan_out`` and adapter variants.
+
+    Trained biases of adapted layers are PEFT's ``bias`` modes (:mod:`lorax_fn.peft.biases`):
+    with ``base`` given, ``"lora_only"`` if they are exactly the adapted layers' biases,
+    ``"all"`` if every bias of ``base`` is trained, else refused, naming them.
 
     An existing non-empty ``directory`` is refused unless ``overwrite=True`` (and it
     holds an ``adapter_config.json``); the new adapter is written completely next to it
@@ -421,6 +428,9 @@ def export_peft(
         exact[path]["modules"] = names
     if not modules and not parameters:
         raise LoraError("the LoRA tree has no factors to export")
+    mode = biases.bias_mode(lora_tree, base)
+    module_of = functools.partial(_module_name, name_map)
+    to_save = biases.export_biases(mode, lora_tree, module_of, set(modules), to_save, tensors)
     if both := sorted(set(modules) & set(to_save)):
         raise LoraError(f"modules both adapted and trained in full: {both}; PEFT allows one")
     prefixes = _wrapper_prefixes(parameters, parameter_order)
@@ -450,7 +460,7 @@ def export_peft(
         "alpha_pattern": {re.escape(m): _number(a) for m, (_, a) in ranked.items() if a != alpha0},
         "use_rslora": rslora,
         "lora_dropout": 0.0 if spec is None else spec.dropout,
-        "bias": "none",
+        "bias": mode,
         "fan_in_fan_out": bool(fan_in_fan_out),
         # PEFT only inits the layers it then loads this adapter into: any init that
         # leaves the base as it is reads the same.
@@ -710,13 +720,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{directory / CONFIG_NAME}: not a PEFT LoRA adapter (peft_type "
             f"{config.get('peft_type') if isinstance(config, dict) else config!r})"
         )
-    # lora_bias=True is a variant's option (lorax_fn.variants.lora_bias), read with the
-    # others; PEFT's bias modes train base biases, which this reader has no tensors for.
-    if config.get("bias", "none") != "none":
-        raise LoraError(
-            f"{directory / CONFIG_NAME}: bias={config['bias']!r} is not supported (adapters "
-            "that train no base bias only)"
-        )
+    biases.check_mode(config, directory / CONFIG_NAME)  # before the tensors are read
     if "lora_alpha" not in config:
         raise LoraError(f"{directory / CONFIG_NAME}: no lora_alpha")
     return config
@@ -756,7 +760,8 @@ def import_peft(
     kernels among them are transposed from PyTorch's ``(out, in)`` unless
     ``fan_in_fan_out`` (default: the config's) says they are stored ``(in, out)``. Refused with
     :class:`LoraError` naming the modules: anything that does not fit ``base``, an
-    unmapped module, trained base biases (PEFT's ``bias`` modes), a missing layer. The
+    unmapped module, a missing layer. PEFT's ``bias="all" | "lora_only"`` biases become
+    trained leaves at the base's bias paths (:mod:`lorax_fn.peft.biases`). The
     config decides the adapter variant (:mod:`lorax_fn.variants`; ``lora_bias: true``:
     :mod:`~lorax_fn.variants.lora_bias`): the registered one whose ``peft_config`` options it sets,
     else plain LoRA. Every module then needs each of the variant's ``peft_tensors``, of
@@ -804,6 +809,7 @@ def import_peft(
         )
     variant = _config_variant(config, directory / CONFIG_NAME)
     tensors, exact = _read_tensors(directory)
+    biases.import_biases(config, tensors, directory / CONFIG_NAME)  # bias="all"|"lora_only"
     rslora = bool(config.get("use_rslora", False))
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(config.get("fan_in_fan_out", False))

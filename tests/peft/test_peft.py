@@ -199,9 +199,10 @@ def test_import_refuses_missing_layers_and_bad_files(tmp_path):
     with pytest.raises(LoraError, match=r"cannot read .*adapter_model\.safetensors"):
         import_peft(tmp_path, base, name_map=NAME_MAP)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    # (lora_bias=True is read as lorax_fn.variants.lora_bias; PEFT's bias modes are not.)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"bias": "all"}))
-    with pytest.raises(LoraError, match="bias='all' is not supported"):
+    # (lora_bias=True is read as lorax_fn.variants.lora_bias, bias="all" | "lora_only" by
+    # lorax_fn.peft.biases: tests/peft/test_bias_modes.py; other modes are not PEFT's LoRA.)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"bias": "boft_only"}))
+    with pytest.raises(LoraError, match="bias='boft_only' is not one of PEFT's modes"):
         import_peft(tmp_path, base, name_map=NAME_MAP)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "IA3"}))
     with pytest.raises(LoraError, match="not a PEFT LoRA adapter"):
