@@ -259,10 +259,13 @@ def test_summary_names_the_layers_and_counts_the_compact_factors():
     assert lorax_fn.count_params(base, lt).total == total
 
 
-def test_checkpoints_refuse_a_subset_loudly(tmp_path):
-    _, _, _, lt = adapted()
-    with pytest.raises(LoraError, match="LayerSubset"):
-        lorax_fn.save(tmp_path / "ck", lt, None)
+def test_stack_adapters_refuses_a_subset_naming_it():
+    # Round trips through checkpoints: tests/checkpoint/test_subsets_checkpoint.py.
+    _, base, full, lt = adapted()
+    with pytest.raises(LoraError, match=rf"adapter 1: \['{KERNEL}'\] .* expand_subsets first"):
+        lorax_fn.multi.stack_adapters([full, lt], base=base)
+    stack = lorax_fn.multi.stack_adapters([full, expand_subsets(lt)], base=base)
+    np.testing.assert_array_equal(stack.entries[KERNEL].a[1], expand_subsets(lt)[KERNEL].a)
 
 
 def test_with_trainable_tokens_in_one_peft_adapter(tmp_path):

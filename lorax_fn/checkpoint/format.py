@@ -2,7 +2,8 @@
 
 A checkpoint directory holds orbax items only: ``lora`` (the factor arrays ``a``,
 ``b`` and each extra array of the adapter's variant under its name (see
-:mod:`lorax_fn.variants`), keyed by entry index because LoRA paths contain ``/``),
+:mod:`lorax_fn.variants`), or a layer subset's (:mod:`lorax_fn.subsets`) compact ``a``
+and ``b`` by part index, keyed by entry index because LoRA paths contain ``/``),
 optionally ``opt_state`` (the optimizer state's leaves, keyed by leaf index),
 optionally ``extra`` (chosen base leaves such as ``batch_stats``, keyed by index) and
 ``lorax_fn`` (JSON metadata: the spec, each entry's static fields and variant, a
@@ -45,6 +46,7 @@ from lorax_fn.paths import compile_filter
 from lorax_fn.pissa import PROBES, PissaRecord, check_base
 from lorax_fn.quant.quantized import weight_leaves
 from lorax_fn.spec import LoraSpec
+from lorax_fn.subsets import LayerGroups, LayerSubset, is_subset
 from lorax_fn.variants.base import get
 from lorax_fn.version import __version__
 
@@ -56,7 +58,11 @@ FORMAT = "lorax_fn.checkpoint"
 # Only a tree with such entries is written as 3, so that a lorax_fn that predates
 # variants refuses it (it would drop the extra arrays and restore plain LoRA) while
 # still reading every plain-LoRA checkpoint.
-FORMAT_VERSION = 3
+# 4: an entry may be a layer subset of a stacked weight (kind "subset", lorax_fn.subsets):
+# its parts' compact factors with their layer ids. Only a tree with subsets is written as
+# 4, so that an older lorax_fn refuses it (it knows no such entry kind).
+FORMAT_VERSION = 4
+_VARIANTS_VERSION = 3
 _PLAIN_VERSION = 2
 # The fields of a factors entry in the metadata; every other key is an extra array of
 # its variant (which therefore may not use these names).
@@ -248,13 +254,17 @@ def encode(
                 info["pissa"] = entry.pissa.to_json()
             entries.append(info)
             shape, dtype = entry.weight_shape, None
+        elif is_subset(entry):
+            arrays[str(i)], info = _encode_subset(path, entry)
+            entries.append(info)
+            shape, dtype = entry.weight_shape, None
         elif hasattr(entry, "shape") and hasattr(entry, "dtype"):
             arrays[str(i)] = entry
             entries.append({"path": path, "kind": "array", "array": array_info(entry)})
             shape, dtype = tuple(np.shape(entry)), np.dtype(entry.dtype).name
         else:
             raise LoraError(
-                f"{path}: a LoRA tree entry must be LoraFactors or an array, "
+                f"{path}: a LoRA tree entry must be LoraFactors, a layer subset or an array, "
                 f"got {type(entry).__name__}"
             )
         if base_leaves is not None:
@@ -266,10 +276,13 @@ def encode(
         spec_json = None if spec is None else spec.to_json()
     except LoraError:
         spec_json = None  # callable filters: the adapter is still usable, the spec is not stored
-    variants = any("variant" in e for e in entries)
+    if any(e["kind"] == "subset" for e in entries):
+        version = FORMAT_VERSION
+    else:
+        version = _VARIANTS_VERSION if any("variant" in e for e in entries) else _PLAIN_VERSION
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if variants else _PLAIN_VERSION,
+        "format_version": version,
         "library_version": __version__,
         "spec": spec_json,
         "entries": entries,
@@ -282,6 +295,45 @@ def encode(
     if base_leaves is not None:
         check_against_base(meta, base_leaves, "the LoRA tree")
     return arrays, meta
+
+
+def _encode_subset(
+    path: str, entry: LayerSubset | LayerGroups
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The arrays (by part index, then ``a``/``b``) and the metadata of a layer subset."""
+    parts = entry.parts if isinstance(entry, LayerGroups) else (entry,)
+    arrays, infos = {}, []
+    for k, part in enumerate(parts):
+        f = part.factors
+        if f.variant != "lora" or f.extras or f.pissa is not None:
+            # select_layers makes plain LoRA only; a hand-built subset of another kind
+            # would lose its extras here.
+            raise LoraError(f"{path}: a layer subset in a checkpoint holds plain LoRA factors only")
+        arrays[str(k)] = {"a": f.a, "b": f.b}
+        infos.append(
+            {
+                "layers": list(part.layers),
+                "scale": float(f.scale),
+                "dropout": float(f.dropout),
+                "layout": f.layout.to_json(),
+                "a": array_info(f.a),
+                "b": array_info(f.b),
+            }
+        )
+    groups = isinstance(entry, LayerGroups)
+    info = {
+        "path": path,
+        "kind": "subset",
+        "groups": groups,
+        "num_layers": entry.num_layers,
+        "parts": infos,
+    }
+    return arrays, info
+
+
+def _factor_infos(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The factors described by an entry: itself, or a subset's parts."""
+    return list(entry["parts"]) if entry["kind"] == "subset" else [entry]
 
 
 def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whose: str) -> None:
@@ -320,13 +372,18 @@ def check_spec(meta: dict[str, Any], spec_json: dict[str, Any], where: str, whos
         if not selects(spec.targets, path) or selects(spec.exclude, path):
             problems.append(f"{path}: has factors, but the spec does not target it")
             continue
-        rank, want_rank = e["a"]["shape"][-1], spec.rank_for(path)
-        if rank != want_rank:
-            problems.append(f"{path}: rank {rank}, the spec says {want_rank}")
-        elif not np.isclose(e["scale"], spec.scale_for(path), rtol=1e-6, atol=0):
-            problems.append(f"{path}: scale {e['scale']:g}, the spec says {spec.scale_for(path):g}")
-        if not np.isclose(e["dropout"], spec.dropout, rtol=1e-6, atol=0):
-            problems.append(f"{path}: dropout {e['dropout']:g}, the spec says {spec.dropout:g}")
+        want_rank = spec.rank_for(path)
+        for f in _factor_infos(e):
+            # A subset's layers may keep fewer columns than the split (a rank per layer).
+            rank = f["a"]["shape"][-1]
+            if rank > want_rank or (rank != want_rank and e["kind"] != "subset"):
+                problems.append(f"{path}: rank {rank}, the spec says {want_rank}")
+            elif not np.isclose(f["scale"], spec.scale_for(path), rtol=1e-6, atol=0):
+                problems.append(
+                    f"{path}: scale {f['scale']:g}, the spec says {spec.scale_for(path):g}"
+                )
+            if not np.isclose(f["dropout"], spec.dropout, rtol=1e-6, atol=0):
+                problems.append(f"{path}: dropout {f['dropout']:g}, the spec says {spec.dropout:g}")
         if (variant := entry_variant(e)) != spec.variant_name:
             kind = (
                 "plain LoRA"
@@ -394,6 +451,8 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
                     record = PissaRecord.from_json(e["pissa"])
                     if {len(record.original), len(record.residual)} != {PROBES}:
                         raise ValueError(f"{path}: a PiSSA record of {PROBES} probes expected")
+            elif e["kind"] == "subset":
+                _check_subset(e, shape)
             elif e["kind"] == "array":
                 info, dtype = e["array"], base[path]["dtype"]
                 if tuple(info["shape"]) != shape or dtype not in (None, info["dtype"]):
@@ -412,6 +471,41 @@ def check_entries(meta: dict[str, Any], where: str, *, sealed: bool = True) -> N
         raise CheckpointDamaged(
             f"{where}: malformed lorax_fn metadata ({type(err).__name__}: {err})"
         ) from None
+
+
+def _check_subset(entry: dict[str, Any], shape: tuple[int, ...]) -> None:
+    """Raise unless a subset's parts hold disjoint layers of the stack, each part's A and B
+    the compact shapes of its layers (so the full-stack expansion fits ``shape``)."""
+    path, parts, seen = entry["path"], entry["parts"], set()
+    if not parts or (not entry["groups"] and len(parts) != 1):
+        raise LoraError(f"{path}: a layer subset of {len(parts)} parts")
+    for part in parts:
+        layout = Layout(**part["layout"])
+        layout.check(path, shape)
+        if len(layout.batch_axes) != 1:
+            raise LoraError(f"{path}: a layer subset needs one batch (layer) axis, got {layout}")
+        n, layers = shape[layout.batch_axes[0]], part["layers"]
+        if n != entry["num_layers"]:
+            raise LoraError(f"{path}: a subset of {entry['num_layers']} layers, the weight has {n}")
+        if (
+            not layers
+            or layers != sorted(set(layers))
+            or not all(isinstance(i, int) and 0 <= i < n for i in layers)
+            or seen & set(layers)
+        ):
+            raise LoraError(f"{path}: layers {layers} are not distinct layers of a stack of {n}")
+        seen |= set(layers)
+        compact = list(shape)
+        compact[layout.batch_axes[0]] = len(layers)
+        a, b = tuple(part["a"]["shape"]), tuple(part["b"]["shape"])
+        expected = layout.shapes(compact, a[-1] if a else 0)
+        if (a, b) != expected:
+            raise LoraError(
+                f"{path}: A {a} and B {b} of layers {layers} do not fit a weight of shape "
+                f"{shape} with {layout} (expected {expected})"
+            )
+        if not all(isinstance(part[k], int | float) for k in ("scale", "dropout")):
+            raise LoraError(f"{path}: scale/dropout must be numbers")
 
 
 def _check_extras(
@@ -553,9 +647,15 @@ def check_pissa_base(
 
 
 def _sharding(
-    shardings: Shardings, path: str, role: str | None, what: str, shape: tuple[int, ...]
+    shardings: Shardings,
+    path: str,
+    role: str | None,
+    what: str,
+    shape: tuple[int, ...],
+    part: int | None = None,
 ) -> jax.sharding.Sharding:
-    """Where the array ``role`` of ``path`` goes (``what`` names it in errors)."""
+    """Where the array ``role`` of ``path`` (of a subset's ``part``) goes (``what`` names
+    it in errors)."""
     if shardings is None:
         return default_sharding()
     if isinstance(shardings, jax.sharding.Sharding):
@@ -564,6 +664,8 @@ def _sharding(
         if path not in shardings:
             raise LoraError(f"shardings has no entry for {path!r}")
         s = shardings[path]
+        if part is not None and isinstance(s, LayerGroups | LayerSubset):
+            s = s.parts[part].factors if isinstance(s, LayerGroups) else s.factors
         if role in ("a", "b") and not isinstance(s, jax.sharding.Sharding):
             s = getattr(s, role, None)
         elif role is not None and not isinstance(s, jax.sharding.Sharding):
@@ -607,18 +709,34 @@ def _factors(entry: dict[str, Any], arrays: Mapping[str, Any]) -> LoraFactors:
     )
 
 
+def _subset(entry: dict[str, Any], arrays: Mapping[str, Any]) -> LayerSubset | LayerGroups:
+    """The layer subset of a (checked) entry, with ``arrays`` by part index, then role."""
+    parts = []
+    for k, part in enumerate(entry["parts"]):
+        layout = Layout(**part["layout"])
+        f = LoraFactors(
+            arrays[str(k)]["a"], arrays[str(k)]["b"], part["scale"], layout, part["dropout"]
+        )
+        parts.append(LayerSubset(f, tuple(part["layers"]), entry["num_layers"]))
+    return LayerGroups(tuple(parts)) if entry["groups"] else parts[0]
+
+
 def _abstract_tree(meta: dict[str, Any]) -> dict[str, Any]:
     """The LoRA tree the checkpoint holds, with ``jax.ShapeDtypeStruct`` for arrays."""
 
     def sds(info: dict[str, Any]) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]))
 
-    return {
-        e["path"]: _factors(e, {r: sds(e[r]) for r in _roles(e)})
-        if e["kind"] == "factors"
-        else sds(e["array"])
-        for e in meta["entries"]
-    }
+    tree: dict[str, Any] = {}
+    for e in meta["entries"]:
+        if e["kind"] == "factors":
+            tree[e["path"]] = _factors(e, {r: sds(e[r]) for r in _roles(e)})
+        elif e["kind"] == "subset":
+            parts = {str(k): {r: sds(p[r]) for r in "ab"} for k, p in enumerate(e["parts"])}
+            tree[e["path"]] = _subset(e, parts)
+        else:
+            tree[e["path"]] = sds(e["array"])
+    return tree
 
 
 def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
@@ -641,17 +759,23 @@ def abstract_lora(meta: dict[str, Any], shardings: Shardings) -> dict[str, Any]:
     ):
         raise LoraError(f"shardings name paths the checkpoint does not have: {extra}")
 
-    def sds(path: str, role: str | None, what: str, info: dict[str, Any]) -> jax.ShapeDtypeStruct:
+    def sds(
+        path: str, role: str | None, what: str, info: dict[str, Any], part: int | None = None
+    ) -> jax.ShapeDtypeStruct:
         shape = tuple(info["shape"])
-        return jax.ShapeDtypeStruct(
-            shape, np.dtype(info["dtype"]), sharding=_sharding(shardings, path, role, what, shape)
-        )
+        sharding = _sharding(shardings, path, role, what, shape, part)
+        return jax.ShapeDtypeStruct(shape, np.dtype(info["dtype"]), sharding=sharding)
 
     out = {}
     for i, e in enumerate(meta["entries"]):
         if e["kind"] == "factors":
             variant = entry_variant(e)
             out[str(i)] = {r: sds(e["path"], r, _describe(variant, r), e[r]) for r in _roles(e)}
+        elif e["kind"] == "subset":
+            out[str(i)] = {
+                str(k): {r: sds(e["path"], r, f"{r.upper()} of part {k}", p[r], k) for r in "ab"}
+                for k, p in enumerate(e["parts"])
+            }
         else:
             out[str(i)] = sds(e["path"], None, "the array", e["array"])
     return out
@@ -701,6 +825,12 @@ def decode(meta: dict[str, Any], arrays: Mapping[str, Any], where: str) -> dict[
             for role in _roles(e):
                 verify_array(f"{path} ({_describe(variant, role)})", e[role], item[role], where)
             tree[path] = _factors(e, item)
+        elif e["kind"] == "subset":
+            for k, part in enumerate(e["parts"]):
+                for role in "ab":
+                    what = f"{path} ({role.upper()} of layers {part['layers']})"
+                    verify_array(what, part[role], item[str(k)][role], where)
+            tree[path] = _subset(e, item)
         else:
             verify_array(path, e["array"], item, where)
             tree[path] = item

@@ -61,7 +61,8 @@ class CheckpointInfo:
       library_version: the lorax_fn version that wrote it.
       base_fingerprint: SHA-256 over the targeted base leaves' paths, shapes and dtypes.
       base_leaves: ``{path: (shape, dtype)}`` of those leaves (dtype ``None`` if unknown).
-      entries: ``{path: "factors" | "array"}``.
+      entries: ``{path: "factors" | "subset" | "array"}`` (``"subset"``: a
+        :class:`lorax_fn.subsets.LayerSubset` or ``LayerGroups``).
       extra: ``{path: (shape, dtype)}`` of the base leaves saved beside it (``extra=``).
       variants: ``{path: variant}`` of the factors of an adapter variant other than plain
         LoRA (:mod:`lorax_fn.variants`; ``LoraSpec(variant=...)``).
@@ -175,7 +176,9 @@ def save(
     (:mod:`lorax_fn.variants`) are saved as more arrays of their entry, under their
     names, and restored with it (a variant defined outside lorax_fn must be registered
     before the restore), a PiSSA adapter's record of the residual
-    base it needs (:mod:`lorax_fn.pissa`) as metadata. ``spec`` must agree with the tree
+    base it needs (:mod:`lorax_fn.pissa`) as metadata. A layer subset
+    (:mod:`lorax_fn.subsets`) is saved compact, with its layer ids, and restored as itself.
+    ``spec`` must agree with the tree
     (targets, trained leaves, ranks, scales, dropout, variant, ``init="pissa"``) or
     be ``None``. With ``base``, the tree is first checked to fit it.
 

@@ -91,7 +91,8 @@ def _lora_key(key_path: tuple[Any, ...]) -> tuple[str, str | None] | None:
     ``role`` is ``"a"``, ``"b"``, the name of a variant's extra array, or ``None`` for a
     leaf trained in full. optax states hold param-shaped trees (``mu``, ``nu``,
     ``trace`` ...), so such a leaf's key path ends with the LoRA tree's own: ``[path]``,
-    ``[path].a``/``.b`` or ``[path].extras['name']``.
+    ``[path].a``/``.b`` or ``[path].extras['name']``; a layer subset's (``[path].factors.a``,
+    ``[path].parts[k].factors.a``) gives the role ``"k.a"`` (``k`` 0 for a ``LayerSubset``).
     """
     keys = list(key_path)
     role = None
@@ -100,6 +101,13 @@ def _lora_key(key_path: tuple[Any, ...]) -> tuple[str, str | None] | None:
         del keys[-2:]
     elif _attr(keys, -1) in ("a", "b"):
         role = keys.pop().name
+        if _attr(keys, -1) == "factors":
+            keys.pop()
+            part = 0
+            if _attr(keys, -2) == "parts" and isinstance(keys[-1], jax.tree_util.SequenceKey):
+                part = keys[-1].idx
+                del keys[-2:]
+            role = f"{part}.{role}"
     if keys and isinstance(keys[-1], jax.tree_util.DictKey) and isinstance(keys[-1].key, str):
         return keys[-1].key, role
     return None
@@ -543,6 +551,9 @@ class LoraCheckpointManager:
             target = lora_target[str(i)]
             if e["kind"] == "factors":
                 placed |= {(e["path"], r): x for r, x in target.items()}
+            elif e["kind"] == "subset":
+                for k, part in target.items():
+                    placed |= {(e["path"], f"{k}.{r}"): x for r, x in part.items()}
             else:
                 placed[(e["path"], None)] = target
         first = next(iter(placed.values())).sharding

@@ -35,6 +35,7 @@ from lorax_fn.merge import check_fits
 from lorax_fn.paths import leaves_with_paths
 from lorax_fn.pissa import check_base, tree_records
 from lorax_fn.quant.quantized import weight_leaves
+from lorax_fn.subsets import is_subset
 from lorax_fn.transform import routing
 from lorax_fn.transform.apply import FallbackMode, lora
 from lorax_fn.transform.routing import RoutedFactors
@@ -191,6 +192,12 @@ def stack_adapters(trees: Sequence[LoraTree], *, base: Any = None) -> AdapterSta
     for i, tree in enumerate(trees):
         if not isinstance(tree, dict) or not tree:
             raise LoraError(f"adapter {i} is not a non-empty LoRA tree {{path: entry}}")
+        if subsets := sorted(p for p, e in tree.items() if is_subset(e)):
+            # Adapters' subsets may name different layers: only full stacks line up.
+            raise LoraError(
+                f"adapter {i}: {subsets} are layer subsets (lorax_fn.subsets): "
+                "expand_subsets first (lorax_fn.subsets.expand_subsets(tree))"
+            )
         refuse_unstackable(tree, f"adapter {i}")
         if base is not None:
             try:

@@ -260,7 +260,7 @@ def drop_arrays(directory: Path) -> None:
         (corrupt_metadata, "metadata of the checkpoint .* truncated or corrupted"),
         (drop_metadata, "has no lorax_fn metadata"),
         (drop_entries, "malformed lorax_fn metadata .*'entries'"),
-        (future_version, "format version 99; this lorax_fn .* reads up to 3"),
+        (future_version, "format version 99; this lorax_fn .* reads up to 4"),
         (drop_arrays, "truncated or corrupted"),
     ],
 )
