@@ -3,7 +3,8 @@
 Ranks, bottom up: the core's vocabulary (errors, paths, factors, spec, ...), quantized
 arrays, the variant protocol (variants.base), the core flow (merge, optim, ...)
 beside the variants themselves (DoRA builds on merge; the core reaches a variant through
-the registry only), the transform, then split (it reads layouts off the function through
+the registry only), the transform beside the inits (EVA/CorDA read the function with the
+transform's primitive table), then split (it reads layouts off the function through
 the transform's inference) beside the wings. A module may import its own
 subpackage and anything of a lower rank; two wings of one rank never import each other.
 """
@@ -17,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lorax_fn"
 VOCABULARY = {"errors", "version", "paths", "factors", "spec", "conventions"}
-RANKS = {"quant": 1, "transform": 4, "split": 5, "peft": 5, "checkpoint": 5, "multi": 6}
+RANKS = {"quant": 1, "transform": 4, "inits": 4, "split": 5, "peft": 5, "checkpoint": 5, "multi": 6}
 PROTOCOL = "lorax_fn.variants.base"
 
 

@@ -44,18 +44,8 @@ from lorax_fn.factors import Layout, LoraFactors
 from lorax_fn.inits.base import Init, factors_of, register
 from lorax_fn.paths import compile_filter, leaves_with_paths
 from lorax_fn.spec import LoraSpec
+from lorax_fn.transform.primitives import SUB_JAXPR
 
-# Primitives whose sub-jaxpr is evaluated in place (the forward values are the same).
-_SUB_JAXPR = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-}
 # Primitives that hand a weight on unchanged but for its dtype.
 _PASS = ("convert_element_type", "copy", "copy_p")
 
@@ -192,8 +182,8 @@ def _walk(
             outvals = _bind(eqn, invals)
         elif name in _PASS:
             outvals, out_tags = _bind(eqn, invals), in_tags[:1]
-        elif name in _SUB_JAXPR:
-            sub = eqn.params[_SUB_JAXPR[name]]
+        elif name in SUB_JAXPR:
+            sub = eqn.params[SUB_JAXPR[name]]
             inner, inner_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
             outvals, out_tags, sub_records = _walk(inner, inner_consts, invals, in_tags, normalize)
             for p, r in sub_records.items():
